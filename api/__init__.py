@@ -1,0 +1,1 @@
+"""What people and other programs touch: the CLI (``weightpool``) and, later, the admin API."""

@@ -1,0 +1,341 @@
+"""Import: turn a checkpoint (safetensors file or directory, or a torch state dict) into blocks.
+
+Import is two steps. :func:`plan_blocks` reads only names, shapes and dtypes and groups tensors into
+:class:`BlockSpec` values by a :class:`GroupingRule`; :meth:`CheckpointSource.load_block` then reads
+one block's tensors when it is written. A safetensors checkpoint is memory-mapped and a fused
+expert tensor is sliced on read, so importing never holds more than one block in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pool.blocks import DTYPE_ITEMSIZE, BlockKind, BlockSpec, TensorSpec
+from pool.codecs._common import dtype_name
+from pool.errors import CheckpointError
+
+# safetensors' dtype codes, mapped to torch's names.
+SAFETENSORS_DTYPES: dict[str, str] = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class CheckpointSource(Protocol):
+    """Where a checkpoint's tensors come from; implementations read lazily."""
+
+    def tensor_infos(self) -> Mapping[str, TensorInfo]: ...
+
+    def load(self, name: str, index: int | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its slice ``[index]`` along dimension 0."""
+        ...
+
+
+@dataclass(frozen=True)
+class GroupingRule:
+    """How checkpoint keys become blocks; each field is a regular expression on a module path.
+
+    By default a block is one module (the key less its last component). With ``per_expert``, each
+    expert of an MoE layer becomes its own block: per-expert modules (``...experts.3.w1.weight``)
+    are gathered under ``.../experts/expert.3``, and fused expert parameters (transformers 5: one
+    tensor ``...experts.gate_up_proj`` of shape ``[experts, ...]``) are split along dimension 0.
+    """
+
+    per_expert: bool = True
+    expert_container: str = r"(?:^|\.)experts$"
+    layer: str = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)"
+    shared_expert: str = r"(?:^|\.)shared_experts?(?:_gate)?(?:\.|$)"
+    embedding: str = r"(?:^|\.)(?:embed\w*|embeddings|wte|wpe)(?:\.|$)"
+    head: str = r"(?:^|\.)(?:lm_head|head|classifier|score)$"
+
+
+DEFAULT_RULE = GroupingRule()
+_PER_EXPERT_MODULE = re.compile(
+    r"^(?P<container>(?:.*\.)?experts)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$"
+)
+
+
+@dataclass
+class _Group:
+    module: str
+    expert: int | None
+    tensors: list[TensorSpec]
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    module, _, leaf = key.rpartition(".")
+    return module, leaf
+
+
+def plan_blocks(
+    source: CheckpointSource, model: str, rule: GroupingRule = DEFAULT_RULE
+) -> list[BlockSpec]:
+    """Group a checkpoint's tensors into block specs, in layer order (then checkpoint key order).
+
+    Raises:
+        CheckpointError: the model name is not usable in a block id, or fused expert tensors of
+            one module disagree on the number of experts.
+    """
+    if not model or "/" in model or model.strip() != model:
+        raise CheckpointError(
+            f"model name {model!r} is not valid: expected a non-empty name without '/' or "
+            "surrounding spaces"
+        )
+    container = re.compile(rule.expert_container)
+    groups: dict[tuple[str, int | None], _Group] = {}
+    fused_counts: dict[str, tuple[int, str]] = {}
+
+    def add(module: str, expert: int | None, spec: TensorSpec) -> None:
+        group = groups.setdefault((module, expert), _Group(module, expert, []))
+        group.tensors.append(spec)
+
+    for key, info in source.tensor_infos().items():
+        module, leaf = _split_key(key)
+        per_expert = _PER_EXPERT_MODULE.match(module) if rule.per_expert else None
+        if per_expert and container.search(per_expert["container"]):
+            rest = per_expert["rest"]
+            name = f"{rest}.{leaf}" if rest else leaf
+            add(
+                per_expert["container"],
+                int(per_expert["index"]),
+                TensorSpec(name, key, info.shape, info.dtype),
+            )
+        elif rule.per_expert and container.search(module) and info.shape:
+            n_experts = info.shape[0]
+            seen = fused_counts.setdefault(module, (n_experts, key))
+            if seen[0] != n_experts:
+                raise CheckpointError(
+                    f"fused expert tensor {key!r} has {n_experts} experts along dimension 0; "
+                    f"expected {seen[0]} as in {seen[1]!r}"
+                )
+            for index in range(n_experts):
+                add(module, index, TensorSpec(leaf, key, info.shape[1:], info.dtype, index))
+        else:
+            add(module, None, TensorSpec(leaf, key, info.shape, info.dtype))
+
+    layer_re = re.compile(rule.layer)
+    layers = {g.module: _layer_of(layer_re, g.module) for g in groups.values()}
+    after_last = max((x for x in layers.values() if x is not None), default=-1) + 1
+    specs = []
+    for group in groups.values():
+        kind = _kind_of(rule, group)
+        layer = layers[group.module]
+        if layer is None:
+            layer = -1 if kind is BlockKind.EMBEDDING else after_last
+        block_id = f"{model}/{group.module}" if group.module else f"{model}/{group.tensors[0].name}"
+        if group.expert is not None:
+            block_id += f"/expert.{group.expert}"
+        specs.append(BlockSpec(block_id, tuple(group.tensors), layer, kind, group.expert))
+    specs.sort(key=lambda spec: spec.layer)  # stable: key order within a layer
+    return specs
+
+
+def _layer_of(layer_re: re.Pattern[str], module: str) -> int | None:
+    match = layer_re.search(module)
+    return int(match.group(1)) if match else None
+
+
+def _kind_of(rule: GroupingRule, group: _Group) -> BlockKind:
+    if group.expert is not None:
+        return BlockKind.EXPERT
+    if re.search(rule.shared_expert, group.module):
+        return BlockKind.SHARED_EXPERT
+    if re.search(rule.embedding, group.module):
+        return BlockKind.EMBEDDING
+    if re.search(rule.head, group.module):
+        return BlockKind.HEAD
+    return BlockKind.DENSE
+
+
+def load_block(source: CheckpointSource, spec: BlockSpec) -> dict[str, torch.Tensor]:
+    """Read one block's tensors from its checkpoint (fused expert tensors sliced on read)."""
+    return {t.name: source.load(t.source, t.source_index) for t in spec.tensors}
+
+
+class StateDictSource:
+    """A torch module's state dict (or any mapping of names to tensors) as a checkpoint.
+
+    Tensors that share storage (tied weights) are imported as separate blocks here; recognising
+    ties as regenerable blocks is the placement layer's job.
+    """
+
+    def __init__(self, state: torch.nn.Module | Mapping[str, torch.Tensor]):
+        tensors = state.state_dict() if isinstance(state, torch.nn.Module) else dict(state)
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise CheckpointError(
+                    f"state dict entry {key!r} is a {type(value).__name__}; expected a tensor"
+                )
+        self._tensors = tensors
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return {
+            k: TensorInfo(tuple(v.shape), dtype_name(v.dtype)) for k, v in self._tensors.items()
+        }
+
+    def load(self, name: str, index: int | None = None) -> torch.Tensor:
+        tensor = self._tensors[name].detach()
+        return tensor if index is None else tensor[index]
+
+
+class SafetensorsSource:
+    """A safetensors file, or a directory of ``*.safetensors`` shards, read by memory map.
+
+    Every file's header is checked against the file on construction, so that a truncated or
+    malformed checkpoint is refused before anything is imported.
+
+    Raises:
+        CheckpointError: naming the file and what is wrong with it.
+    """
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            files = sorted(path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{path}: directory holds no *.safetensors files")
+        elif path.is_file():
+            files = [path]
+        else:
+            raise CheckpointError(f"{path}: no such file or directory")
+        self._infos: dict[str, TensorInfo] = {}
+        self._file_of: dict[str, Path] = {}
+        for file in files:
+            for key, info in read_safetensors_header(file).items():
+                if key in self._infos:
+                    raise CheckpointError(
+                        f"{file}: tensor {key!r} is also in {self._file_of[key]}; expected each "
+                        "tensor in exactly one shard"
+                    )
+                self._infos[key] = info
+                self._file_of[key] = file
+        self._handles: dict[Path, object] = {}
+
+    def tensor_infos(self) -> dict[str, TensorInfo]:
+        return dict(self._infos)
+
+    def _handle(self, file: Path) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            self._handles[file] = safe_open(str(file), framework="pt")
+        return self._handles[file]
+
+    def load(self, name: str, index: int | None = None) -> torch.Tensor:
+        handle = self._handle(self._file_of[name])
+        tensor: torch.Tensor = (
+            handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+        )
+        return tensor
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header against the file's size (the format's own layout:
+    an 8-byte little-endian header length, a JSON header, then the data section).
+
+    Raises:
+        CheckpointError: the file is too short, truncated, or its header is not what the format
+            requires; the message names the file, the tensor and the expected value.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(
+                f"{path}: file is {size} bytes; a safetensors file starts with an 8-byte header "
+                "length"
+            )
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: header length field says {header_len} bytes but only {size - 8} follow "
+                "(truncated, or not a safetensors file)"
+            )
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: header is not valid JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: header is a JSON {type(header).__name__}; expected an object"
+        )
+    data_size = size - 8 - header_len
+    infos = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        infos[key] = _check_entry(path, key, entry, data_size)
+    return infos
+
+
+def _check_entry(path: Path, key: str, entry: object, data_size: int) -> TensorInfo:
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+        raise CheckpointError(
+            f"{path}: tensor {key!r} header entry is {entry!r}; expected an object with "
+            "'dtype', 'shape' and 'data_offsets'"
+        )
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has dtype {entry['dtype']!r}; expected one of "
+            f"{sorted(SAFETENSORS_DTYPES)}"
+        )
+    shape, offsets = entry["shape"], entry["data_offsets"]
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has shape {shape!r}; expected a list of ints >= 0"
+        )
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and o >= 0 for o in offsets)
+    ):
+        raise CheckpointError(
+            f"{path}: tensor {key!r} has data_offsets {offsets!r}; expected [begin, end]"
+        )
+    expected = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+    begin, end = offsets
+    if end - begin != expected:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} spans {end - begin} bytes; expected {expected} for shape "
+            f"{shape} of {dtype}"
+        )
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: tensor {key!r} ends at data byte {end} but the data section has "
+            f"{data_size} bytes (file truncated?)"
+        )
+    return TensorInfo(tuple(shape), dtype)
+
+
+def iter_blocks(
+    source: CheckpointSource, specs: list[BlockSpec]
+) -> Iterator[tuple[BlockSpec, dict[str, torch.Tensor]]]:
+    """Yield each spec with its tensors, one block in memory at a time."""
+    for spec in specs:
+        yield spec, load_block(source, spec)

@@ -1,0 +1,349 @@
+"""The storage tier's content: durable, checksummed block copies under one directory.
+
+``BlockStore`` is the source of truth DESIGN section 5 relies on. Its contract:
+
+- A block is registered (its spec in the catalog) before any copy of it is stored, and its
+  full-precision copy is stored before any reduced or compressed one.
+- Every change is all-or-nothing: on any error (bad spec, duplicate id, a block no tier can hold,
+  tensors that do not match their spec, a failed write) the catalog is as it was, and files
+  written for the failed change are removed.
+- Every read verifies the file's checksum first; a torn or corrupt file raises
+  :class:`CorruptBlockError` and none of its bytes are returned.
+
+Layout: ``<root>/catalog.sqlite`` and ``<root>/blocks/<model>/<module path>@<encoding>.arrow``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import torch
+
+from pool.arrowfile import read_verified, write_atomic
+from pool.blocks import BlockSpec
+from pool.catalog import Catalog, CopyRecord
+from pool.codecs import (
+    DEFAULT_OPTIONS,
+    CodecOptions,
+    EncodedBlock,
+    check_tensors,
+    decode_block,
+    encode_block,
+    encoded_nbytes,
+)
+from pool.encoding import FULL, Encoding, Precision
+from pool.errors import (
+    CapacityError,
+    CorruptBlockError,
+    DuplicateBlockError,
+    SpecError,
+    UnknownBlockError,
+    WeightpoolError,
+)
+from pool.importer import DEFAULT_RULE, CheckpointSource, GroupingRule, load_block, plan_blocks
+from pool.tiers import TierKind, TierSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CorruptCopy:
+    """A stored copy that failed verification, as :meth:`BlockStore.verify` reports it."""
+
+    block_id: str
+    encoding: Encoding
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    model: str
+    specs: tuple[BlockSpec, ...]
+    copies: tuple[CopyRecord, ...]
+
+    @property
+    def full_nbytes(self) -> int:
+        return sum(s.full_nbytes for s in self.specs)
+
+
+def check_fits(
+    specs: Iterable[BlockSpec], tiers: Sequence[TierSpec], options: CodecOptions
+) -> None:
+    """Refuse a block that no configured tier able to serve it can hold.
+
+    A block must fit, at its precision floor (the smallest footprint the guardrail allows), in
+    the largest HBM tier, since compute reads it there; with no HBM tier configured, in the
+    largest bounded tier. Without tiers there is nothing to check.
+
+    Raises:
+        CapacityError: naming the block, its size, its floor and the largest tier.
+    """
+    hbm = [t for t in tiers if t.kind is TierKind.HBM]
+    candidates = hbm or [t for t in tiers if t.capacity_bytes is not None]
+    if not candidates:
+        return
+    largest = max(candidates, key=lambda t: t.capacity_bytes or 0)
+    capacity = largest.capacity_bytes or 0
+    for spec in specs:
+        needed = encoded_nbytes(spec, spec.floor, options)
+        if needed > capacity:
+            raise CapacityError(
+                f"block {spec.block_id!r} needs {needed} bytes at its floor "
+                f"{spec.floor.value} (full: {spec.full_nbytes}); the largest "
+                f"{largest.kind.value} tier {largest.tier_id!r} holds {capacity} bytes"
+            )
+
+
+class BlockStore:
+    """Block specs and their durable copies in a directory (see the module docstring)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        tiers: Sequence[TierSpec] = (),
+        options: CodecOptions = DEFAULT_OPTIONS,
+    ):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.tiers = tuple(tiers)
+        self.options = options
+        self.catalog = Catalog(self.root / "catalog.sqlite")
+
+    def close(self) -> None:
+        self.catalog.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- registration -------------------------------------------------------------------------
+
+    def check_new(self, specs: Sequence[BlockSpec]) -> None:
+        """Everything :meth:`register` checks, without changing anything."""
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.block_id in seen:
+                raise DuplicateBlockError(f"block id {spec.block_id!r} appears twice in this batch")
+            seen.add(spec.block_id)
+        existing = self.catalog.existing_ids(seen)
+        if existing:
+            raise DuplicateBlockError(
+                f"block id {existing[0]!r} is already in the catalog "
+                f"({len(existing)} of this batch's ids are)"
+            )
+        check_fits(specs, self.tiers, self.options)
+
+    def register(self, specs: Sequence[BlockSpec]) -> None:
+        """Add block specs, all or none.
+
+        Raises:
+            DuplicateBlockError, CapacityError: nothing is registered.
+        """
+        self.check_new(specs)
+        with self.catalog.transaction() as db:
+            self.catalog.add_blocks(db, list(specs))
+
+    def update_quality(
+        self,
+        updates: Mapping[str, tuple[Mapping[Precision, float], Precision]],
+    ) -> None:
+        """Set sensitivity and floor of several blocks at once, all or none.
+
+        Raises:
+            UnknownBlockError, SpecError (a NaN or negative sensitivity): nothing is changed.
+        """
+        new_specs = [
+            dataclasses.replace(self.spec(bid), sensitivity=dict(sens), floor=floor)
+            for bid, (sens, floor) in updates.items()
+        ]
+        check_fits(new_specs, self.tiers, self.options)
+        with self.catalog.transaction() as db:
+            for spec in new_specs:
+                self.catalog.update_spec(db, spec)
+
+    # -- writing copies -----------------------------------------------------------------------
+
+    def _path_for(self, block_id: str, encoding: Encoding) -> str:
+        model, _, rest = block_id.partition("/")
+        name = quote(rest, safe="._-")
+        return f"blocks/{quote(model, safe='._-')}/{name}@{encoding.name.replace('+', '-')}.arrow"
+
+    def _write(self, encoded: EncodedBlock) -> CopyRecord:
+        rel = self._path_for(encoded.block_id, encoded.encoding)
+        size, checksum = write_atomic(self.root / rel, encoded)
+        return CopyRecord(
+            encoded.block_id,
+            encoded.encoding,
+            rel,
+            encoded.nbytes,
+            size,
+            checksum,
+            encoded.content_checksum(),
+        )
+
+    def _encode_all(
+        self, spec: BlockSpec, tensors: Mapping[str, torch.Tensor], encodings: Sequence[Encoding]
+    ) -> list[EncodedBlock]:
+        check_tensors(spec, tensors)
+        if FULL not in encodings:
+            try:
+                self.catalog.copy(spec.block_id, FULL)
+            except UnknownBlockError:
+                raise SpecError(
+                    f"block {spec.block_id!r} has no full-precision copy yet; expected 'full' "
+                    f"among the encodings {[e.name for e in encodings]} (the full copy is the "
+                    "source of truth and is written first)"
+                ) from None
+        ordered = sorted(set(encodings), key=lambda e: e != FULL)
+        return [encode_block(spec, tensors, e, self.options) for e in ordered]
+
+    def _commit(self, new_specs: list[BlockSpec], encoded: list[EncodedBlock]) -> list[CopyRecord]:
+        """Write files, then record specs and copies in one transaction; undo files on failure."""
+        records: list[CopyRecord] = []
+        replaced = {(r.block_id, r.encoding) for e in encoded for r in self._existing(e)}
+        try:
+            for block in encoded:
+                self._refuse_changed_full(block)
+                records.append(self._write(block))
+            with self.catalog.transaction() as db:
+                if new_specs:
+                    self.catalog.add_blocks(db, new_specs)
+                for record in records:
+                    self.catalog.put_copy(db, record)
+        except BaseException:
+            for record in records:
+                if (record.block_id, record.encoding) not in replaced:
+                    (self.root / record.path).unlink(missing_ok=True)
+            raise
+        return records
+
+    def _existing(self, encoded: EncodedBlock) -> list[CopyRecord]:
+        return [r for r in self.catalog.copies(encoded.block_id) if r.encoding == encoded.encoding]
+
+    def _refuse_changed_full(self, encoded: EncodedBlock) -> None:
+        if encoded.encoding != FULL:
+            return
+        for record in self._existing(encoded):
+            if record.content_checksum != encoded.content_checksum():
+                raise SpecError(
+                    f"block {encoded.block_id!r} already has a full copy with content checksum "
+                    f"{record.content_checksum}; the new content has "
+                    f"{encoded.content_checksum()} (the source of truth is never overwritten; "
+                    "import the new weights under another model name)"
+                )
+
+    def put(
+        self,
+        block_id: str,
+        tensors: Mapping[str, torch.Tensor],
+        encodings: Sequence[Encoding] = (FULL,),
+    ) -> list[CopyRecord]:
+        """Store copies of a registered block at ``encodings``; idempotent for equal content.
+
+        Raises:
+            UnknownBlockError: the block is not registered.
+            TensorMismatchError: the tensors do not match the spec.
+            SpecError: no full copy exists and ``FULL`` is not among ``encodings``, or a full copy
+                with other content exists.
+        """
+        spec = self.spec(block_id)
+        return self._commit([], self._encode_all(spec, tensors, encodings))
+
+    def import_checkpoint(
+        self,
+        source: CheckpointSource,
+        model: str,
+        encodings: Sequence[Encoding] = (FULL,),
+        rule: GroupingRule = DEFAULT_RULE,
+        progress: Callable[[BlockSpec], None] | None = None,
+    ) -> ImportResult:
+        """Plan, check, encode and store a whole checkpoint as one atomic change.
+
+        ``progress`` is called after each block is written. Nothing is visible in the catalog
+        until every block is written; on any error, no block of this import is registered.
+
+        Raises:
+            CheckpointError, DuplicateBlockError, CapacityError, TensorMismatchError, SpecError.
+        """
+        specs = plan_blocks(source, model, rule)
+        self.check_new(specs)
+        records: list[CopyRecord] = []
+        try:
+            for spec in specs:
+                tensors = load_block(source, spec)
+                check_tensors(spec, tensors)
+                for encoding in sorted(set(encodings) | {FULL}, key=lambda e: e != FULL):
+                    records.append(self._write(encode_block(spec, tensors, encoding, self.options)))
+                if progress is not None:
+                    progress(spec)
+            with self.catalog.transaction() as db:
+                self.catalog.add_blocks(db, specs)
+                for record in records:
+                    self.catalog.put_copy(db, record)
+        except BaseException:
+            for record in records:
+                (self.root / record.path).unlink(missing_ok=True)
+            raise
+        return ImportResult(model, tuple(specs), tuple(records))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def spec(self, block_id: str) -> BlockSpec:
+        return self.catalog.spec(block_id)
+
+    def specs(self, model: str | None = None) -> list[BlockSpec]:
+        return self.catalog.specs(model)
+
+    def copies(self, block_id: str | None = None) -> list[CopyRecord]:
+        return self.catalog.copies(block_id)
+
+    def read(self, block_id: str, encoding: Encoding = FULL) -> EncodedBlock:
+        """The stored copy, verified, as zero-copy read-only views of the memory-mapped file.
+
+        Raises:
+            UnknownBlockError: no such block or copy.
+            CorruptBlockError: the file is missing, torn or corrupt (also logged); not served.
+        """
+        record = self.catalog.copy(block_id, encoding)
+        try:
+            encoded = read_verified(
+                self.root / record.path, record.file_checksum, block_id, encoding
+            )
+        except CorruptBlockError as err:
+            log.error("%s", err)
+            raise
+        return encoded
+
+    def read_tensors(
+        self,
+        block_id: str,
+        encoding: Encoding = FULL,
+        out: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The stored copy at ``encoding``, verified and decoded to the block's dtypes."""
+        return decode_block(self.spec(block_id), self.read(block_id, encoding), out)
+
+    def verify(self, block_ids: Iterable[str] | None = None) -> list[CorruptCopy]:
+        """Check every stored copy (or those of ``block_ids``); return the ones that fail."""
+        wanted = None if block_ids is None else set(block_ids)
+        problems = []
+        for record in self.catalog.copies():
+            if wanted is not None and record.block_id not in wanted:
+                continue
+            try:
+                read_verified(
+                    self.root / record.path, record.file_checksum, record.block_id, record.encoding
+                )
+            except WeightpoolError as err:
+                problems.append(
+                    CorruptCopy(record.block_id, record.encoding, record.path, str(err))
+                )
+        return problems
