@@ -115,6 +115,8 @@ def plan_blocks(
 
     for key, info in source.tensor_infos().items():
         module, leaf = _split_key(key)
+        if not module:  # a top-level tensor is a module of its own
+            module = key
         per_expert = _PER_EXPERT_MODULE.match(module) if rule.per_expert else None
         if per_expert and container.search(per_expert["container"]):
             rest = per_expert["rest"]

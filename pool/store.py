@@ -171,13 +171,18 @@ class BlockStore:
 
     # -- writing copies -----------------------------------------------------------------------
 
-    def _path_for(self, block_id: str, encoding: Encoding) -> str:
+    def _path_for(self, block_id: str, encoding: Encoding, content_checksum: str) -> str:
+        # The content checksum in the name keeps a replacement copy from ever overwriting the
+        # file the catalog still points to: the old file goes only after the catalog moved on.
         model, _, rest = block_id.partition("/")
-        name = quote(rest, safe="._-")
-        return f"blocks/{quote(model, safe='._-')}/{name}@{encoding.name.replace('+', '-')}.arrow"
+        encoding_part = encoding.name.replace("+", "-")
+        return (
+            f"blocks/{quote(model, safe='._-')}/{quote(rest, safe='._-')}"
+            f"@{encoding_part}.{content_checksum[:16]}.arrow"
+        )
 
-    def _write(self, encoded: EncodedBlock) -> CopyRecord:
-        rel = self._path_for(encoded.block_id, encoded.encoding)
+    def _write(self, encoded: EncodedBlock, content_checksum: str) -> CopyRecord:
+        rel = self._path_for(encoded.block_id, encoded.encoding, content_checksum)
         size, checksum = write_atomic(self.root / rel, encoded)
         return CopyRecord(
             encoded.block_id,
@@ -186,7 +191,7 @@ class BlockStore:
             encoded.nbytes,
             size,
             checksum,
-            encoded.content_checksum(),
+            content_checksum,
         )
 
     def _encode_all(
@@ -205,40 +210,9 @@ class BlockStore:
         ordered = sorted(set(encodings), key=lambda e: e != FULL)
         return [encode_block(spec, tensors, e, self.options) for e in ordered]
 
-    def _commit(self, new_specs: list[BlockSpec], encoded: list[EncodedBlock]) -> list[CopyRecord]:
-        """Write files, then record specs and copies in one transaction; undo files on failure."""
-        records: list[CopyRecord] = []
-        replaced = {(r.block_id, r.encoding) for e in encoded for r in self._existing(e)}
-        try:
-            for block in encoded:
-                self._refuse_changed_full(block)
-                records.append(self._write(block))
-            with self.catalog.transaction() as db:
-                if new_specs:
-                    self.catalog.add_blocks(db, new_specs)
-                for record in records:
-                    self.catalog.put_copy(db, record)
-        except BaseException:
-            for record in records:
-                if (record.block_id, record.encoding) not in replaced:
-                    (self.root / record.path).unlink(missing_ok=True)
-            raise
-        return records
-
-    def _existing(self, encoded: EncodedBlock) -> list[CopyRecord]:
-        return [r for r in self.catalog.copies(encoded.block_id) if r.encoding == encoded.encoding]
-
-    def _refuse_changed_full(self, encoded: EncodedBlock) -> None:
-        if encoded.encoding != FULL:
-            return
-        for record in self._existing(encoded):
-            if record.content_checksum != encoded.content_checksum():
-                raise SpecError(
-                    f"block {encoded.block_id!r} already has a full copy with content checksum "
-                    f"{record.content_checksum}; the new content has "
-                    f"{encoded.content_checksum()} (the source of truth is never overwritten; "
-                    "import the new weights under another model name)"
-                )
+    def _unlink(self, records: Iterable[CopyRecord]) -> None:
+        for record in records:
+            (self.root / record.path).unlink(missing_ok=True)
 
     def put(
         self,
@@ -246,7 +220,11 @@ class BlockStore:
         tensors: Mapping[str, torch.Tensor],
         encodings: Sequence[Encoding] = (FULL,),
     ) -> list[CopyRecord]:
-        """Store copies of a registered block at ``encodings``; idempotent for equal content.
+        """Store copies of a registered block at ``encodings``, all or none.
+
+        A copy whose content is already stored is kept as it is (idempotent). A reduced copy
+        with new content replaces the old one: the new file is written and recorded first, and
+        the old file removed after. The full copy is never replaced.
 
         Raises:
             UnknownBlockError: the block is not registered.
@@ -255,7 +233,37 @@ class BlockStore:
                 with other content exists.
         """
         spec = self.spec(block_id)
-        return self._commit([], self._encode_all(spec, tensors, encodings))
+        encoded = self._encode_all(spec, tensors, encodings)
+        existing = {r.encoding: r for r in self.catalog.copies(block_id)}
+        kept: list[CopyRecord] = []
+        written: list[CopyRecord] = []
+        try:
+            for block in encoded:
+                content = block.content_checksum()
+                old = existing.get(block.encoding)
+                if old is not None and old.content_checksum == content:
+                    kept.append(old)
+                    continue
+                if old is not None and block.encoding == FULL:
+                    raise SpecError(
+                        f"block {block_id!r} already has a full copy with content checksum "
+                        f"{old.content_checksum}; the new content has {content} (the source of "
+                        "truth is never overwritten; import the new weights under another "
+                        "model name)"
+                    )
+                written.append(self._write(block, content))
+            with self.catalog.transaction() as db:
+                for record in written:
+                    self.catalog.put_copy(db, record)
+        except BaseException:
+            self._unlink(written)
+            raise
+        self._unlink(
+            existing[r.encoding]
+            for r in written
+            if r.encoding in existing and existing[r.encoding].path != r.path
+        )
+        return kept + written
 
     def import_checkpoint(
         self,
@@ -281,7 +289,8 @@ class BlockStore:
                 tensors = load_block(source, spec)
                 check_tensors(spec, tensors)
                 for encoding in sorted(set(encodings) | {FULL}, key=lambda e: e != FULL):
-                    records.append(self._write(encode_block(spec, tensors, encoding, self.options)))
+                    block = encode_block(spec, tensors, encoding, self.options)
+                    records.append(self._write(block, block.content_checksum()))
                 if progress is not None:
                     progress(spec)
             with self.catalog.transaction() as db:
@@ -289,8 +298,7 @@ class BlockStore:
                 for record in records:
                     self.catalog.put_copy(db, record)
         except BaseException:
-            for record in records:
-                (self.root / record.path).unlink(missing_ok=True)
+            self._unlink(records)
             raise
         return ImportResult(model, tuple(specs), tuple(records))
 

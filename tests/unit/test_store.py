@@ -140,3 +140,28 @@ def test_int8_copy_is_a_quarter_of_full(minilm_store) -> None:
         full = sum(r.nbytes for r in store.copies() if r.encoding == FULL)
         int8 = sum(r.nbytes for r in store.copies() if r.encoding.name == "int8")
     assert 0.25 < int8 / full < 0.26  # weights at 1 byte, plus scales, biases and norms at 4
+
+
+def test_replacing_a_reduced_copy_never_leaves_the_catalog_pointing_at_new_bytes(tmp_path) -> None:
+    from pool.codecs import CodecOptions
+    from pool.importer import StateDictSource
+
+    weights = {"layers.0.fc.weight": torch.randn(8, 256)}
+    with BlockStore(tmp_path) as store:
+        store.import_checkpoint(StateDictSource(weights), "m", [Encoding.parse("int4")])
+        old = store.catalog.copy("m/layers.0.fc", Encoding.parse("int4"))
+    tensors = {"weight": weights["layers.0.fc.weight"]}
+    # The same store re-encoded with another INT4 group size: new content for the same encoding.
+    with BlockStore(tmp_path, options=CodecOptions(int4_group_size=64)) as store:
+        new = store.put("m/layers.0.fc", tensors, [FULL, Encoding.parse("int4")])
+        assert [r.encoding.name for r in new] == ["full", "int4"]
+        assert new[1].path != old.path and new[1].content_checksum != old.content_checksum
+        assert not (tmp_path / old.path).exists()  # the replaced file is gone...
+        assert store.verify() == []  # ...and every record matches its file
+        assert store.read("m/layers.0.fc", Encoding.parse("int4")).tensors[0].parts[0].shape == (
+            8,
+            4,
+            32,
+        )
+        files = sorted(p.name for p in (tmp_path / "blocks").rglob("*.arrow"))
+        assert len(files) == 2
