@@ -118,6 +118,9 @@ def verify(store: Path) -> None:
     with BlockStore(store) as block_store:
         n = len(block_store.copies())
         problems = block_store.verify()
+        orphans = block_store.orphans()
+    for orphan in orphans:
+        click.echo(f"orphan file (no catalog record, never served; safe to delete): {orphan}")
     for problem in problems:
         click.echo(f"CORRUPT {problem.block_id} @ {problem.encoding.name}: {problem.reason}")
     click.echo(f"{n - len(problems)} of {n} copies verified")

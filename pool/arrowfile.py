@@ -86,7 +86,7 @@ def write_atomic(path: Path, encoded: EncodedBlock) -> tuple[int, str]:
     A reader sees either the old file or the complete new one, never a partial write. The
     temporary file is removed if anything fails.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _make_durable_dirs(path.parent)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     batch = _record_batch(encoded)
     try:
@@ -99,12 +99,28 @@ def write_atomic(path: Path, encoded: EncodedBlock) -> tuple[int, str]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync_dir(path.parent)
     return size, checksum
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_durable_dirs(directory: Path) -> None:
+    """``mkdir -p``, fsyncing each new directory's parent so that the entry survives a crash."""
+    missing = []
+    probe = directory
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for new in reversed(missing):
+        new.mkdir(exist_ok=True)
+        _fsync_dir(new.parent)
 
 
 def file_checksum(path: Path) -> tuple[int, str]:

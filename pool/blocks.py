@@ -116,8 +116,23 @@ class BlockSpec:
     sensitivity: Mapping[Precision, float] = field(default_factory=dict)
     floor: Precision = Precision.INT4
 
+    def __hash__(self) -> int:  # block ids are unique in a pool; the mapping field is unhashable
+        return hash(self.block_id)
+
     def __post_init__(self) -> None:
-        if not self.block_id or "/" not in self.block_id:
+        if not isinstance(self.kind, BlockKind):
+            raise SpecError(
+                f"block {self.block_id!r}: kind {self.kind!r}; expected a BlockKind, one of "
+                f"{[k.value for k in BlockKind]}"
+            )
+        if not isinstance(self.floor, Precision):
+            raise SpecError(
+                f"block {self.block_id!r}: floor {self.floor!r}; expected a Precision, one of "
+                f"{[p.value for p in Precision]}"
+            )
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise SpecError(f"block {self.block_id!r}: layer {self.layer!r}; expected an int >= -1")
+        if not isinstance(self.block_id, str) or not self.block_id or "/" not in self.block_id:
             raise SpecError(
                 f"block id {self.block_id!r} is not valid: expected '<model>/<module path>'"
             )
@@ -140,7 +155,12 @@ class BlockSpec:
                 raise SpecError(
                     f"block {self.block_id!r}: sensitivity key {precision!r} is not a Precision"
                 )
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise SpecError(
                     f"block {self.block_id!r}: sensitivity at {precision.value} is {value!r}; "
                     "expected a finite number >= 0"

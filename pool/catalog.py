@@ -121,10 +121,11 @@ class Catalog:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
+            self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
 
     def existing_ids(self, block_ids: Iterable[str]) -> list[str]:
         ids = list(block_ids)
@@ -190,6 +191,9 @@ class Catalog:
                 "SELECT * FROM copies WHERE block_id=? ORDER BY encoding", (block_id,)
             ).fetchall()
         return [CopyRecord(r[0], Encoding.parse(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    def paths(self) -> set[str]:
+        return {r[0] for r in self._db.execute("SELECT path FROM copies").fetchall()}
 
     def copy(self, block_id: str, encoding: Encoding) -> CopyRecord:
         for record in self.copies(block_id):

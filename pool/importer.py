@@ -60,23 +60,29 @@ class GroupingRule:
     """How checkpoint keys become blocks; each field is a regular expression on a module path.
 
     By default a block is one module (the key less its last component). With ``per_expert``, each
-    expert of an MoE layer becomes its own block: per-expert modules (``...experts.3.w1.weight``)
-    are gathered under ``.../experts/expert.3``, and fused expert parameters (transformers 5: one
-    tensor ``...experts.gate_up_proj`` of shape ``[experts, ...]``) are split along dimension 0.
+    expert of an MoE layer becomes its own block: per-expert modules (``...experts.3.w1.weight``,
+    ``...experts.expert_3.wi.weight``) are gathered under ``.../experts/expert.3``, and fused
+    expert parameters (transformers 5: one tensor ``...experts.gate_up_proj`` of shape
+    ``[experts, ...]``) are split along dimension 0. A shared expert (``shared_expert``,
+    ``shared_experts``) is one block, like a routed expert.
+
+    Layers: the number after ``layers``, ``layer``, ``h``, ``block`` or ``blocks``. A model with
+    several stacks (an encoder and a decoder) numbers them one after the other, encoder first.
     """
 
     per_expert: bool = True
     expert_container: str = r"(?:^|\.)experts$"
-    layer: str = r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)(?:\.|$)"
+    layer: str = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)"
     shared_expert: str = r"(?:^|\.)shared_experts?(?:_gate)?(?:\.|$)"
     embedding: str = r"(?:^|\.)(?:embed\w*|embeddings|wte|wpe)(?:\.|$)"
-    head: str = r"(?:^|\.)(?:lm_head|head|classifier|score)$"
+    head: str = r"^(?:\w+\.)?(?:lm_head|embed_out|head|classifier|score)$"
 
 
 DEFAULT_RULE = GroupingRule()
 _PER_EXPERT_MODULE = re.compile(
-    r"^(?P<container>(?:.*\.)?experts)\.(?P<index>\d+)(?:\.(?P<rest>.+))?$"
+    r"^(?P<container>(?:.*\.)?experts)\.(?:expert_)?(?P<index>\d+)(?:\.(?P<rest>.+))?$"
 )
+_SHARED_EXPERT_MODULE = re.compile(r"^(?P<container>(?:.*\.)?shared_experts?)\.(?P<rest>.+)$")
 
 
 @dataclass
@@ -98,7 +104,7 @@ def plan_blocks(
 
     Raises:
         CheckpointError: the model name is not usable in a block id, or fused expert tensors of
-            one module disagree on the number of experts.
+            one module disagree on the number of experts (or have none).
     """
     if not model or "/" in model or model.strip() != model:
         raise CheckpointError(
@@ -118,6 +124,7 @@ def plan_blocks(
         if not module:  # a top-level tensor is a module of its own
             module = key
         per_expert = _PER_EXPERT_MODULE.match(module) if rule.per_expert else None
+        shared = _SHARED_EXPERT_MODULE.match(module) if rule.per_expert else None
         if per_expert and container.search(per_expert["container"]):
             rest = per_expert["rest"]
             name = f"{rest}.{leaf}" if rest else leaf
@@ -129,18 +136,20 @@ def plan_blocks(
         elif rule.per_expert and container.search(module) and info.shape:
             n_experts = info.shape[0]
             seen = fused_counts.setdefault(module, (n_experts, key))
-            if seen[0] != n_experts:
+            if seen[0] != n_experts or n_experts == 0:
                 raise CheckpointError(
                     f"fused expert tensor {key!r} has {n_experts} experts along dimension 0; "
-                    f"expected {seen[0]} as in {seen[1]!r}"
+                    f"expected {seen[0] or 'at least 1'} as in {seen[1]!r}"
                 )
             for index in range(n_experts):
                 add(module, index, TensorSpec(leaf, key, info.shape[1:], info.dtype, index))
+        elif shared:
+            name = f"{shared['rest']}.{leaf}"
+            add(shared["container"], None, TensorSpec(name, key, info.shape, info.dtype))
         else:
             add(module, None, TensorSpec(leaf, key, info.shape, info.dtype))
 
-    layer_re = re.compile(rule.layer)
-    layers = {g.module: _layer_of(layer_re, g.module) for g in groups.values()}
+    layers = _number_layers(re.compile(rule.layer), [g.module for g in groups.values()])
     after_last = max((x for x in layers.values() if x is not None), default=-1) + 1
     specs = []
     for group in groups.values():
@@ -148,7 +157,7 @@ def plan_blocks(
         layer = layers[group.module]
         if layer is None:
             layer = -1 if kind is BlockKind.EMBEDDING else after_last
-        block_id = f"{model}/{group.module}" if group.module else f"{model}/{group.tensors[0].name}"
+        block_id = f"{model}/{group.module}"
         if group.expert is not None:
             block_id += f"/expert.{group.expert}"
         specs.append(BlockSpec(block_id, tuple(group.tensors), layer, kind, group.expert))
@@ -156,9 +165,28 @@ def plan_blocks(
     return specs
 
 
-def _layer_of(layer_re: re.Pattern[str], module: str) -> int | None:
-    match = layer_re.search(module)
-    return int(match.group(1)) if match else None
+def _number_layers(layer_re: re.Pattern[str], modules: list[str]) -> dict[str, int | None]:
+    """Global layer index per module: stacks (the path before the layer number) are numbered
+    one after the other, an encoder stack before the others, then in order of appearance."""
+    local: dict[str, tuple[str, int] | None] = {}
+    depth: dict[str, int] = {}
+    for module in modules:
+        match = layer_re.search(module)
+        if match is None:
+            local[module] = None
+            continue
+        stack = module[: match.start()]
+        local[module] = (stack, int(match.group(1)))
+        depth[stack] = max(depth.get(stack, 0), int(match.group(1)) + 1)
+    ordered = sorted(depth, key=lambda stack: "encoder" not in stack)  # stable otherwise
+    offsets, total = {}, 0
+    for stack in ordered:
+        offsets[stack] = total
+        total += depth[stack]
+    return {
+        module: None if where is None else offsets[where[0]] + where[1]
+        for module, where in local.items()
+    }
 
 
 def _kind_of(rule: GroupingRule, group: _Group) -> BlockKind:
@@ -166,10 +194,10 @@ def _kind_of(rule: GroupingRule, group: _Group) -> BlockKind:
         return BlockKind.EXPERT
     if re.search(rule.shared_expert, group.module):
         return BlockKind.SHARED_EXPERT
-    if re.search(rule.embedding, group.module):
-        return BlockKind.EMBEDDING
     if re.search(rule.head, group.module):
         return BlockKind.HEAD
+    if re.search(rule.embedding, group.module):
+        return BlockKind.EMBEDDING
     return BlockKind.DENSE
 
 
@@ -204,11 +232,40 @@ class StateDictSource:
         return tensor if index is None else tensor[index]
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _shards_of(directory: Path) -> list[Path]:
+    """The shard files of a checkpoint directory: those its index names when it has one (all
+    of them must exist; other files are ignored), else every ``*.safetensors`` file."""
+    index = directory / INDEX_NAME
+    if not index.is_file():
+        files = sorted(directory.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{directory}: directory holds no *.safetensors files")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(
+            f"{index}: not a valid index ({err!r}); expected a JSON object with a 'weight_map'"
+        ) from None
+    missing = [n for n in names if not (directory / n).is_file()]
+    if missing:
+        raise CheckpointError(
+            f"{index}: names shards {missing} that are not in {directory} (incomplete download?)"
+        )
+    return [directory / n for n in names]
+
+
 class SafetensorsSource:
     """A safetensors file, or a directory of ``*.safetensors`` shards, read by memory map.
 
     Every file's header is checked against the file on construction, so that a truncated or
-    malformed checkpoint is refused before anything is imported.
+    malformed checkpoint is refused before anything is imported. A directory with a
+    ``model.safetensors.index.json`` is read by its index. ``close()`` (or ``with``) releases the
+    mapped files.
 
     Raises:
         CheckpointError: naming the file and what is wrong with it.
@@ -217,9 +274,7 @@ class SafetensorsSource:
     def __init__(self, path: str | Path):
         path = Path(path)
         if path.is_dir():
-            files = sorted(path.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{path}: directory holds no *.safetensors files")
+            files = _shards_of(path)
         elif path.is_file():
             files = [path]
         else:
@@ -237,6 +292,15 @@ class SafetensorsSource:
                 self._file_of[key] = file
         self._handles: dict[Path, object] = {}
 
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> SafetensorsSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def tensor_infos(self) -> dict[str, TensorInfo]:
         return dict(self._infos)
 
@@ -248,10 +312,16 @@ class SafetensorsSource:
         return self._handles[file]
 
     def load(self, name: str, index: int | None = None) -> torch.Tensor:
-        handle = self._handle(self._file_of[name])
-        tensor: torch.Tensor = (
-            handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
-        )
+        from safetensors import SafetensorError
+
+        file = self._file_of[name]
+        try:
+            handle = self._handle(file)
+            tensor: torch.Tensor = (
+                handle.get_tensor(name) if index is None else handle.get_slice(name)[index]
+            )
+        except SafetensorError as err:
+            raise CheckpointError(f"{file}: tensor {name!r} cannot be read ({err})") from None
         return tensor
 
 
@@ -288,14 +358,32 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         )
     data_size = size - 8 - header_len
     infos = {}
+    spans = []
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        infos[key] = _check_entry(path, key, entry, data_size)
+        infos[key], span = _check_entry(path, key, entry, data_size)
+        spans.append((*span, key))
+    # The format lays tensors out back to back: no gap, no overlap, the data section covered.
+    position, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin != position:
+            what = "overlaps" if begin < position else "leaves a gap after"
+            raise CheckpointError(
+                f"{path}: tensor {key!r} starts at data byte {begin}, which {what} "
+                f"{previous!r} (ending at {position}); expected {position}"
+            )
+        position, previous = end, key
+    if position != data_size:
+        raise CheckpointError(
+            f"{path}: tensors cover {position} data bytes but the data section has {data_size}"
+        )
     return infos
 
 
-def _check_entry(path: Path, key: str, entry: object, data_size: int) -> TensorInfo:
+def _check_entry(
+    path: Path, key: str, entry: object, data_size: int
+) -> tuple[TensorInfo, tuple[int, int]]:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise CheckpointError(
             f"{path}: tensor {key!r} header entry is {entry!r}; expected an object with "
@@ -308,15 +396,15 @@ def _check_entry(path: Path, key: str, entry: object, data_size: int) -> TensorI
             f"{sorted(SAFETENSORS_DTYPES)}"
         )
     shape, offsets = entry["shape"], entry["data_offsets"]
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+
+    def is_count(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+    if not isinstance(shape, list) or not all(is_count(d) for d in shape):
         raise CheckpointError(
             f"{path}: tensor {key!r} has shape {shape!r}; expected a list of ints >= 0"
         )
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) and o >= 0 for o in offsets)
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(is_count(o) for o in offsets):
         raise CheckpointError(
             f"{path}: tensor {key!r} has data_offsets {offsets!r}; expected [begin, end]"
         )
@@ -332,7 +420,7 @@ def _check_entry(path: Path, key: str, entry: object, data_size: int) -> TensorI
             f"{path}: tensor {key!r} ends at data byte {end} but the data section has "
             f"{data_size} bytes (file truncated?)"
         )
-    return TensorInfo(tuple(shape), dtype)
+    return TensorInfo(tuple(shape), dtype), (begin, end)
 
 
 def iter_blocks(

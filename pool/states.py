@@ -32,7 +32,10 @@ S = BlockState
 # Every state change a block may make in one step. Reasons, by row:
 # - PREMIUM/COMPACT may shrink in place, or lose their HBM copy (spill to a warmer tier's copy).
 # - COMPACT -> PREMIUM: a full-precision upgrade lands while the compact copy kept serving.
-# - COMPACT -> PROMOTING: the compact copy is dropped while an upgrade is still in flight.
+# - COMPACT -> PROMOTING: the compact copy is dropped to make room for an upgrade in flight.
+#   PREMIUM -> PROMOTING is refused: a full-precision copy is never dropped for a smaller copy
+#   still in flight (the protocol: a block's best usable HBM copy stays until its successor
+#   lands, except to make room for an upgrade).
 # - HOLDING must decode before use: it goes through PROMOTING, or is evicted.
 # - WARM/COLD/REGENERABLE reach HBM only through PROMOTING; COLD/REGENERABLE may gain a host copy.
 # - PROMOTING lands (PREMIUM, COMPACT, or HOLDING for a compressed prefetch) or is cancelled or

@@ -316,6 +316,11 @@ class BlockStore:
     def read(self, block_id: str, encoding: Encoding = FULL) -> EncodedBlock:
         """The stored copy, verified, as zero-copy read-only views of the memory-mapped file.
 
+        The bytes are verified when read. The store never changes a committed file in place
+        (writes are atomic renames to new names), so only damage from outside the store can
+        change them afterwards; a caller that holds the views for long and needs that guarantee
+        re-checks ``content_checksum()`` against the catalog's record before use.
+
         Raises:
             UnknownBlockError: no such block or copy.
             CorruptBlockError: the file is missing, torn or corrupt (also logged); not served.
@@ -338,6 +343,19 @@ class BlockStore:
     ) -> dict[str, torch.Tensor]:
         """The stored copy at ``encoding``, verified and decoded to the block's dtypes."""
         return decode_block(self.spec(block_id), self.read(block_id, encoding), out)
+
+    def orphans(self) -> list[Path]:
+        """Block files no catalog record names: left by a crash between a write and its commit,
+        or by a failed removal. Harmless (never read) and safe to delete."""
+        known = self.catalog.paths()
+        blocks = self.root / "blocks"
+        if not blocks.exists():
+            return []
+        return sorted(
+            p
+            for p in blocks.rglob("*")
+            if p.is_file() and str(p.relative_to(self.root)) not in known
+        )
 
     def verify(self, block_ids: Iterable[str] | None = None) -> list[CorruptCopy]:
         """Check every stored copy (or those of ``block_ids``); return the ones that fail."""

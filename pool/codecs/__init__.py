@@ -206,18 +206,27 @@ def decode_block(
     The result never aliases ``encoded``'s bytes: it is safe to write to even when ``encoded``
     views a read-only memory-mapped file.
 
+    ``out`` buffers must have the spec's shape and dtype; they may be strided (a decoder then
+    decodes into a contiguous temporary and copies).
+
     Raises:
-        TensorMismatchError: ``encoded`` is for another block, or a part's shape disagrees.
+        TensorMismatchError: ``encoded`` is for another block, a part's shape disagrees, or an
+            ``out`` buffer has another shape or dtype than the spec.
     """
     if encoded.block_id != spec.block_id:
         raise TensorMismatchError(
             f"encoded copy is of block {encoded.block_id!r}; expected {spec.block_id!r}"
         )
+    if out is not None:
+        check_tensors(spec, out)
     result = {}
     for et in encoded.tensors:
         ts = spec.tensor(et.name)
+        given = out[et.name] if out is not None else None
         target = (
-            out[et.name] if out is not None else torch.empty(ts.shape, dtype=torch_dtype(ts.dtype))
+            given
+            if given is not None and given.is_contiguous()
+            else torch.empty(ts.shape, dtype=torch_dtype(ts.dtype))
         )
         parts = _part_tensors(et, encoded.encoding.compression)
         if et.precision is Precision.FULL:
@@ -230,6 +239,9 @@ def decode_block(
             target.copy_(values)
         else:
             _CODECS[et.precision].decode(parts, target)
+        if given is not None and target is not given:
+            given.copy_(target)
+            target = given
         result[et.name] = target
     return result
 

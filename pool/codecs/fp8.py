@@ -36,6 +36,7 @@ _DECODE_TABLE = (
 
 
 def decode(parts: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Decode into ``out``, which must be contiguous (``decode_block`` sees to it)."""
     values, scale = parts["values"], parts["scale"]
     target = out if out.dtype == torch.float32 else torch.empty(out.shape, dtype=torch.float32)
     rows = rows_view(target)

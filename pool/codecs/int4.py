@@ -54,6 +54,7 @@ _DECODE_TABLE = torch.stack(((_CODES & 0x0F) - _OFFSET, (_CODES >> 4) - _OFFSET)
 
 
 def decode(parts: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Decode into ``out``, which must be contiguous (``decode_block`` sees to it)."""
     packed, scale = parts["values"], parts["scale"]
     n_rows, n_groups, half = packed.shape
     rows_out = rows_view(out)

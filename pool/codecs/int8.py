@@ -25,6 +25,7 @@ def encode(x: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
 
 
 def decode(parts: dict[str, torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """Decode into ``out``, which must be contiguous (``decode_block`` sees to it)."""
     values, scale = parts["values"], parts["scale"]
     rows_out = rows_view(out)
     # PERF: convert into ``out``, then scale in place: 11 GB/s on a 30522x384 table (2 CPU

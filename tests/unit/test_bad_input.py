@@ -94,6 +94,25 @@ def test_truncated_safetensors_is_refused_before_anything_is_written(
             json.dumps({"w": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}).encode(),
             r"tensor 'w' has shape \[-2\]",
         ),
+        (
+            json.dumps(
+                {"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}
+            ).encode(),
+            r"tensor 'w' has shape \[true, 2\]|tensor 'w' has shape \[True, 2\]",
+        ),
+        (
+            json.dumps(
+                {
+                    "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                    "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+                }
+            ).encode(),
+            r"tensor 'b' starts at data byte 4, which overlaps 'a' \(ending at 8\); expected 8",
+        ),
+        (
+            json.dumps({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}).encode(),
+            r"tensor 'w' starts at data byte 4, which leaves a gap after None \(ending at 0\)",
+        ),
     ],
 )
 def test_malformed_safetensors_headers(tmp_path, header, message) -> None:

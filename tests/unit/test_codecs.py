@@ -114,6 +114,12 @@ def test_bound_is_not_vacuous() -> None:
     assert not bool(((decoded + step - x).abs() <= bound).all())
     # INT4's step is amax / 7 per group; its bound is half of that, not more.
     assert float(error_bound(x, Precision.INT4).max()) == pytest.approx(1 / 14, rel=1e-4)
+    # FP8: the bound is 1/16 relative (3 mantissa bits); a decoder one e4m3 step off breaks it.
+    fp8 = decode_block(spec, encode_block(spec, tensors, Encoding(Precision.FP8)))["weight"]
+    fp8_bound = error_bound(x, Precision.FP8)
+    assert bool(((fp8 - x).abs() <= fp8_bound).all())
+    assert not bool(((fp8 * (1 + 2.0**-3) - x).abs() <= fp8_bound).all())
+    assert float((fp8_bound / x.abs().clamp_min(1e-3)).max()) < 0.07
 
 
 @settings(max_examples=150, deadline=None)
@@ -126,8 +132,10 @@ def test_sizes_are_exact(x, precision, group_size) -> None:
     for tensor in encoded.tensors:
         for part in tensor.parts:
             assert part.data.nbytes == part.raw_nbytes
+    # A compressed copy decompresses to exactly the uncompressed parts' sizes.
     compressed = encode_block(spec, tensors, Encoding(precision, Compression.ZSTD), options)
-    assert compressed.nbytes == sum(p.data.nbytes for t in compressed.tensors for p in t.parts)
+    raw = [p.raw_nbytes for t in compressed.tensors for p in t.parts]
+    assert raw == [p.data.nbytes for t in encoded.tensors for p in t.parts]
 
 
 def test_known_sizes() -> None:
@@ -140,14 +148,41 @@ def test_known_sizes() -> None:
     assert encoded_nbytes(spec, Precision.INT4) == 256 * 3 * (64 + 4) + bias
 
 
-def test_decode_into_preallocated_buffers() -> None:
-    x = torch.randn(64, 256)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True])
+def test_decode_into_preallocated_buffers(dtype, strided) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 8, 40).to(dtype)  # 3-D, K = 320: INT4 groups of 128 with padding
     spec, tensors = block_of(x)
-    out = {n: torch.empty_like(t) for n, t in tensors.items()}
     for precision in Precision:
+        if strided:  # the right shape, but a transposed view: not contiguous
+            backing = torch.full((16, 40, 8), float("nan"), dtype=dtype)
+            weight_out = backing.transpose(1, 2)
+            assert not weight_out.is_contiguous()
+        else:
+            weight_out = torch.full(x.shape, float("nan"), dtype=dtype)
+        out = {"weight": weight_out, "bias": torch.full((16,), float("nan"), dtype=dtype)}
         result = decode_block(spec, encode_block(spec, tensors, Encoding(precision)), out)
-        assert result["weight"] is out["weight"]
-        assert bool(((out["weight"] - x).abs() <= error_bound(x, precision)).all())
+        assert result["weight"] is weight_out
+        error = (weight_out.double() - x.double()).abs()
+        assert bool((error <= error_bound(x, precision)).all()), precision
+
+
+def test_decode_refuses_out_buffers_of_another_shape_or_dtype() -> None:
+    spec, tensors = block_of(torch.randn(4, 8))
+    encoded = encode_block(spec, tensors, Encoding(Precision.INT8))
+    with pytest.raises(
+        TensorMismatchError, match=r"tensor 'weight': shape \(2, 4, 8\); expected \(4, 8\)"
+    ):
+        decode_block(spec, encoded, {"weight": torch.empty(2, 4, 8), "bias": torch.empty(4)})
+    with pytest.raises(
+        TensorMismatchError, match=r"tensor 'weight': dtype float16; expected float32"
+    ):
+        decode_block(
+            spec,
+            encoded,
+            {"weight": torch.empty(4, 8, dtype=torch.float16), "bias": torch.empty(4)},
+        )
 
 
 def test_fp8_uses_torch_float8() -> None:

@@ -73,6 +73,18 @@ def test_spec_field_checks() -> None:
         TensorSpec("w", "m.w", (2, 2), "complex64")
 
 
+def test_spec_fields_of_the_wrong_type_are_refused() -> None:
+    with pytest.raises(SpecError, match=r"floor 'int8'; expected a Precision"):
+        BlockSpec("m/l", (W,), layer=0, floor="int8")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"kind 'dense'; expected a BlockKind"):
+        BlockSpec("m/l", (W,), layer=0, kind="dense")  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"layer 1.5; expected an int"):
+        BlockSpec("m/l", (W,), layer=1.5)  # type: ignore[arg-type]
+    with pytest.raises(SpecError, match=r"sensitivity at int8 is True"):
+        BlockSpec("m/l", (W,), layer=0, sensitivity={Precision.INT8: True})
+    assert len({BlockSpec("m/l", (W,), layer=0), BlockSpec("m/l", (W,), layer=0)}) == 1
+
+
 def test_spec_sensitivity_is_frozen() -> None:
     spec = BlockSpec("m/l", (W,), layer=0, sensitivity={Precision.INT4: 0.1})
     with pytest.raises(TypeError):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -100,7 +102,8 @@ def test_per_expert_modules_and_shared_experts() -> None:
     specs = {s.block_id: s for s in plan_blocks(StateDictSource(state), "qw")}
     one = specs["qw/model.layers.0.mlp.experts/expert.1"]
     assert (one.kind, one.expert, one.names) == (BlockKind.EXPERT, 1, ["w1.weight", "w2.weight"])
-    assert specs["qw/model.layers.0.mlp.shared_expert.up_proj"].kind is BlockKind.SHARED_EXPERT
+    shared = specs["qw/model.layers.0.mlp.shared_expert"]  # one block, like a routed expert
+    assert (shared.kind, shared.names) == (BlockKind.SHARED_EXPERT, ["up_proj.weight"])
     assert specs["qw/model.layers.0.mlp.shared_expert_gate"].kind is BlockKind.SHARED_EXPERT
     # Without per-expert grouping, the default per-module rule applies.
     plain = plan_blocks(StateDictSource(state), "qw", GroupingRule(per_expert=False))
@@ -125,7 +128,10 @@ def test_qwen2_moe_fused_and_shared_experts() -> None:
     specs = plan_blocks(StateDictSource(Qwen2MoeForCausalLM(config)), "qwen")
     kinds = [s.kind for s in specs]
     assert kinds.count(BlockKind.EXPERT) == 6
-    assert kinds.count(BlockKind.SHARED_EXPERT) == 4  # gate, up, down projections and the gate
+    # The shared expert (gate, up and down projections) is one block; its gate another.
+    assert kinds.count(BlockKind.SHARED_EXPERT) == 2
+    shared = next(s for s in specs if s.block_id == "qwen/model.layers.0.mlp.shared_expert")
+    assert shared.names == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
 
 
 def test_fused_experts_that_disagree_are_refused() -> None:
@@ -143,3 +149,83 @@ def test_bad_model_names() -> None:
     for name in ("", "a/b", " a"):
         with pytest.raises(CheckpointError, match="model name"):
             plan_blocks(StateDictSource({"w": torch.zeros(2)}), name)
+
+
+def _infos(*keys: str) -> StateDictSource:
+    return StateDictSource({k: torch.zeros(2, 2) for k in keys})
+
+
+def test_layers_and_kinds_of_other_architectures() -> None:
+    # T5 / Switch: "block.N.layer.M" is layer N; the encoder stack comes before the decoder's.
+    t5 = {
+        s.block_id: s
+        for s in plan_blocks(
+            _infos(
+                "decoder.block.0.layer.0.SelfAttention.q.weight",
+                "decoder.block.1.layer.2.DenseReluDense.wi.weight",
+                "encoder.block.0.layer.1.DenseReluDense.wi.weight",
+                "encoder.block.1.layer.0.SelfAttention.q.weight",
+                "encoder.block.1.layer.1.mlp.experts.expert_3.wi.weight",
+                "encoder.block.1.layer.1.mlp.router.classifier.weight",
+            ),
+            "t5",
+        )
+    }
+    assert t5["t5/encoder.block.0.layer.1.DenseReluDense.wi"].layer == 0
+    assert t5["t5/encoder.block.1.layer.0.SelfAttention.q"].layer == 1
+    assert t5["t5/decoder.block.0.layer.0.SelfAttention.q"].layer == 2
+    assert t5["t5/decoder.block.1.layer.2.DenseReluDense.wi"].layer == 3
+    switch_expert = t5["t5/encoder.block.1.layer.1.mlp.experts/expert.3"]
+    assert (switch_expert.kind, switch_expert.expert) == (BlockKind.EXPERT, 3)
+    assert t5["t5/encoder.block.1.layer.1.mlp.router.classifier"].kind is BlockKind.DENSE
+    # Pythia's head is "embed_out"; BERT's classifier is a head; DeepSeek's shared experts.
+    other = {
+        s.block_id: s
+        for s in plan_blocks(
+            _infos(
+                "gpt_neox.embed_in.weight",
+                "gpt_neox.layers.0.mlp.dense_h_to_4h.weight",
+                "embed_out.weight",
+                "classifier.weight",
+                "model.layers.0.mlp.shared_experts.up_proj.weight",
+                "model.layers.0.mlp.shared_experts.down_proj.weight",
+            ),
+            "x",
+        )
+    }
+    # Two stacks with one layer each ("gpt_neox.layers", "model.layers"): the head comes after.
+    assert other["x/embed_out"].kind is BlockKind.HEAD and other["x/embed_out"].layer == 2
+    assert other["x/classifier"].kind is BlockKind.HEAD
+    assert other["x/gpt_neox.embed_in"].kind is BlockKind.EMBEDDING
+    assert other["x/model.layers.0.mlp.shared_experts"].names == [
+        "up_proj.weight",
+        "down_proj.weight",
+    ]
+
+
+def test_fused_experts_with_no_experts_are_refused() -> None:
+    with pytest.raises(CheckpointError, match=r"has 0 experts along dimension 0"):
+        plan_blocks(StateDictSource({"m.layers.0.experts.down_proj": torch.zeros(0, 2, 4)}), "m")
+
+
+def test_sharded_directory_follows_its_index(tmp_path) -> None:
+    a = {"layers.0.fc.weight": torch.randn(4, 4)}
+    b = {"layers.1.fc.weight": torch.randn(4, 4)}
+    save_file(a, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file(b, str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file({**a, **b}, str(tmp_path / "consolidated.safetensors"))  # a stray full copy
+    index = {
+        "weight_map": {
+            "layers.0.fc.weight": "model-00001-of-00002.safetensors",
+            "layers.1.fc.weight": "model-00002-of-00002.safetensors",
+        }
+    }
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    source = SafetensorsSource(tmp_path)
+    assert sorted(source.tensor_infos()) == ["layers.0.fc.weight", "layers.1.fc.weight"]
+    (tmp_path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(
+        CheckpointError,
+        match=r"names shards \['model-00002-of-00002.safetensors'\] that are not in",
+    ):
+        SafetensorsSource(tmp_path)

@@ -75,16 +75,42 @@ def test_check_transition_refuses_skipping_promoting() -> None:
         check_transition("m/b", BlockState.HOLDING, BlockState.COMPACT)
 
 
-def test_every_state_can_reach_and_leave_hbm() -> None:
-    targets = {(a, b) for a, b in ALLOWED_TRANSITIONS}
+def _reachable(start: BlockState) -> set[BlockState]:
+    seen, frontier = {start}, [start]
+    while frontier:
+        state = frontier.pop()
+        for a, b in ALLOWED_TRANSITIONS:
+            if a is state and b not in seen:
+                seen.add(b)
+                frontier.append(b)
+    return seen
+
+
+def test_every_state_reaches_hbm_and_can_be_evicted_to_cold() -> None:
     for state in BlockState:
-        assert any(a is state for a, _ in targets), f"{state} is a dead end"
-        assert any(b is state for _, b in targets), f"{state} is unreachable"
+        reachable = _reachable(state)
+        assert {BlockState.PREMIUM, BlockState.COMPACT, BlockState.COLD} <= reachable, state
+    assert BlockState.PROMOTING in _reachable(BlockState.COLD)
+    # No state reaches usable HBM from outside HBM except through PROMOTING.
+    outside = {BlockState.WARM, BlockState.COLD, BlockState.REGENERABLE, BlockState.HOLDING}
+    for a, b in ALLOWED_TRANSITIONS:
+        if a in outside:
+            assert b not in {BlockState.PREMIUM, BlockState.COMPACT}, (a, b)
+
+
+def test_dropping_the_full_copy_for_one_in_flight_is_refused() -> None:
+    copies = [STORE, hbm(FULL), hbm(INT8, status=CopyStatus.IN_FLIGHT)]
+    before = derive_state(copies, device=0)
+    after = derive_state([c for c in copies if c != hbm(FULL)], device=0)
+    assert (before, after) == (BlockState.PREMIUM, BlockState.PROMOTING)
+    with pytest.raises(IllegalTransitionError):
+        check_transition("m/b", before, after)
 
 
 # -- the table agrees with the copy protocol the registry follows --------------------------------
 # Protocol: a copy bound for local HBM is announced IN_FLIGHT before it lands; while one is in
-# flight, the block's other HBM copies stay; the storage copy is never removed.
+# flight, a ready full-precision HBM copy stays (reduced ones may go to make room); the storage
+# copy is never removed.
 
 ENCODINGS = [FULL, INT8, INT8_ZSTD, Encoding(Precision.INT4)]
 OTHER_TIERS = [TierKind.HOST, TierKind.CXL, TierKind.HBM]  # HBM on device 1: a peer of device 0
@@ -124,8 +150,13 @@ def test_protocol_operations_only_make_allowed_transitions(ops) -> None:
             copies[copies.index(target)] = hbm(target.encoding)
         elif op == "cancel" and in_flight:
             copies.remove(in_flight[pick % len(in_flight)])
-        elif op == "evict" and ready and not in_flight:
-            copies.remove(ready[pick % len(ready)])
+        elif op == "evict" and ready:
+            victim = ready[pick % len(ready)]
+            full_in_hbm = (
+                victim.tier_kind is TierKind.HBM and victim.device == 0 and victim.encoding == FULL
+            )
+            if not (in_flight and full_in_hbm):
+                copies.remove(victim)
         elif op == "add-other":
             copies.append(_other(kind, encoding))
         elif op == "regen":

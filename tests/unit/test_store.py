@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -165,3 +167,28 @@ def test_replacing_a_reduced_copy_never_leaves_the_catalog_pointing_at_new_bytes
         )
         files = sorted(p.name for p in (tmp_path / "blocks").rglob("*.arrow"))
         assert len(files) == 2
+
+
+def test_orphan_files_are_reported_not_served(tmp_path) -> None:
+    from pool.importer import StateDictSource
+
+    with BlockStore(tmp_path) as store:
+        store.import_checkpoint(StateDictSource({"layers.0.fc.weight": torch.randn(4, 4)}), "m")
+        assert store.orphans() == []
+        stray = tmp_path / "blocks" / "m" / "layers.0.fc@full.0123456789abcdef.arrow"
+        stray.write_bytes(b"left by a crash")
+        assert store.orphans() == [stray]
+        assert store.verify() == []
+
+
+def test_a_failed_commit_leaves_the_catalog_usable(tmp_path) -> None:
+    from pool.catalog import CopyRecord
+
+    with BlockStore(tmp_path) as store:
+        bad = CopyRecord("m/none", FULL, "x", 1, 1, "c", "c")
+        with pytest.raises(sqlite3.OperationalError), store.catalog.transaction() as db:
+            store.catalog.put_copy(db, bad)
+            db.execute("INSERT INTO nonexistent VALUES (1)")
+        with store.catalog.transaction() as db:  # a new transaction starts fine
+            pass
+        assert store.copies() == []
