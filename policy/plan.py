@@ -1,0 +1,307 @@
+"""The step's output: a typed plan.
+
+The plan keeps its decisions as arrays (one row per transition, transfer, rejection) so that a step
+over a million blocks does not build a million Python objects; :meth:`Plan.transitions`,
+:meth:`Plan.transfers` and :meth:`Plan.rejections` return them as frozen dataclasses, each with
+its reason, when a caller (the placement actor, a test, an admin) reads them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from policy.snapshot import LEVEL_KINDS, NONE
+from pool.encoding import Encoding
+from pool.states import BlockState
+from pool.tiers import TierKind
+
+STATE_CODES: tuple[BlockState, ...] = tuple(BlockState)
+
+
+class Priority(enum.IntEnum):
+    """Transfer classes, most urgent first (sorting by value is the point of this enum)."""
+
+    DEMAND = 0  # a lease is waiting
+    IMMINENT = 1  # needed within the imminent horizon
+    PREFETCH = 2  # speculative
+    DEMOTION = 3  # demotion, transcode or spill
+
+
+class Rule(enum.Enum):
+    LEASED = "leased"
+    FLOOR = "floor"
+    UNKNOWN_SENSITIVITY = "unknown-sensitivity"
+    QUALITY_BUDGET = "quality-budget"
+    CAPACITY = "capacity"
+
+
+RULE_CODES: tuple[Rule, ...] = tuple(Rule)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a block's fastest copy is: a tier kind and an encoding (``None``: no HBM copy)."""
+
+    tier: TierKind
+    encoding: Encoding | None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """The signals behind a decision, for the audit log."""
+
+    use_probability: float
+    time_to_next_use_s: float
+    value_density: float
+    reason: str
+
+    def __str__(self) -> str:
+        return (
+            f"{self.reason} (p(use)={self.use_probability:.3f}, "
+            f"next use in {self.time_to_next_use_s * 1e3:.2f} ms, "
+            f"value {self.value_density:.3e} s/byte)"
+        )
+
+
+@dataclass(frozen=True)
+class Transition:
+    block_id: str
+    block_index: int
+    from_state: BlockState
+    to_state: BlockState  # the state once the action completes
+    via_promoting: bool  # the block is PROMOTING while its transfer is in flight
+    source: Placement
+    target: Placement
+    fallback: TierKind  # where the block's fallback copy is once the action completes
+    explanation: Explanation
+
+
+@dataclass(frozen=True)
+class Transfer:
+    block_id: str
+    block_index: int
+    source: TierKind
+    destination: TierKind
+    source_tier: str
+    destination_tier: str
+    encoding: Encoding
+    nbytes: int
+    priority: Priority
+    deadline_s: float
+
+    @property
+    def link(self) -> str:
+        return f"{self.source.value}->{self.destination.value}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    block_id: str
+    block_index: int
+    rule: Rule
+    proposed: Encoding | None
+    fallback: Encoding | None  # None: the block stays at (or goes to) its fallback copy
+    numbers: dict[str, float]
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in self.numbers.items())
+        fallback = self.fallback.name if self.fallback else "its fallback copy (not in HBM)"
+        proposed = self.proposed.name if self.proposed else "-"
+        return (
+            f"{self.block_id}: {self.rule.value} vetoed {proposed}, "
+            f"fell back to {fallback} ({shown})"
+        )
+
+
+@dataclass(frozen=True)
+class Cancellation:
+    block_id: str
+    block_index: int
+    encoding: Encoding
+    reason: str
+
+
+@dataclass(frozen=True)
+class Metrics:
+    quality_cost: float
+    quality_budget: float
+    hbm_bytes_by_tier: dict[str, int]
+    warm_bytes_by_tier: dict[str, int]
+    prediction_precision: float
+    prediction_recall: float
+    deferred_transfers: int
+    phase_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the step decided. Array fields are row-aligned per kind of record.
+
+    ``target_hbm_encoding`` and ``target_fallback_level`` are the full target placement (one
+    entry per block); the records list only what changes now (a transfer deferred to a later
+    tick makes no transition yet).
+    """
+
+    now_s: float
+    block_ids: tuple[str, ...]
+    encodings: tuple[Encoding, ...]
+    tier_ids: tuple[str, ...]
+    target_hbm_encoding: np.ndarray
+    target_fallback_level: np.ndarray
+    # transitions
+    transition_block: np.ndarray
+    transition_from: np.ndarray  # STATE_CODES index
+    transition_to: np.ndarray
+    transition_via_promoting: np.ndarray
+    transition_source_level: np.ndarray
+    transition_source_encoding: np.ndarray
+    transition_target_level: np.ndarray
+    transition_target_encoding: np.ndarray
+    transition_fallback_level: np.ndarray  # the fallback copy's level once the action completes
+    transition_reason: np.ndarray  # index into REASONS
+    # transfers
+    transfer_block: np.ndarray
+    transfer_source_level: np.ndarray
+    transfer_destination_level: np.ndarray
+    transfer_source_tier: np.ndarray
+    transfer_destination_tier: np.ndarray
+    transfer_encoding: np.ndarray
+    transfer_nbytes: np.ndarray
+    transfer_priority: np.ndarray
+    transfer_deadline_s: np.ndarray
+    # rejections
+    rejection_block: np.ndarray
+    rejection_rule: np.ndarray  # RULE_CODES index
+    rejection_proposed: np.ndarray
+    rejection_fallback: np.ndarray
+    rejection_value: np.ndarray  # the rule's measured number
+    rejection_limit: np.ndarray  # the rule's limit
+    # cancellations
+    cancel_block: np.ndarray
+    cancel_encoding: np.ndarray
+    # signals, per block, for explanations
+    use_probability: np.ndarray
+    time_to_next_use_s: np.ndarray
+    value_density: np.ndarray
+    metrics: Metrics
+
+    def _encoding(self, index: int) -> Encoding | None:
+        return None if index == NONE else self.encodings[index]
+
+    def _explain(self, block: int, reason: str) -> Explanation:
+        return Explanation(
+            float(self.use_probability[block]),
+            float(self.time_to_next_use_s[block]),
+            float(self.value_density[block]),
+            reason,
+        )
+
+    @cached_property
+    def transitions(self) -> tuple[Transition, ...]:
+        out = []
+        for row, block in enumerate(self.transition_block.tolist()):
+            out.append(
+                Transition(
+                    self.block_ids[block],
+                    block,
+                    STATE_CODES[self.transition_from[row]],
+                    STATE_CODES[self.transition_to[row]],
+                    bool(self.transition_via_promoting[row]),
+                    Placement(
+                        LEVEL_KINDS[int(self.transition_source_level[row])],
+                        self._encoding(int(self.transition_source_encoding[row])),
+                    ),
+                    Placement(
+                        LEVEL_KINDS[int(self.transition_target_level[row])],
+                        self._encoding(int(self.transition_target_encoding[row])),
+                    ),
+                    LEVEL_KINDS[int(self.transition_fallback_level[row])],
+                    self._explain(block, REASONS[int(self.transition_reason[row])]),
+                )
+            )
+        return tuple(out)
+
+    @cached_property
+    def transfers(self) -> tuple[Transfer, ...]:
+        out = []
+        for row, block in enumerate(self.transfer_block.tolist()):
+            out.append(
+                Transfer(
+                    self.block_ids[block],
+                    block,
+                    LEVEL_KINDS[int(self.transfer_source_level[row])],
+                    LEVEL_KINDS[int(self.transfer_destination_level[row])],
+                    self.tier_ids[int(self.transfer_source_tier[row])],
+                    self.tier_ids[int(self.transfer_destination_tier[row])],
+                    self.encodings[int(self.transfer_encoding[row])],
+                    int(self.transfer_nbytes[row]),
+                    Priority(int(self.transfer_priority[row])),
+                    float(self.transfer_deadline_s[row]),
+                )
+            )
+        return tuple(out)
+
+    @cached_property
+    def rejections(self) -> tuple[Rejection, ...]:
+        out = []
+        for row, block in enumerate(self.rejection_block.tolist()):
+            rule = RULE_CODES[int(self.rejection_rule[row])]
+            value_name, limit_name = RULE_NUMBERS[rule]
+            out.append(
+                Rejection(
+                    self.block_ids[block],
+                    block,
+                    rule,
+                    self._encoding(int(self.rejection_proposed[row])),
+                    self._encoding(int(self.rejection_fallback[row])),
+                    {
+                        value_name: float(self.rejection_value[row]),
+                        limit_name: float(self.rejection_limit[row]),
+                    },
+                )
+            )
+        return tuple(out)
+
+    @cached_property
+    def cancellations(self) -> tuple[Cancellation, ...]:
+        return tuple(
+            Cancellation(
+                self.block_ids[block],
+                block,
+                self.encodings[int(self.cancel_encoding[row])],
+                "the block's target no longer needs this copy",
+            )
+            for row, block in enumerate(self.cancel_block.tolist())
+        )
+
+
+REASONS: tuple[str, ...] = (
+    "promote: valued above the HBM cut",
+    "promote: a lease is waiting",
+    "re-encode in HBM to fit more valuable blocks",
+    "upgrade precision with spare HBM",
+    "evict from HBM: valued below the cut",
+    "copy to a warmer fallback tier",
+    "drop a fallback copy: valued below the tier's cut",
+)
+(
+    REASON_PROMOTE,
+    REASON_DEMAND,
+    REASON_SHRINK,
+    REASON_UPGRADE,
+    REASON_EVICT,
+    REASON_WARM_UP,
+    REASON_WARM_DOWN,
+) = range(len(REASONS))
+
+RULE_NUMBERS: dict[Rule, tuple[str, str]] = {
+    Rule.LEASED: ("lease_count", "allowed_changes"),
+    Rule.FLOOR: ("proposed_bits", "floor_bits"),
+    Rule.UNKNOWN_SENSITIVITY: ("proposed_bits", "floor_bits"),
+    Rule.QUALITY_BUDGET: ("block_cost", "budget"),
+    Rule.CAPACITY: ("tier_bytes", "tier_budget_bytes"),
+}

@@ -1,0 +1,200 @@
+"""Observe and predict: fold telemetry into the policy state, then predict each block's use.
+
+Dense blocks are used once per pass through their model's layer schedule: their time to next use
+comes from the current position and the decayed time of each position. Experts are used at their
+layer's next visit with a probability built from router history: decayed popularity per (layer,
+expert), token-to-token persistence (an expert chosen at the last visit of its layer tends to be
+chosen again), cross-layer co-activation learned online (which experts at layer l+1 follow the
+ones just chosen at layer l), widened by the number of concurrent sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policy.config import PolicyConfig
+from policy.snapshot import EXPERT_CODE, NONE, Snapshot
+from policy.state import Coactivation, PolicyState, PredictionQuality
+
+
+@dataclass(frozen=True)
+class Prediction:
+    time_to_next_use_s: np.ndarray  # [N] until the block's layer is next visited
+    use_probability: np.ndarray  # [N] probability of use at that visit
+    period_s: np.ndarray  # [M] one pass through each model's schedule
+
+
+def observe(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> PredictionQuality:
+    """Fold this step's telemetry into ``state`` (in place); return this step's prediction
+    quality (the previous step's predicted set against the experts then chosen)."""
+    tel = snapshot.telemetry
+    measured = ~np.isnan(tel.layer_time_s)
+    if measured.any():
+        lt = state.layer_time_s
+        lt[measured] += config.layer_time_decay * (tel.layer_time_s[measured] - lt[measured])
+    active = tel.concurrency > 0
+    state.observed_concurrency[active] += config.popularity_decay * (
+        tel.concurrency[active] - state.observed_concurrency[active]
+    )
+    state.steps += 1
+    quality = PredictionQuality()
+    if len(tel.route_step) == 0:
+        return quality
+
+    m, n_layers, n_experts = state.shape
+    size = m * n_layers * n_experts
+    flat = (tel.route_model.astype(np.int64) * n_layers + tel.route_layer) * n_experts
+    flat += tel.route_expert
+    _, step_index = np.unique(tel.route_step, return_inverse=True)
+    key = np.unique(step_index.astype(np.int64) * size + flat)  # distinct, by step then (m, l, e)
+    step_of, flat = np.divmod(key, size)
+    ml = flat // n_experts
+    visit = np.unique(step_of * (m * n_layers) + ml)
+    visit_step, visit_ml = np.divmod(visit, m * n_layers)
+    visited_ml, first = np.unique(visit_ml, return_index=True)
+
+    # Prediction quality: the set predicted for each layer's next visit, against its first visit.
+    first_step = np.full(m * n_layers, -1, np.int64)
+    first_step[visited_ml] = visit_step[first]
+    actual = flat[step_of == first_step[ml]]
+    predicted = state.predicted.reshape(m * n_layers, n_experts)
+    tp = int(state.predicted.reshape(-1)[actual].sum())
+    quality.true_positive = tp
+    quality.false_positive = int(predicted[visited_ml].sum()) - tp
+    quality.false_negative = len(actual) - tp
+    total = state.quality_total
+    total.true_positive += tp
+    total.false_positive += quality.false_positive
+    total.false_negative += quality.false_negative
+
+    # Popularity: one decay per visit of a layer, toward the share of visits choosing the expert.
+    visits = np.bincount(visit_ml, minlength=m * n_layers)[visited_ml].astype(float)
+    chosen = np.bincount(flat, minlength=size).reshape(m * n_layers, n_experts)[visited_ml]
+    keep = (1 - config.popularity_decay) ** visits
+    popularity = state.popularity.reshape(m * n_layers, n_experts)
+    popularity[visited_ml] = keep[:, None] * popularity[visited_ml] + (1 - keep)[:, None] * (
+        chosen / visits[:, None]
+    )
+
+    # Persistence and co-activation, step by step (a tick holds few steps).
+    last = state.last_selected
+    for s in range(int(step_of[-1]) + 1):
+        current = flat[step_of == s]
+        current_ml = np.unique(current // n_experts)
+        if len(last):
+            revisited = last[np.isin(last // n_experts, current_ml)]
+            if len(revisited):
+                hit = np.isin(revisited, current, assume_unique=True)
+                per_model = n_layers * n_experts
+                seen = np.bincount(revisited // per_model, minlength=m)
+                kept = np.bincount(revisited[hit] // per_model, minlength=m)
+                has = seen > 0
+                state.persistence[has] += config.persistence_decay * (
+                    kept[has] / seen[has] - state.persistence[has]
+                )
+            last = np.union1d(last[~np.isin(last // n_experts, current_ml)], current)
+        else:
+            last = current
+        _learn_coactivation(state, current, n_layers, n_experts, config)
+    state.last_selected = last
+    return quality
+
+
+def _learn_coactivation(
+    state: PolicyState, current: np.ndarray, n_layers: int, n_experts: int, config: PolicyConfig
+) -> None:
+    """Add one step's (layer l, expert e) -> (layer l + 1, expert f) pairs, per model."""
+    model_of = current // (n_layers * n_experts)
+    for model in np.unique(model_of):
+        coact = state.coactivation[model]
+        if coact is None:
+            continue
+        chosen = current[model_of == model] % (n_layers * n_experts)
+        layer, expert = np.divmod(chosen, n_experts)  # sorted by layer
+        coact.scale *= 1 - config.coactivation_decay
+        increment = config.coactivation_decay / coact.scale
+        per_layer = np.bincount(layer, minlength=n_layers + 1)
+        offsets = np.cumsum(per_layer) - per_layer
+        followers = per_layer[layer + 1]  # entries at l + 1 that follow each entry at l
+        has_next = layer < coact.given.shape[0]
+        np.add.at(coact.given, (layer[has_next], expert[has_next]), increment)
+        repeat = np.where(has_next, followers, 0)
+        total = int(repeat.sum())
+        if total:
+            src = np.repeat(np.arange(len(layer)), repeat)
+            within = np.arange(total) - np.repeat(np.cumsum(repeat) - repeat, repeat)
+            dst = offsets[layer[src] + 1] + within
+            np.add.at(coact.pairs, (layer[src], expert[src], expert[dst]), increment)
+        coact.renormalize_if_needed()
+
+
+def predict(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> Prediction:
+    """Time to next use and probability of use per block; records the predicted expert set."""
+    tel, blocks = snapshot.telemetry, snapshot.blocks
+    lt = state.layer_time_s
+    m = lt.shape[0]
+    period = np.maximum(lt.sum(axis=1), 1e-12)
+    start = np.cumsum(lt, axis=1) - lt
+    active = (tel.current_position != NONE) & (tel.concurrency > 0)
+    now_pos = np.maximum(tel.current_position, 0)
+    since = start - start[np.arange(m), now_pos][:, None]
+    until = np.where(active[:, None], np.mod(since, period[:, None]), period[:, None])
+    time_to_next = until[blocks.model, blocks.position]
+    probability = np.where(active, 1.0, config.idle_use_probability)[blocks.model]
+
+    _, n_layers, n_experts = state.shape
+    rows = np.flatnonzero(blocks.kind == EXPERT_CODE)
+    state.predicted[:] = False
+    if len(rows):
+        model = blocks.model[rows]
+        layer = blocks.position[rows] - 1
+        expert = blocks.expert[rows]
+        pop = state.popularity[model, layer, expert]
+        observed = state.observed_concurrency[model]
+        now = np.maximum(tel.concurrency[model], 1)
+        per_sequence = 1 - (1 - pop) ** (1 / observed)
+        p = 1 - (1 - per_sequence) ** now
+        flat = (model.astype(np.int64) * n_layers + layer) * n_experts + expert
+        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
+        chosen_last[state.last_selected] = True
+        repeat = chosen_last[flat]
+        p = np.where(repeat, np.maximum(p, state.persistence[model]), p)
+        p = _apply_coactivation(p, state, model, layer, expert, tel.current_position, chosen_last)
+        probability[rows] = np.where(active[model], p, config.idle_use_probability * p)
+        state.predicted[model, layer, expert] = probability[rows] >= config.predicted_set_threshold
+    return Prediction(time_to_next, probability, period)
+
+
+def _apply_coactivation(
+    p: np.ndarray,
+    state: PolicyState,
+    model: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    current_position: np.ndarray,
+    chosen_last: np.ndarray,
+) -> np.ndarray:
+    """Raise p for experts at the layer after the current one, from the experts just chosen."""
+    _, n_layers, n_experts = state.shape
+    for index, coact in enumerate(state.coactivation):
+        now_layer = int(current_position[index]) - 1
+        if coact is None or not 0 <= now_layer < coact.given.shape[0]:
+            continue
+        base = (index * n_layers + now_layer) * n_experts
+        chosen = np.flatnonzero(chosen_last[base : base + coact.pairs.shape[1]])
+        chosen = chosen[coact.given[now_layer, chosen] > 0]  # experts seen before at this layer
+        if not len(chosen):
+            continue
+        follow = coactivation_probability(coact, now_layer, chosen)
+        rows = (model == index) & (layer == now_layer + 1)
+        p[rows] = np.maximum(p[rows], follow[expert[rows]])
+    return p
+
+
+def coactivation_probability(coact: Coactivation, layer: int, chosen: np.ndarray) -> np.ndarray:
+    """P(expert f at ``layer + 1`` | ``chosen`` at ``layer``), averaged over the chosen experts."""
+    given = coact.given[layer, chosen]
+    follow: np.ndarray = (coact.pairs[layer, chosen] / given[:, None]).mean(axis=0)
+    return follow

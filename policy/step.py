@@ -1,0 +1,117 @@
+"""The control step: ``step(snapshot, state, config) -> (plan, state)``.
+
+Phases, each timed: observe (fold telemetry into the state), predict, score and choose targets,
+veto (then spend spare HBM on precision), schedule. Pure with respect to the world: it reads the
+snapshot, decides, and returns a plan; executing the plan is the placement actor's job. The input
+state is consumed (its arrays are updated in place and returned as the new state).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from policy.config import PolicyConfig
+from policy.plan import Metrics, Plan
+from policy.predict import observe, predict
+from policy.schedule import schedule
+from policy.score import choose_targets, refine, score
+from policy.snapshot import NONE, Snapshot
+from policy.state import PolicyState
+from policy.veto import veto
+
+
+def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[Plan, PolicyState]:
+    clock = time.perf_counter
+    phase_ms: dict[str, float] = {}
+    t0 = clock()
+    quality = observe(snapshot, state, config)
+    t1 = clock()
+    prediction = predict(snapshot, state, config)
+    t2 = clock()
+    scores = score(snapshot, prediction, config)
+    targets = choose_targets(snapshot, scores, config)
+    t3 = clock()
+    vetoed = veto(snapshot, scores, targets, prediction, config)
+    refine(snapshot, scores, targets, prediction)
+    t4 = clock()
+    scheduled = schedule(snapshot, scores, targets, prediction, config)
+    t5 = clock()
+    for name, (a, b) in {
+        "observe": (t0, t1),
+        "predict": (t1, t2),
+        "score": (t2, t3),
+        "veto": (t3, t4),
+        "schedule": (t4, t5),
+    }.items():
+        phase_ms[name] = (b - a) * 1e3
+
+    blocks, tiers = snapshot.blocks, snapshot.tiers
+    hbm = targets.hbm_encoding
+    rows = np.flatnonzero(hbm != NONE)
+    hbm_bytes = np.bincount(
+        blocks.hbm_tier[rows], weights=blocks.nbytes[rows, hbm[rows]], minlength=len(tiers.tier_ids)
+    )
+    warm_rows = np.flatnonzero(targets.fallback_level != 3)
+    warm_tier = np.where(
+        targets.fallback_level[warm_rows] == 1,
+        blocks.host_tier[warm_rows],
+        blocks.cxl_tier[warm_rows],
+    )
+    warm_bytes = np.bincount(
+        warm_tier, weights=blocks.nbytes[warm_rows, 0], minlength=len(tiers.tier_ids)
+    )
+    rejected = vetoed.rejections.arrays()
+    metrics = Metrics(
+        quality_cost=vetoed.quality_cost,
+        quality_budget=config.quality_budget,
+        hbm_bytes_by_tier={
+            tiers.tier_ids[t]: int(hbm_bytes[t]) for t in np.unique(blocks.hbm_tier)
+        },
+        warm_bytes_by_tier={tiers.tier_ids[t]: int(warm_bytes[t]) for t in np.unique(warm_tier)},
+        prediction_precision=quality.precision,
+        prediction_recall=quality.recall,
+        deferred_transfers=scheduled.deferred,
+        phase_ms=phase_ms,
+    )
+    plan = Plan(
+        now_s=snapshot.telemetry.now_s,
+        block_ids=blocks.block_ids,
+        encodings=snapshot.encodings.encodings,
+        tier_ids=tiers.tier_ids,
+        target_hbm_encoding=hbm,
+        target_fallback_level=targets.fallback_level,
+        transition_block=scheduled.transitions.block,
+        transition_from=scheduled.transitions.from_state,
+        transition_to=scheduled.transitions.to_state,
+        transition_via_promoting=scheduled.transitions.via_promoting,
+        transition_source_level=scheduled.transitions.source_level,
+        transition_source_encoding=scheduled.transitions.source_encoding,
+        transition_target_level=scheduled.transitions.target_level,
+        transition_target_encoding=scheduled.transitions.target_encoding,
+        transition_fallback_level=scheduled.transitions.fallback_level,
+        transition_reason=scheduled.transitions.reason,
+        transfer_block=scheduled.transfer_block,
+        transfer_source_level=scheduled.transfer_source_level,
+        transfer_destination_level=scheduled.transfer_destination_level,
+        transfer_source_tier=scheduled.transfer_source_tier,
+        transfer_destination_tier=scheduled.transfer_destination_tier,
+        transfer_encoding=scheduled.transfer_encoding,
+        transfer_nbytes=scheduled.transfer_nbytes,
+        transfer_priority=scheduled.transfer_priority,
+        transfer_deadline_s=scheduled.transfer_deadline_s,
+        rejection_block=rejected[0],
+        rejection_rule=rejected[1],
+        rejection_proposed=rejected[2],
+        rejection_fallback=rejected[3],
+        rejection_value=rejected[4],
+        rejection_limit=rejected[5],
+        cancel_block=scheduled.cancel_block,
+        cancel_encoding=scheduled.cancel_encoding,
+        use_probability=prediction.use_probability,
+        time_to_next_use_s=prediction.time_to_next_use_s,
+        value_density=targets.chosen_density,
+        metrics=metrics,
+    )
+    return plan, state

@@ -1,0 +1,210 @@
+"""The accuracy veto: the one place where quality rules are enforced.
+
+Rules, in order, on the targets scoring proposed:
+
+1. ``leased``: a leased block's HBM copy is untouchable (no eviction, no re-encoding).
+2. ``floor``: a block may not sit below its precision floor; ``unknown-sensitivity``: nor at a
+   precision whose sensitivity was never measured.
+3. ``quality-budget``: the sum over HBM blocks of ``p(use) * sensitivity(chosen encoding)`` may not
+   exceed the budget; the blocks whose fix buys the most quality per extra byte are fixed first.
+4. ``capacity``: no tier ends above its budget (a guard: rules 2 and 3 only add bytes that fit).
+
+A vetoed block falls back to the least harmful alternative, never out of the pool: the smallest
+encoding that satisfies the rule if the tier has room for it, else no HBM copy (it is served from
+its fallback copy, at full precision). Every rejection is recorded with its rule and numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from policy.config import PolicyConfig
+from policy.plan import RULE_CODES, Rule
+from policy.predict import Prediction
+from policy.score import Scores, Targets
+from policy.snapshot import NONE, Snapshot
+
+
+@dataclass
+class Rejections:
+    block: list[np.ndarray] = field(default_factory=list)
+    rule: list[np.ndarray] = field(default_factory=list)
+    proposed: list[np.ndarray] = field(default_factory=list)
+    fallback: list[np.ndarray] = field(default_factory=list)
+    value: list[np.ndarray] = field(default_factory=list)
+    limit: list[np.ndarray] = field(default_factory=list)
+
+    def add(
+        self,
+        rule: Rule,
+        block: np.ndarray,
+        proposed: np.ndarray | int,
+        fallback: np.ndarray | int,
+        value: np.ndarray | float,
+        limit: np.ndarray | float,
+    ) -> None:
+        n = len(block)
+        if not n:
+            return
+        self.block.append(np.asarray(block, np.int64))
+        self.rule.append(np.full(n, RULE_CODES.index(rule), np.int8))
+        self.proposed.append(np.broadcast_to(np.asarray(proposed, np.int64), (n,)))
+        self.fallback.append(np.broadcast_to(np.asarray(fallback, np.int64), (n,)))
+        self.value.append(np.broadcast_to(np.asarray(value, np.float64), (n,)))
+        self.limit.append(np.broadcast_to(np.asarray(limit, np.float64), (n,)))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return (
+            cat(self.block, np.int64),
+            cat(self.rule, np.int8),
+            cat(self.proposed, np.int64),
+            cat(self.fallback, np.int64),
+            cat(self.value, np.float64),
+            cat(self.limit, np.float64),
+        )
+
+
+@dataclass(frozen=True)
+class VetoResult:
+    rejections: Rejections
+    quality_cost: float
+
+
+def quality_cost(snapshot: Snapshot, hbm: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per block: ``p(use) * sensitivity`` at its HBM encoding (0 when not in HBM)."""
+    rows = np.flatnonzero(hbm != NONE)
+    cost = np.zeros(len(hbm))
+    cost[rows] = p[rows] * snapshot.blocks.sensitivity[rows, hbm[rows]]
+    return cost
+
+
+def veto(
+    snapshot: Snapshot,
+    scores: Scores,
+    targets: Targets,
+    prediction: Prediction,
+    config: PolicyConfig,
+) -> VetoResult:
+    """Apply the rules to ``targets`` in place; return the rejections and the quality cost."""
+    b = snapshot.blocks
+    bits = snapshot.encodings.bits
+    hbm = targets.hbm_encoding
+    p = prediction.use_probability
+    rejections = Rejections()
+
+    # 1. Leases.
+    touched = b.leased & (b.hbm_encoding != NONE) & (hbm != b.hbm_encoding)
+    rows = np.flatnonzero(touched)
+    rejections.add(Rule.LEASED, rows, hbm[rows], b.hbm_encoding[rows], 1.0, 0.0)
+    hbm[rows] = b.hbm_encoding[rows]
+    protected = b.leased & (b.hbm_encoding != NONE)
+
+    # 2. Floors and unknown sensitivities.
+    allowed = (bits[None, :] >= b.floor_bits[:, None]) & np.isfinite(b.sensitivity)
+    in_hbm = np.flatnonzero(hbm != NONE)
+    bad = in_hbm[~allowed[in_hbm, hbm[in_hbm]] & ~protected[in_hbm]]
+    if len(bad):
+        below_floor = bits[hbm[bad]] < b.floor_bits[bad]
+        fallback = _cheapest(b.nbytes[bad], allowed[bad], b.sensitivity[bad])
+        proposed = hbm[bad].copy()
+        placed = _fit(snapshot, scores, targets, bad, fallback)
+        for rule, mask in ((Rule.FLOOR, below_floor), (Rule.UNKNOWN_SENSITIVITY, ~below_floor)):
+            rows = bad[mask]
+            rejections.add(
+                rule, rows, proposed[mask], placed[mask], bits[proposed[mask]], b.floor_bits[rows]
+            )
+
+    # 3. The quality budget. Each round moves the blocks whose fix saves the most per extra
+    # byte to a less sensitive encoding (or out of HBM); a block may need several rounds.
+    cost = quality_cost(snapshot, hbm, p)
+    for _ in range(len(bits) + 1):
+        excess = float(cost.sum()) - config.quality_budget
+        if excess <= 1e-15:
+            break
+        contributors = np.flatnonzero((cost > 0) & ~protected)
+        if not len(contributors):
+            break
+        index = np.arange(len(contributors))
+        current = hbm[contributors]
+        sens = b.sensitivity[contributors]
+        better = allowed[contributors] & (sens < sens[index, current][:, None])
+        fallback = _cheapest(b.nbytes[contributors], better, sens)
+        saving = cost[contributors] - p[contributors] * sens[index, fallback]
+        extra = b.nbytes[contributors, fallback] - b.nbytes[contributors, current]
+        order = np.argsort(-(saving / np.maximum(extra, 1)), kind="stable")
+        count = int(np.searchsorted(np.cumsum(saving[order]), excess - 1e-15)) + 1
+        chosen = order[:count]
+        rows = contributors[chosen]
+        placed = _fit(snapshot, scores, targets, rows, fallback[chosen])
+        rejections.add(
+            Rule.QUALITY_BUDGET, rows, current[chosen], placed, cost[rows], config.quality_budget
+        )
+        cost = quality_cost(snapshot, hbm, p)
+
+    # 4. Capacity guard.
+    _enforce_capacity(snapshot, scores, targets, protected, rejections)
+    return VetoResult(rejections, float(cost.sum()))
+
+
+def _cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+    """Per row, the allowed encoding with the fewest bytes, the least sensitive among equals
+    (full precision is always allowed)."""
+    size = np.where(allowed, nbytes, np.iinfo(np.int64).max)
+    smallest = size == size.min(axis=1, keepdims=True)
+    choice: np.ndarray = np.argmin(np.where(smallest, sensitivity, np.inf), axis=1)
+    return choice
+
+
+def _fit(
+    snapshot: Snapshot, scores: Scores, targets: Targets, rows: np.ndarray, fallback: np.ndarray
+) -> np.ndarray:
+    """Move ``rows`` to ``fallback`` encodings where their tier has room (most valuable first),
+    else out of HBM. Returns the encoding each row ended at (``NONE``: out of HBM)."""
+    b = snapshot.blocks
+    hbm = targets.hbm_encoding
+    placed = np.full(len(rows), NONE, dtype=np.int64)
+    for tier in np.unique(b.hbm_tier[rows]):
+        mine = np.flatnonzero(b.hbm_tier[rows] == tier)
+        tier_rows = rows[mine]
+        in_tier = np.flatnonzero((b.hbm_tier == tier) & (hbm != NONE))
+        used = b.nbytes[in_tier, hbm[in_tier]].sum()
+        extra = b.nbytes[tier_rows, fallback[mine]] - b.nbytes[tier_rows, hbm[tier_rows]]
+        room = scores.hbm_budget_bytes[tier] - used
+        order = np.argsort(-targets.chosen_density[tier_rows], kind="stable")
+        # Conservative greedy: a row fits if the extra bytes of it and of every more valuable
+        # row fit; bytes freed by rows that go out of HBM are not reused in this step.
+        fits = np.zeros(len(mine), dtype=bool)
+        fits[order] = np.cumsum(np.maximum(extra[order], 0)) <= room
+        placed[mine[fits]] = fallback[mine[fits]]
+    hbm[rows] = placed
+    return placed
+
+
+def _enforce_capacity(
+    snapshot: Snapshot,
+    scores: Scores,
+    targets: Targets,
+    protected: np.ndarray,
+    rejections: Rejections,
+) -> None:
+    b = snapshot.blocks
+    hbm = targets.hbm_encoding
+    for tier in np.unique(b.hbm_tier):
+        rows = np.flatnonzero((b.hbm_tier == tier) & (hbm != NONE))
+        sizes = b.nbytes[rows, hbm[rows]]
+        total = int(sizes.sum())
+        budget = scores.hbm_budget_bytes[tier]
+        if total <= budget:
+            continue
+        movable = ~protected[rows]
+        order = np.argsort(targets.chosen_density[rows[movable]], kind="stable")
+        freed = np.cumsum(sizes[movable][order])
+        count = int(np.searchsorted(freed, total - budget)) + 1
+        out = rows[movable][order[:count]]
+        rejections.add(Rule.CAPACITY, out, hbm[out], NONE, total, budget)
+        hbm[out] = NONE
