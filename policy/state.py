@@ -13,6 +13,7 @@ import numpy as np
 
 from policy.config import PolicyConfig
 from policy.snapshot import Snapshot
+from policy.static import Static
 
 
 @dataclass
@@ -64,6 +65,7 @@ class PolicyState:
     predicted: np.ndarray  # [M, L, E] bool: the predicted set for each layer's next visit
     quality_total: PredictionQuality = field(default_factory=PredictionQuality)
     steps: int = 0
+    static: Static | None = None  # derived from the snapshot's block descriptions, cached
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -17,8 +17,9 @@ from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.schedule import schedule
 from policy.score import choose_targets, refine, score
-from policy.snapshot import NONE, Snapshot
+from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE, Snapshot
 from policy.state import PolicyState
+from policy.static import static_for
 from policy.veto import veto
 
 
@@ -28,9 +29,10 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     t0 = clock()
     quality = observe(snapshot, state, config)
     t1 = clock()
-    prediction = predict(snapshot, state, config)
+    static = state.static = static_for(snapshot, state.static, state.shape)
+    prediction = predict(snapshot, state, static, config)
     t2 = clock()
-    scores = score(snapshot, prediction, config)
+    scores = score(snapshot, prediction, static, config)
     targets = choose_targets(snapshot, scores, config)
     t3 = clock()
     vetoed = veto(snapshot, scores, targets, prediction, config)
@@ -48,28 +50,29 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         phase_ms[name] = (b - a) * 1e3
 
     blocks, tiers = snapshot.blocks, snapshot.tiers
+    n_tiers = len(tiers.tier_ids)
     hbm = targets.hbm_encoding
     rows = np.flatnonzero(hbm != NONE)
     hbm_bytes = np.bincount(
-        blocks.hbm_tier[rows], weights=blocks.nbytes[rows, hbm[rows]], minlength=len(tiers.tier_ids)
+        blocks.hbm_tier[rows], weights=blocks.nbytes[rows, hbm[rows]], minlength=n_tiers
     )
-    warm_rows = np.flatnonzero(targets.fallback_level != 3)
+    warm_rows = np.flatnonzero(targets.fallback_level != STORAGE)
     warm_tier = np.where(
-        targets.fallback_level[warm_rows] == 1,
+        targets.fallback_level[warm_rows] == HOST,
         blocks.host_tier[warm_rows],
         blocks.cxl_tier[warm_rows],
     )
-    warm_bytes = np.bincount(
-        warm_tier, weights=blocks.nbytes[warm_rows, 0], minlength=len(tiers.tier_ids)
-    )
+    warm_bytes = np.bincount(warm_tier, weights=blocks.nbytes[warm_rows, 0], minlength=n_tiers)
+    levels = static.in_tier_of_level
     rejected = vetoed.rejections.arrays()
     metrics = Metrics(
         quality_cost=vetoed.quality_cost,
         quality_budget=config.quality_budget,
-        hbm_bytes_by_tier={
-            tiers.tier_ids[t]: int(hbm_bytes[t]) for t in np.unique(blocks.hbm_tier)
+        hbm_bytes_by_tier={tiers.tier_ids[t]: int(hbm_bytes[t]) for t in levels[HBM].tolist()},
+        warm_bytes_by_tier={
+            tiers.tier_ids[t]: int(warm_bytes[t])
+            for t in np.concatenate([levels[HOST], levels[CXL]]).tolist()
         },
-        warm_bytes_by_tier={tiers.tier_ids[t]: int(warm_bytes[t]) for t in np.unique(warm_tier)},
         prediction_precision=quality.precision,
         prediction_recall=quality.recall,
         deferred_transfers=scheduled.deferred,

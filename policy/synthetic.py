@@ -58,19 +58,31 @@ def synthetic_pool(
     hbm_fraction: float,
     shape: PoolShape | None = None,
     seed: int = 0,
+    total_blocks: int | None = None,
 ) -> Snapshot:
     """``replicas`` copies of ``layout`` on one device whose HBM holds ``hbm_fraction`` of them
-    at full precision; host memory holds half; every block starts cold in storage."""
+    at full precision; host memory holds half; every block starts cold in storage. With
+    ``total_blocks``, the last replica gets extra dense blocks (tensor shards of its last layer)
+    up to that count."""
     rng = np.random.default_rng(seed)
     shape = shape or PoolShape()
     per_model = layout.blocks
     n = replicas * per_model
     model = np.repeat(np.arange(replicas, dtype=np.int32), per_model)
     local = np.tile(np.arange(per_model), replicas)
+    if total_blocks is not None:
+        if total_blocks < n:
+            raise ValueError(f"total_blocks {total_blocks} is below the {n} blocks of the replicas")
+        pad = total_blocks - n
+        model = np.concatenate([model, np.full(pad, replicas - 1, np.int32)])
+        # Extra dense blocks of the last layer: local indices past the head, mapped below.
+        local = np.concatenate([local, np.full(pad, -1)])
+        n = total_blocks
     experts_end = layout.layers * layout.experts
-    is_expert = local < experts_end
+    is_expert = (local >= 0) & (local < experts_end)
     dense_index = local - experts_end
     layer = np.where(is_expert, local // layout.experts, dense_index // layout.dense_per_layer)
+    layer = np.where(local < 0, layout.layers - 1, layer)
     position = (layer + 1).astype(np.int32)
     embed = local == per_model - 2
     head = local == per_model - 1

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from policy._arrays import distinct
 from policy.config import PolicyConfig
 from policy.plan import RULE_CODES, Rule
 from policy.predict import Prediction
@@ -105,12 +106,12 @@ def veto(
     protected = b.leased & (b.hbm_encoding != NONE)
 
     # 2. Floors and unknown sensitivities.
-    allowed = (bits[None, :] >= b.floor_bits[:, None]) & np.isfinite(b.sensitivity)
+    allowed = scores.static.allowed
     in_hbm = np.flatnonzero(hbm != NONE)
     bad = in_hbm[~allowed[in_hbm, hbm[in_hbm]] & ~protected[in_hbm]]
     if len(bad):
         below_floor = bits[hbm[bad]] < b.floor_bits[bad]
-        fallback = _cheapest(b.nbytes[bad], allowed[bad], b.sensitivity[bad])
+        fallback = scores.static.floor_fallback[bad]
         proposed = hbm[bad].copy()
         placed = _fit(snapshot, scores, targets, bad, fallback)
         for rule, mask in ((Rule.FLOOR, below_floor), (Rule.UNKNOWN_SENSITIVITY, ~below_floor)):
@@ -129,12 +130,9 @@ def veto(
         contributors = np.flatnonzero((cost > 0) & ~protected)
         if not len(contributors):
             break
-        index = np.arange(len(contributors))
         current = hbm[contributors]
-        sens = b.sensitivity[contributors]
-        better = allowed[contributors] & (sens < sens[index, current][:, None])
-        fallback = _cheapest(b.nbytes[contributors], better, sens)
-        saving = cost[contributors] - p[contributors] * sens[index, fallback]
+        fallback = scores.static.budget_fallback[contributors, current]
+        saving = cost[contributors] - p[contributors] * b.sensitivity[contributors, fallback]
         extra = b.nbytes[contributors, fallback] - b.nbytes[contributors, current]
         order = np.argsort(-(saving / np.maximum(extra, 1)), kind="stable")
         count = int(np.searchsorted(np.cumsum(saving[order]), excess - 1e-15)) + 1
@@ -151,15 +149,6 @@ def veto(
     return VetoResult(rejections, float(cost.sum()))
 
 
-def _cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
-    """Per row, the allowed encoding with the fewest bytes, the least sensitive among equals
-    (full precision is always allowed)."""
-    size = np.where(allowed, nbytes, np.iinfo(np.int64).max)
-    smallest = size == size.min(axis=1, keepdims=True)
-    choice: np.ndarray = np.argmin(np.where(smallest, sensitivity, np.inf), axis=1)
-    return choice
-
-
 def _fit(
     snapshot: Snapshot, scores: Scores, targets: Targets, rows: np.ndarray, fallback: np.ndarray
 ) -> np.ndarray:
@@ -168,7 +157,7 @@ def _fit(
     b = snapshot.blocks
     hbm = targets.hbm_encoding
     placed = np.full(len(rows), NONE, dtype=np.int64)
-    for tier in np.unique(b.hbm_tier[rows]):
+    for tier in distinct(b.hbm_tier[rows]).tolist():
         mine = np.flatnonzero(b.hbm_tier[rows] == tier)
         tier_rows = rows[mine]
         in_tier = np.flatnonzero((b.hbm_tier == tier) & (hbm != NONE))
@@ -194,8 +183,10 @@ def _enforce_capacity(
 ) -> None:
     b = snapshot.blocks
     hbm = targets.hbm_encoding
-    for tier in np.unique(b.hbm_tier):
-        rows = np.flatnonzero((b.hbm_tier == tier) & (hbm != NONE))
+    everything = np.arange(b.count)
+    for tier, group in scores.static.hbm_groups:
+        mine = everything[group]
+        rows = mine[hbm[mine] != NONE]
         sizes = b.nbytes[rows, hbm[rows]]
         total = int(sizes.sum())
         budget = scores.hbm_budget_bytes[tier]

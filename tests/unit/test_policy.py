@@ -184,6 +184,7 @@ def test_a_leased_block_is_never_demoted() -> None:
 def test_the_veto_restores_a_leased_copy_a_proposal_touched() -> None:
     from policy.predict import predict
     from policy.score import choose_targets, score
+    from policy.static import static_for
     from policy.veto import veto
 
     shape = PoolShape(hbm_bytes=(10 * MB,), layers=(4,))
@@ -193,8 +194,9 @@ def test_the_veto_restores_a_leased_copy_a_proposal_touched() -> None:
     snapshot = build_snapshot(rows, shape, active(shape, 0, 1.0))
     config = PolicyConfig()
     state = initial_state(snapshot, config)
-    prediction = predict(snapshot, state, config)
-    scores = score(snapshot, prediction, config)
+    static = static_for(snapshot, None, state.shape)
+    prediction = predict(snapshot, state, static, config)
+    scores = score(snapshot, prediction, static, config)
     targets = choose_targets(snapshot, scores, config)
     targets.hbm_encoding[0] = NONE  # a proposal that would evict the leased copy
     result = veto(snapshot, scores, targets, prediction, config)

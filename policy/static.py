@@ -1,0 +1,135 @@
+"""What the step derives from the parts of a snapshot that describe blocks rather than where they
+are (sizes, sensitivities, floors, kinds, tiers), cached across steps.
+
+Contract: the arrays of a snapshot are never modified in place; a change (a new block, a new
+calibration) comes as new arrays. The cache is keyed by the identity of those arrays and holds
+them, so an identity can never be reused while it is cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from policy.snapshot import CXL, EXPERT_CODE, HBM, HOST, Snapshot
+
+Rows = np.ndarray | slice  # an index array, or slice(None) for "every block"
+
+
+@dataclass(frozen=True)
+class Static:
+    keys: tuple[np.ndarray, ...]
+    full_bytes: np.ndarray  # [N] float64
+    decode_s: np.ndarray  # [N, E] time to decode each encoding before use
+    allowed: np.ndarray  # [N, E] encodings the floor allows and whose sensitivity is known
+    hbm_groups: tuple[tuple[int, Rows], ...]  # per HBM tier, its blocks
+    host_groups: tuple[tuple[int, Rows], ...]
+    cxl_groups: tuple[tuple[int, Rows], ...]
+    expert_rows: np.ndarray
+    expert_model: np.ndarray
+    expert_layer: np.ndarray
+    expert_index: np.ndarray
+    expert_flat: np.ndarray  # (model, layer, expert) flattened in the state's [M, L, E] grid
+    in_tier_of_level: dict[int, np.ndarray]  # per level, the tier indices that exist
+    recovery_by_level: np.ndarray  # [4, N] time to recover the block from a copy at each level
+    preferred_by_level: np.ndarray  # [4, N] densest HBM encoding when the fallback is there
+    unit_density_by_level: np.ndarray  # [4, N] its value per byte, per unit of p * imminence
+    floor_fallback: np.ndarray  # [N] the smallest encoding the floor allows
+    budget_fallback: np.ndarray  # [N, E] the smallest allowed encoding less sensitive than e
+
+
+def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
+    """Per row, the allowed encoding with the fewest bytes, the least sensitive among equals
+    (full precision is always allowed)."""
+    size = np.where(allowed, nbytes, np.iinfo(np.int64).max)
+    smallest = size == size.min(axis=1, keepdims=True)
+    choice: np.ndarray = np.argmin(np.where(smallest, sensitivity, np.inf), axis=1)
+    return choice
+
+
+def _groups(tier_of: np.ndarray, tiers: np.ndarray) -> tuple[tuple[int, Rows], ...]:
+    groups: list[tuple[int, Rows]] = []
+    for tier in tiers.tolist():
+        rows = np.flatnonzero(tier_of == tier)
+        if len(rows) == len(tier_of):
+            groups.append((tier, slice(None)))
+        elif len(rows):
+            groups.append((tier, rows))
+    return tuple(groups)
+
+
+def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, int]) -> Static:
+    b, enc, tiers = snapshot.blocks, snapshot.encodings, snapshot.tiers
+    keys = (
+        b.nbytes,
+        b.sensitivity,
+        b.floor_bits,
+        b.hbm_tier,
+        b.host_tier,
+        b.cxl_tier,
+        b.kind,
+        b.model,
+        b.position,
+        b.expert,
+        enc.decode_gbps,
+        tiers.level,
+        b.regenerable,
+        snapshot.links.gbps,
+        snapshot.links.latency_s,
+    )
+    if cached is not None and all(a is k for a, k in zip(cached.keys, keys, strict=True)):
+        return cached
+    full_bytes = b.nbytes[:, 0].astype(np.float64)
+    needs_decode = np.isfinite(enc.decode_gbps)  # inf: compute reads the encoding as it is
+    decode_s = np.zeros(b.nbytes.shape)
+    decode_s[:, needs_decode] = full_bytes[:, None] / (enc.decode_gbps[needs_decode] * 1e9)
+    allowed = (enc.bits[None, :] >= b.floor_bits[:, None]) & np.isfinite(b.sensitivity)
+    levels = {level: np.flatnonzero(tiers.level == level) for level in (HBM, HOST, CXL)}
+    expert_rows = np.flatnonzero(b.kind == EXPERT_CODE)
+    _, n_layers, n_experts = grid
+    model = b.model[expert_rows].astype(np.int64)
+    layer = (b.position[expert_rows] - 1).astype(np.int64)
+    expert = b.expert[expert_rows].astype(np.int64)
+    # Recovery time from each level, and the densest encoding given it. With p * imminence a
+    # common factor of every encoding's value, the densest encoding does not depend on it.
+    links = snapshot.links
+    gbps = links.gbps[:, HBM]
+    with np.errstate(divide="ignore"):
+        per_byte = np.where(gbps > 0, 1.0 / (gbps * 1e9), np.inf)
+    recovery = links.latency_s[:, HBM][:, None] + per_byte[:, None] * full_bytes[None, :]
+    if b.regenerable.any():
+        regenerate = full_bytes / (links.regenerate_gbps * 1e9)
+        recovery = np.where(b.regenerable[None, :], np.minimum(recovery, regenerate), recovery)
+    preferred = np.zeros(recovery.shape, np.int64)
+    unit = np.zeros(recovery.shape)
+    for level in range(recovery.shape[0]):
+        if not np.all(np.isfinite(recovery[level])):
+            continue  # no link from this level: nothing falls back to it
+        per_encoding = (recovery[level][:, None] - decode_s) / b.nbytes
+        preferred[level] = np.argmax(per_encoding, axis=1)
+        unit[level] = per_encoding[np.arange(len(full_bytes)), preferred[level]]
+    budget_fallback = np.zeros(b.nbytes.shape, np.int64)
+    for e in range(b.nbytes.shape[1]):
+        better = allowed & (b.sensitivity < b.sensitivity[:, e : e + 1])
+        budget_fallback[:, e] = cheapest(b.nbytes, better, b.sensitivity)
+    return Static(
+        keys=keys,
+        full_bytes=full_bytes,
+        decode_s=decode_s,
+        allowed=allowed,
+        hbm_groups=_groups(b.hbm_tier, levels[HBM]),
+        host_groups=_groups(b.host_tier, levels[HOST]),
+        cxl_groups=_groups(b.cxl_tier, levels[CXL]),
+        expert_rows=expert_rows,
+        expert_model=model,
+        expert_layer=layer,
+        expert_index=expert,
+        expert_flat=(model * n_layers + layer) * n_experts + expert,
+        in_tier_of_level=levels,
+        recovery_by_level=recovery,
+        preferred_by_level=preferred,
+        unit_density_by_level=unit,
+        floor_fallback=cheapest(b.nbytes, allowed, b.sensitivity),
+        budget_fallback=budget_fallback,
+    )
