@@ -32,6 +32,9 @@ class PolicyConfig(BaseModel):
     coactivation_max_experts: int = Field(
         512, ge=0, description="models with more experts per layer skip co-activation (E^2 state)"
     )
+    coactivation_pairs_per_step: int = Field(
+        4096, ge=1, description="co-activation pairs learned per step, sampled beyond this"
+    )
     coactivation_max_bytes: int = Field(
         256 << 20, ge=0, description="total co-activation state; models past it go without"
     )

@@ -117,19 +117,29 @@ def schedule(
     fb_cur, fb_tgt = b.fallback_level, targets.fallback_level
     t_next = prediction.time_to_next_use_s
     precision = np.array([e.precision.value for e in enc.encodings])
-    safe_cur, safe_tgt = np.where(cur == NONE, 0, cur), np.where(tgt == NONE, 0, tgt)
-    rows_all = np.arange(b.count)
+    # PERF: decide actions only for the blocks whose target differs from what they have.
+    differ = np.flatnonzero((tgt != cur) | (fb_tgt != fb_cur) | (fly != NONE))
+    c, t, f = cur[differ], tgt[differ], fly[differ]
+    fc, ft = fb_cur[differ], fb_tgt[differ]
+    safe_c, safe_t = np.where(c == NONE, 0, c), np.where(t == NONE, 0, t)
+    changing = (c != NONE) & (t != NONE) & (t != c) & (f != t)
+    same_precision = precision[safe_c] == precision[safe_t]
+    bigger = b.nbytes[differ, safe_t] > b.nbytes[differ, safe_c]
+    warm_up_d = (ft != fc) & ((ft == HOST) | ((ft == CXL) & (fc == STORAGE)))
+    warm_down_d = (ft != fc) & ~warm_up_d
 
-    changing = (cur != NONE) & (tgt != NONE) & (tgt != cur) & (fly != tgt)
-    same_precision = precision[safe_cur] == precision[safe_tgt]
-    bigger = b.nbytes[rows_all, safe_tgt] > b.nbytes[rows_all, safe_cur]
-    promote = (cur == NONE) & (tgt != NONE) & (fly != tgt)
-    upgrade = changing & bigger & ~same_precision
-    transcode = changing & ~upgrade
-    evict = (cur != NONE) & (tgt == NONE)
-    warm_up = (fb_tgt != fb_cur) & ((fb_tgt == HOST) | ((fb_tgt == CXL) & (fb_cur == STORAGE)))
-    warm_down = (fb_tgt != fb_cur) & ~warm_up
-    spill = warm_down & (fb_tgt == CXL)
+    def full_mask(subset: np.ndarray) -> np.ndarray:
+        mask = np.zeros(b.count, dtype=bool)
+        mask[differ[subset]] = True
+        return mask
+
+    promote = full_mask((c == NONE) & (t != NONE) & (f != t))
+    upgrade = full_mask(changing & bigger & ~same_precision)
+    transcode = full_mask(changing & ~(bigger & ~same_precision))
+    evict = full_mask((c != NONE) & (t == NONE))
+    warm_up = full_mask(warm_up_d)
+    warm_down = full_mask(warm_down_d)
+    spill = full_mask(warm_down_d & (ft == CXL))
 
     # Candidate transfers: (rows, source level, destination level, encoding, class, deadline).
     parts = []
@@ -211,7 +221,7 @@ def schedule(
     transitions = _transitions(
         snapshot, acting, hbm_after, fallback_after, promote, upgrade, transcode, evict, b.demand
     )
-    cancel = np.flatnonzero((fly != NONE) & (fly != tgt))
+    cancel = differ[(f != NONE) & (f != t)]
     t_rows = rows[transfer_index]
     return Schedule(
         transitions,
