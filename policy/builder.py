@@ -191,8 +191,9 @@ def execute_instantly(snapshot: Snapshot, plan: Plan, now_s: float) -> Snapshot:
     rows = plan.transition_block
     hbm[rows] = plan.transition_target_encoding
     fallback[rows] = plan.transition_fallback_level
-    in_flight[rows] = NONE
-    moved = rows[b.hbm_encoding[rows] != hbm[rows]]
+    landed = rows[b.hbm_encoding[rows] != hbm[rows]]
+    in_flight[landed] = NONE  # a copy that was in flight has landed (or was replaced)
+    moved = landed
     placed[moved] = now_s
     blocks = replace(
         b,

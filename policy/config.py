@@ -61,6 +61,9 @@ class PolicyConfig(BaseModel):
     hysteresis_multiple: float = Field(
         2.0, ge=0, description="a move must gain more than this multiple of its transfer cost"
     )
+    hysteresis_horizon_s: float = Field(
+        1.0, gt=0, description="the value a move earns is counted over this horizon"
+    )
     min_dwell_s: float = Field(0.5, ge=0, description="a block stays this long where it moved")
 
     # -- veto ----------------------------------------------------------------------------------

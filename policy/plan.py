@@ -287,6 +287,8 @@ REASONS: tuple[str, ...] = (
     "evict from HBM: valued below the cut",
     "copy to a warmer fallback tier",
     "drop a fallback copy: valued below the tier's cut",
+    "regenerate in HBM from its source",
+    "leave HBM: the veto found no room at a precision it allows",
 )
 (
     REASON_PROMOTE,
@@ -296,6 +298,8 @@ REASONS: tuple[str, ...] = (
     REASON_EVICT,
     REASON_WARM_UP,
     REASON_WARM_DOWN,
+    REASON_REGENERATE,
+    REASON_VETO_EVICT,
 ) = range(len(REASONS))
 
 RULE_NUMBERS: dict[Rule, tuple[str, str]] = {

@@ -214,5 +214,6 @@ def _apply_coactivation(
 def coactivation_probability(coact: Coactivation, layer: int, chosen: np.ndarray) -> np.ndarray:
     """P(expert f at ``layer + 1`` | ``chosen`` at ``layer``), averaged over the chosen experts."""
     given = coact.given[layer, chosen]
-    follow: np.ndarray = (coact.pairs[layer, chosen] / given[:, None]).mean(axis=0)
+    # Sampled pairs carry a scaled increment, so a ratio can pass 1: it is a probability.
+    follow: np.ndarray = np.minimum(coact.pairs[layer, chosen] / given[:, None], 1.0).mean(axis=0)
     return follow

@@ -9,13 +9,16 @@ Actions per block, from its current copies to its target:
 - evict: drop the HBM copy (the fallback copy exists by definition, no transfer);
 - a faster fallback (storage or CXL to host, storage to CXL): a copy into the warm tier; a slower
   one: drop the copy, or spill host to CXL;
-- a copy in flight toward HBM that the target no longer wants: cancelled.
+- a copy in flight toward HBM that the target no longer wants: cancelled;
+- a regenerable block whose only copy is in storage: rebuilt in HBM by its regenerator.
 
 Priority classes: DEMAND (a lease waits) before IMMINENT (next use within the imminent horizon)
 before PREFETCH before DEMOTION. Each link gets ``gbps * tick_s`` bytes per tick, less what
 transfers in flight already use; transfers are issued in class, then deadline, order while they
 fit their link's budget (the first on an idle link always goes, however large). Demotions wait while
-their link is busier than ``demotion_link_busy_fraction``. The rest are deferred to a later tick.
+their link is busier than ``demotion_link_busy_fraction``. Then capacity admission (see
+:func:`_admit`): a copy starts only if its tier holds it with everything that exists during the
+tick. The rest are deferred to a later tick and make no transition yet.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from policy.plan import (
     REASON_DEMAND,
     REASON_EVICT,
     REASON_PROMOTE,
+    REASON_REGENERATE,
     REASON_SHRINK,
     REASON_UPGRADE,
+    REASON_VETO_EVICT,
     REASON_WARM_DOWN,
     REASON_WARM_UP,
     STATE_CODES,
@@ -105,6 +110,49 @@ def _tier_at(snapshot: Snapshot, rows: np.ndarray, level: np.ndarray) -> np.ndar
     return np.where(level == CXL, b.cxl_tier[rows], tier)
 
 
+# Action kinds, one row of the action table each.
+FETCH, REGENERATE, TRANSCODE, WARM_COPY, SPILL, EVICT, DROP_WARM = range(7)
+_HBM_ACTIONS = (FETCH, REGENERATE, TRANSCODE, EVICT)
+
+
+@dataclass
+class _Actions:
+    """Candidate actions, one row each (a block may have an HBM action and a fallback action)."""
+
+    block: list[np.ndarray]
+    kind: list[np.ndarray]
+    src: list[np.ndarray]
+    dst: list[np.ndarray]
+    encoding: list[np.ndarray]
+    cls: list[np.ndarray]
+    deadline: list[np.ndarray]
+
+    def add(self, kind: int, rows: np.ndarray, src, dst, encoding, cls, deadline) -> None:  # type: ignore[no-untyped-def]
+        n = len(rows)
+        if not n:
+            return
+        self.block.append(rows)
+        self.kind.append(np.full(n, kind, np.int8))
+        for name, value in (("src", src), ("dst", dst), ("encoding", encoding)):
+            getattr(self, name).append(np.broadcast_to(np.asarray(value, np.int64), (n,)))
+        self.cls.append(np.broadcast_to(np.asarray(cls, np.int8), (n,)))
+        self.deadline.append(np.broadcast_to(np.asarray(deadline, np.float64), (n,)))
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+        return (
+            cat(self.block, np.int64),
+            cat(self.kind, np.int8),
+            cat(self.src, np.int64),
+            cat(self.dst, np.int64),
+            cat(self.encoding, np.int64),
+            cat(self.cls, np.int8),
+            cat(self.deadline, np.float64),
+        )
+
+
 def schedule(
     snapshot: Snapshot,
     scores: Scores,
@@ -123,40 +171,53 @@ def schedule(
     fc, ft = fb_cur[differ], fb_tgt[differ]
     safe_c, safe_t = np.where(c == NONE, 0, c), np.where(t == NONE, 0, t)
     changing = (c != NONE) & (t != NONE) & (t != c) & (f != t)
-    same_precision = precision[safe_c] == precision[safe_t]
-    bigger = b.nbytes[differ, safe_t] > b.nbytes[differ, safe_c]
-    warm_up_d = (ft != fc) & ((ft == HOST) | ((ft == CXL) & (fc == STORAGE)))
-    warm_down_d = (ft != fc) & ~warm_up_d
+    upgrade = changing & (b.nbytes[differ, safe_t] > b.nbytes[differ, safe_c])
+    upgrade &= precision[safe_c] != precision[safe_t]
+    # In place only from a full-precision copy or between compressions of one precision: a
+    # reduced copy re-quantized would compound its error, so it is fetched again instead.
+    in_place = enc.full_precision[safe_c] | (precision[safe_c] == precision[safe_t])
+    transcode = changing & ~upgrade & in_place
+    refetch = changing & ~upgrade & ~in_place
+    promote = (c == NONE) & (t != NONE) & (f != t)
+    evict = (c != NONE) & (t == NONE)
+    warm_up = (ft != fc) & ((ft == HOST) | ((ft == CXL) & (fc == STORAGE)))
+    warm_down = (ft != fc) & ~warm_up
+    cancel = (f != NONE) & (f != t)
 
-    def full_mask(subset: np.ndarray) -> np.ndarray:
-        mask = np.zeros(b.count, dtype=bool)
-        mask[differ[subset]] = True
-        return mask
-
-    promote = full_mask((c == NONE) & (t != NONE) & (f != t))
-    upgrade = full_mask(changing & bigger & ~same_precision)
-    transcode = full_mask(changing & ~(bigger & ~same_precision))
-    evict = full_mask((c != NONE) & (t == NONE))
-    warm_up = full_mask(warm_up_d)
-    warm_down = full_mask(warm_down_d)
-    spill = full_mask(warm_down_d & (ft == CXL))
-
-    # Candidate transfers: (rows, source level, destination level, encoding, class, deadline).
-    parts = []
-    fetch = np.flatnonzero(promote | upgrade)
+    actions = _Actions([], [], [], [], [], [], [])
+    # Fetches into HBM (from the fallback copy), or regeneration in place for regenerable blocks
+    # whose only copy is in storage.
+    fetch = differ[promote | upgrade | refetch]
     if len(fetch):
-        size = b.nbytes[fetch, tgt[fetch]]
-        move_s = links.seconds(fb_cur[fetch], HBM, size) + scores.static.decode_s[fetch, tgt[fetch]]
+        encoding = tgt[fetch]
+        size = b.nbytes[fetch, encoding]
+        regenerate = b.regenerable[fetch] & (fb_cur[fetch] == STORAGE)
+        move_s = (
+            np.where(
+                regenerate,
+                size / (links.regenerate_gbps * 1e9),
+                links.seconds(fb_cur[fetch], HBM, size),
+            )
+            + scores.static.decode_s[fetch, encoding]
+        )
+        new_copy = b.hbm_encoding[fetch] == NONE
+        shrinking = np.isin(fetch, differ[refetch])
         cls = np.where(
             b.demand[fetch],
             Priority.DEMAND,
             np.where(
-                t_next[fetch] < config.imminent_horizon_s, Priority.IMMINENT, Priority.PREFETCH
+                new_copy & (t_next[fetch] < config.imminent_horizon_s),
+                Priority.IMMINENT,
+                Priority.PREFETCH,  # an upgrade of a usable copy is never urgent
             ),
         )
+        cls = np.where(shrinking & ~b.demand[fetch], Priority.DEMOTION, cls)
         deadline = tel.now_s + t_next[fetch] - move_s - config.safety_margin_s
-        parts.append((fetch, fb_cur[fetch], np.full(len(fetch), HBM), tgt[fetch], cls, deadline))
-    local = np.flatnonzero(transcode)
+        for action, mask in ((FETCH, ~regenerate), (REGENERATE, regenerate)):
+            rows = fetch[mask]
+            src = fb_cur[rows] if action == FETCH else HBM
+            actions.add(action, rows, src, HBM, encoding[mask], cls[mask], deadline[mask])
+    local = differ[transcode]
     if len(local):
         making_usable = enc.usable[tgt[local]] & ~enc.usable[cur[local]]
         cls = np.where(
@@ -167,77 +228,156 @@ def schedule(
         deadline = np.where(
             making_usable, tel.now_s + t_next[local] - config.safety_margin_s, np.inf
         )
-        parts.append(
-            (local, np.full(len(local), HBM), np.full(len(local), HBM), tgt[local], cls, deadline)
-        )
-    warm = np.flatnonzero(warm_up | spill)
-    if len(warm):
-        cls = np.where(warm_up[warm], Priority.PREFETCH, Priority.DEMOTION)
-        parts.append(
-            (
-                warm,
-                fb_cur[warm],
-                fb_tgt[warm],
-                np.zeros(len(warm), np.int64),
-                cls,
-                np.full(len(warm), np.inf),
-            )
-        )
+        actions.add(TRANSCODE, local, HBM, HBM, tgt[local], cls, deadline)
+    warm = differ[warm_up]
+    actions.add(WARM_COPY, warm, fb_cur[warm], fb_tgt[warm], 0, Priority.PREFETCH, np.inf)
+    spill = differ[warm_down & (ft == CXL)]
+    actions.add(SPILL, spill, fb_cur[spill], CXL, 0, Priority.DEMOTION, np.inf)
+    evicted = differ[evict]
+    actions.add(EVICT, evicted, HBM, NONE, NONE, Priority.DEMOTION, np.inf)
+    dropped = differ[warm_down & (ft == STORAGE)]
+    actions.add(DROP_WARM, dropped, fb_cur[dropped], NONE, NONE, Priority.DEMOTION, np.inf)
+    block, kind, src, dst, encoding, cls, deadline = actions.arrays()
+    on_link = kind < EVICT
+    nbytes = np.where(on_link, b.nbytes[block, np.maximum(encoding, 0)], 0)
 
-    if parts:
-        rows = np.concatenate([p[0] for p in parts])
-        src = np.concatenate([p[1] for p in parts]).astype(np.int64)
-        dst = np.concatenate([p[2] for p in parts]).astype(np.int64)
-        encoding = np.concatenate([p[3] for p in parts]).astype(np.int64)
-        cls = np.concatenate([p[4] for p in parts]).astype(np.int8)
-        deadline = np.concatenate([p[5] for p in parts]).astype(np.float64)
-    else:
-        rows = src = dst = encoding = np.zeros(0, np.int64)
-        cls = np.zeros(0, np.int8)
-        deadline = np.zeros(0)
-    nbytes = b.nbytes[rows, encoding]
-    issued = _within_link_budgets(snapshot, src, dst, cls, deadline, nbytes, config)
+    issued = np.zeros(len(block), dtype=bool)
+    issued[~on_link] = True  # drops need no link
+    linked = np.flatnonzero(on_link)
+    issued[linked] = _within_link_budgets(
+        snapshot, src[linked], dst[linked], cls[linked], deadline[linked], nbytes[linked], config
+    )
+    cancelled = differ[cancel]
+    # A fallback copy a fetch may read this tick is dropped next tick, not now (decided before
+    # admission, which counts the bytes that drops free).
+    reading = block[issued & (kind == FETCH)]
+    issued &= ~((kind == DROP_WARM) & np.isin(block, reading))
+    admitted, spilled = _admit(
+        snapshot, block, kind, dst, encoding, cls, deadline, issued, cancelled, config
+    )
+    issued &= admitted
+    kind = np.where(spilled, EVICT, kind).astype(np.int8)  # re-fetched smaller later
+    deferred = int((on_link & ~issued).sum())
+    on_link &= ~spilled
 
-    # Drops need no link. Everything issued becomes a transition, most urgent first, up to the cap.
-    drops = np.flatnonzero(evict | (warm_down & ~spill))
-    drop_cls = np.full(len(drops), Priority.DEMOTION, np.int8)
-    act_rows = np.concatenate([rows[issued], drops])
-    act_cls = np.concatenate([cls[issued], drop_cls])
-    act_deadline = np.concatenate([deadline[issued], np.full(len(drops), np.inf)])
-    act_hbm = np.concatenate([dst[issued] == HBM, evict[drops]])
-    order = np.lexsort((act_deadline, act_cls))[: config.max_transitions_per_step]
-    keep_transfer = order[order < issued.sum()]  # already in class, then deadline, order
-    transfer_index = np.flatnonzero(issued)[keep_transfer]
-    deferred = len(rows) - len(transfer_index)
-    # Only what is issued now changes a block's state now: its HBM action, its fallback action.
     hbm_done = np.zeros(b.count, dtype=bool)
     warm_done = np.zeros(b.count, dtype=bool)
-    hbm_done[act_rows[order][act_hbm[order]]] = True
-    warm_done[act_rows[order][~act_hbm[order]]] = True
-    acting = distinct(act_rows[order])
-    hbm_after = np.where(hbm_done[acting], tgt[acting], cur[acting])
-    fallback_after = np.where(warm_done[acting], fb_tgt[acting], fb_cur[acting])
-
+    hbm_kinds = np.isin(kind, _HBM_ACTIONS)
+    hbm_done[block[issued & hbm_kinds]] = True
+    warm_done[block[issued & ~hbm_kinds]] = True
+    acting = distinct(np.concatenate([block[issued], cancelled]))
+    in_flight_after = np.where(hbm_done[acting] | np.isin(acting, cancelled), NONE, fly[acting])
     transitions = _transitions(
-        snapshot, acting, hbm_after, fallback_after, promote, upgrade, transcode, evict, b.demand
+        snapshot,
+        acting,
+        np.where(hbm_done[acting], tgt[acting], cur[acting]),
+        np.where(warm_done[acting], fb_tgt[acting], fb_cur[acting]),
+        in_flight_after,
+        block[issued],
+        kind[issued],
+        targets,
     )
-    cancel = differ[(f != NONE) & (f != t)]
-    t_rows = rows[transfer_index]
+    moving = np.flatnonzero(issued & on_link)
+    moving = moving[np.lexsort((deadline[moving], cls[moving]))]
+    t_rows = block[moving]
     return Schedule(
         transitions,
         transfer_block=t_rows,
-        transfer_source_level=src[transfer_index],
-        transfer_destination_level=dst[transfer_index],
-        transfer_source_tier=_tier_at(snapshot, t_rows, src[transfer_index]),
-        transfer_destination_tier=_tier_at(snapshot, t_rows, dst[transfer_index]),
-        transfer_encoding=encoding[transfer_index],
-        transfer_nbytes=nbytes[transfer_index],
-        transfer_priority=cls[transfer_index],
-        transfer_deadline_s=deadline[transfer_index],
-        cancel_block=cancel,
-        cancel_encoding=fly[cancel],
-        deferred=int(deferred),
+        transfer_source_level=src[moving],
+        transfer_destination_level=dst[moving],
+        transfer_source_tier=_tier_at(snapshot, t_rows, src[moving]),
+        transfer_destination_tier=_tier_at(snapshot, t_rows, dst[moving]),
+        transfer_encoding=encoding[moving],
+        transfer_nbytes=nbytes[moving],
+        transfer_priority=cls[moving],
+        transfer_deadline_s=deadline[moving],
+        cancel_block=cancelled,
+        cancel_encoding=fly[cancelled],
+        deferred=deferred,
     )
+
+
+def _admit(
+    snapshot: Snapshot,
+    block: np.ndarray,
+    kind: np.ndarray,
+    dst: np.ndarray,
+    encoding: np.ndarray,
+    cls: np.ndarray,
+    deadline: np.ndarray,
+    issued: np.ndarray,
+    cancelled: np.ndarray,
+    config: PolicyConfig,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Capacity admission: a copy may be started only if its tier holds it alongside everything
+    that exists during the tick (ready copies, copies in flight, the old copy of a block being
+    re-encoded), after the drops and cancellations of this tick. Most urgent first; the rest
+    wait. A shrink that cannot be done in place for lack of room (it needs the old and the new
+    copy at once) becomes an eviction: the block is fetched again, smaller, on a later tick.
+    Also caps the number of copies started per tick.
+
+    Returns the admitted mask and the mask of shrinks turned into evictions.
+    """
+    b, tiers = snapshot.blocks, snapshot.tiers
+    usable = tiers.usable_bytes.astype(np.float64)
+    occupancy = np.zeros(len(tiers.tier_ids))
+    resident = np.flatnonzero(b.hbm_encoding != NONE)
+    np.add.at(occupancy, b.hbm_tier[resident], b.nbytes[resident, b.hbm_encoding[resident]])
+    flying = np.flatnonzero(b.in_flight_encoding != NONE)
+    flying = flying[~np.isin(flying, cancelled)]
+    np.add.at(occupancy, b.hbm_tier[flying], b.nbytes[flying, b.in_flight_encoding[flying]])
+    for level, tier_of in ((HOST, b.host_tier), (CXL, b.cxl_tier)):
+        rows = np.flatnonzero(b.fallback_level == level)
+        np.add.at(occupancy, tier_of[rows], b.nbytes[rows, 0])
+    # Drops free their bytes now.
+    rows = block[issued & (kind == EVICT)]
+    np.add.at(occupancy, b.hbm_tier[rows], -b.nbytes[rows, b.hbm_encoding[rows]])
+    rows = block[issued & (kind == DROP_WARM)]
+    where = np.where(b.fallback_level[rows] == HOST, b.host_tier[rows], b.cxl_tier[rows])
+    np.add.at(occupancy, where, -b.nbytes[rows, 0])
+
+    fills = np.flatnonzero(issued & (kind < EVICT))
+    fills = fills[np.lexsort((deadline[fills], cls[fills]))]
+    admitted = np.zeros(len(block), dtype=bool)
+    admitted[issued & (kind >= EVICT)] = True
+    spilled = np.zeros(len(block), dtype=bool)
+    started = 0
+
+    def place(index: int) -> bool:
+        nonlocal started
+        row = int(block[index])
+        target = int(dst[index])
+        if target == HBM:
+            tier = int(b.hbm_tier[row])
+            size = float(b.nbytes[row, encoding[index]])
+        else:
+            tier = int(b.host_tier[row] if target == HOST else b.cxl_tier[row])
+            size = float(b.nbytes[row, 0])
+        if tier == NONE or occupancy[tier] + size > usable[tier]:
+            return False
+        if started >= config.max_transitions_per_step:
+            return False
+        occupancy[tier] += size
+        started += 1
+        return True
+
+    waiting = []
+    for index in fills.tolist():  # few per tick: the link budgets already bound them
+        if place(index):
+            admitted[index] = True
+        else:
+            waiting.append(index)
+    # Shrinks that found no room for their new copy: evict instead, then retry the rest.
+    for index in waiting:
+        row = int(block[index])
+        current = b.hbm_encoding[row]
+        if kind[index] == TRANSCODE and b.nbytes[row, encoding[index]] < b.nbytes[row, current]:
+            spilled[index] = admitted[index] = True
+            occupancy[b.hbm_tier[row]] -= b.nbytes[row, current]
+    for index in waiting:
+        if not spilled[index] and place(index):
+            admitted[index] = True
+    return admitted, spilled
 
 
 def _within_link_budgets(
@@ -282,36 +422,41 @@ def _within_link_budgets(
 def _transitions(
     snapshot: Snapshot,
     rows: np.ndarray,
-    tgt: np.ndarray,
-    fb_tgt: np.ndarray,
-    promote: np.ndarray,
-    upgrade: np.ndarray,
-    transcode: np.ndarray,
-    evict: np.ndarray,
-    demand: np.ndarray,
+    hbm_after: np.ndarray,
+    fallback_after: np.ndarray,
+    in_flight_after: np.ndarray,
+    action_block: np.ndarray,
+    action_kind: np.ndarray,
+    targets: Targets,
 ) -> TransitionArrays:
-    """Transition records for ``rows``, whose HBM encoding and fallback level become ``tgt`` and
-    ``fb_tgt`` once this tick's actions complete."""
+    """Transition records for ``rows``, whose copies become (``hbm_after``, ``fallback_after``,
+    ``in_flight_after``) once this tick's issued actions complete."""
     b, enc = snapshot.blocks, snapshot.encodings
-    cur = b.hbm_encoding[rows]
-    fb_cur = b.fallback_level[rows]
-    none = np.full(len(rows), NONE)
-    before = state_codes(enc, cur, fb_cur, b.in_flight_encoding[rows], b.regenerable[rows])
-    after = state_codes(enc, tgt, fb_tgt, none, b.regenerable[rows])
-    warmer = (fb_tgt == HOST) | ((fb_tgt == CXL) & (fb_cur == STORAGE))
+    cur, fb_cur = b.hbm_encoding[rows], b.fallback_level[rows]
+    regen = b.regenerable[rows]
+    before = state_codes(enc, cur, fb_cur, b.in_flight_encoding[rows], regen)
+    after = state_codes(enc, hbm_after, fallback_after, in_flight_after, regen)
+    kind_of = {kind: set(action_block[action_kind == kind].tolist()) for kind in range(7)}
+
+    def has(kind: int) -> np.ndarray:
+        return np.isin(rows, list(kind_of[kind])) if kind_of[kind] else np.zeros(len(rows), bool)
+
+    warmer = (fallback_after == HOST) | ((fallback_after == CXL) & (fb_cur == STORAGE))
     reason = np.where(warmer, REASON_WARM_UP, REASON_WARM_DOWN)
-    moved = tgt != cur
-    reason = np.where(moved & evict[rows], REASON_EVICT, reason)
-    reason = np.where(moved & transcode[rows], REASON_SHRINK, reason)
-    reason = np.where(moved & upgrade[rows], REASON_UPGRADE, reason)
-    promoted = moved & promote[rows]
-    reason = np.where(promoted, np.where(demand[rows], REASON_DEMAND, REASON_PROMOTE), reason)
+    vetoed_out = targets.vetoed_out[rows]
+    reason = np.where(has(EVICT), np.where(vetoed_out, REASON_VETO_EVICT, REASON_EVICT), reason)
+    reason = np.where(has(TRANSCODE), REASON_SHRINK, reason)
+    fetched = has(FETCH)
+    upgraded = fetched & (cur != NONE)
+    reason = np.where(upgraded, REASON_UPGRADE, reason)
+    reason = np.where(
+        fetched & (cur == NONE), np.where(b.demand[rows], REASON_DEMAND, REASON_PROMOTE), reason
+    )
+    reason = np.where(has(REGENERATE), REASON_REGENERATE, reason)
     usable_before = (before == _S[BlockState.PREMIUM]) | (before == _S[BlockState.COMPACT])
-    in_hbm_after = tgt != NONE
-    via = in_hbm_after & ~usable_before & (before != after)
+    via = (hbm_after != NONE) & (hbm_after != cur) & ~usable_before
     # Assert the table: every state change must be allowed (through PROMOTING where it goes).
-    pairs = set(zip(before.tolist(), after.tolist(), via.tolist(), strict=True))
-    for start, end, through in pairs:
+    for start, end, through in set(zip(before.tolist(), after.tolist(), via.tolist(), strict=True)):
         a, z = STATE_CODES[start], STATE_CODES[end]
         if through:
             check_transition("(step)", a, BlockState.PROMOTING)
@@ -319,7 +464,7 @@ def _transitions(
         else:
             check_transition("(step)", a, z)
     source_level = np.where(cur != NONE, HBM, fb_cur)
-    target_level = np.where(tgt != NONE, HBM, fb_tgt)
+    target_level = np.where(hbm_after != NONE, HBM, fallback_after)
     return TransitionArrays(
-        rows, before, after, via, source_level, cur, target_level, tgt, fb_tgt, reason
+        rows, before, after, via, source_level, cur, target_level, hbm_after, fallback_after, reason
     )

@@ -3,19 +3,23 @@ their fallback copy.
 
 Value of a block in HBM, in seconds of stall avoided per use window::
 
-    benefit = p(use) * recovery_s * imminence,    imminence = 1 / (1 + t_next / imminence_s)
-    value(e) = benefit - p * imminence * decode_s(e) - quality_weight_s * p * sensitivity(e)
+    uses = p * imminence + p * max(horizon - t_next, 0) / period,
+    imminence = 1 / (1 + t_next / imminence_s)
+    value(e) = uses * (recovery_s - decode_s(e)) - quality_weight_s * p * sensitivity(e)
 
 where ``recovery_s`` is the time to fetch the block from its fallback copy (transfer over the
 modeled link) or to regenerate it. Each HBM tier is filled (less its headroom) by value density
 ``value / bytes``, each block at its densest encoding; the precision floors and the quality budget
 are not scoring's business but the veto's. Spare capacity left after the veto goes to precision
-upgrades (:func:`refine`). Warm tiers (host, then CXL) are filled the same way with the value of
+upgrades (:func:`refine`). Scoring proposes only encodings the block's floor allows. Warm tiers
+(host, then CXL) are filled the same way with the value of
 a faster fallback copy.
 
-Hysteresis: a block that is not where the step would put it pays a penalty of
-``hysteresis_multiple`` times its transfer time per byte, so it displaces a resident only if it
-gains more than that multiple of its cost; a block moved less than ``min_dwell_s`` ago stays.
+Values count the uses expected within ``hysteresis_horizon_s`` (the next, weighted by imminence,
+and the later ones at the block's period). Hysteresis: a block that is not where the step would
+put it pays a penalty of ``hysteresis_multiple`` times its transfer time per byte, so it displaces
+a resident only if it gains more over the horizon than that multiple of the move's cost; a block
+moved less than ``min_dwell_s`` ago stays.
 """
 
 from __future__ import annotations
@@ -59,18 +63,33 @@ class Targets:
     hbm_encoding: np.ndarray  # [N] NONE when not in HBM
     fallback_level: np.ndarray  # [N] HOST, CXL or STORAGE
     chosen_density: np.ndarray  # [N] value density of the chosen HBM option (for explanations)
+    vetoed_out: np.ndarray  # [N] taken out of HBM by a veto rule, not by scoring
 
 
-def take_by_density(density: np.ndarray, nbytes: np.ndarray, budget: float) -> np.ndarray:
-    """Mask of the densest items whose bytes fit ``budget`` together (greedy prefix)."""
-    if nbytes.sum() <= budget:
-        return np.ones(len(density), dtype=bool)
-    if budget <= 0:
-        return np.zeros(len(density), dtype=bool)
-    order = np.argsort(-density)
-    fits = np.cumsum(nbytes[order]) <= budget
+def take_by_density(
+    density: np.ndarray, nbytes: np.ndarray, budget: float, rounds: int = 4
+) -> np.ndarray:
+    """Mask of the densest items whose bytes fit ``budget`` together: greedy by density, an item
+    too big for what is left is skipped and smaller ones after it still go (in a few vectorized
+    rounds rather than one item at a time)."""
     taken = np.zeros(len(density), dtype=bool)
-    taken[order[fits]] = True
+    if nbytes.sum() <= budget:
+        taken[:] = True
+        return taken
+    if budget <= 0:
+        return taken
+    order = np.argsort(-density)
+    left = float(budget)
+    for _ in range(rounds):
+        order = order[nbytes[order] <= left]  # what cannot fit at all is skipped
+        if not len(order):
+            break
+        cum = np.cumsum(nbytes[order])
+        fits = cum <= left
+        count = int(fits.sum())  # a prefix, since cum grows
+        taken[order[:count]] = True
+        left -= float(cum[count - 1]) if count else 0.0
+        order = order[count + 1 :]  # the first that did not fit is skipped
     return taken
 
 
@@ -89,12 +108,17 @@ def score(
     rows = np.arange(b.count)
     recovery_s = static.recovery_by_level[b.fallback_level, rows]
     p = prediction.use_probability
-    imminence = 1.0 / (1.0 + prediction.time_to_next_use_s * (1.0 / config.imminence_s))
-    used = p * imminence
+    t_next = prediction.time_to_next_use_s
+    imminence = 1.0 / (1.0 + t_next * (1.0 / config.imminence_s))
+    # Uses within the horizon: the next one, weighted by imminence, and the later ones expected
+    # at the block's period. A move is weighed against the value it earns over the horizon.
+    period = prediction.period_s[b.model]
+    later = p * np.maximum(config.hysteresis_horizon_s - t_next, 0.0) / period
+    used = p * imminence + later
     if config.quality_weight_s:
         value = (used * recovery_s)[:, None] - used[:, None] * static.decode_s
         value -= config.quality_weight_s * p[:, None] * b.sensitivity
-        density = value / b.nbytes
+        density = np.where(static.allowed, value / b.nbytes, -np.inf)
         preferred = np.argmax(density, axis=1)
         preferred_density = density[rows, preferred]
     else:
@@ -154,7 +178,7 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
     chosen_density = np.zeros(n)
     chosen_density[in_hbm] = scores.density(snapshot, in_hbm, hbm[in_hbm])
     fallback = _choose_fallback(snapshot, scores, config)
-    return Targets(hbm, fallback, chosen_density)
+    return Targets(hbm, fallback, chosen_density, np.zeros(n, dtype=bool))
 
 
 def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> np.ndarray:

@@ -208,6 +208,11 @@ class Snapshot:
         """Check shapes and ranges; raise ValueError naming the array and what was expected."""
         n, e = self.blocks.count, len(self.encodings.encodings)
         m, t = len(self.models.positions), len(self.tiers.tier_ids)
+        if not len(self.models.layers) == len(self.models.experts) == m:
+            raise ValueError(
+                f"models.positions, layers and experts have lengths {m}, "
+                f"{len(self.models.layers)}, {len(self.models.experts)}; expected one per model"
+            )
         b = self.blocks
         for name in BlockArrays.__dataclass_fields__:
             value = getattr(b, name)
@@ -224,6 +229,12 @@ class Snapshot:
             )
         if n and bool(np.any(b.position >= self.models.positions[b.model])):
             raise ValueError("blocks.position must be < models.positions of the block's model")
+        for name in ("hbm_encoding", "in_flight_encoding"):
+            value = getattr(b, name)
+            if n and (value.min() < NONE or value.max() >= e):
+                raise ValueError(f"blocks.{name} must index the {e} encodings or be {NONE}")
+        if n and not bool(np.isin(b.fallback_level, (HOST, CXL, STORAGE)).all()):
+            raise ValueError("blocks.fallback_level must be HOST, CXL or STORAGE")
         if bool(np.any(b.nbytes <= 0)):
             raise ValueError("blocks.nbytes must be > 0 for every block and encoding")
         if bool(np.any(np.isnan(b.sensitivity))) or bool(np.any(b.sensitivity < 0)):

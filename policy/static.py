@@ -33,7 +33,7 @@ class Static:
     expert_flat: np.ndarray  # (model, layer, expert) flattened in the state's [M, L, E] grid
     in_tier_of_level: dict[int, np.ndarray]  # per level, the tier indices that exist
     recovery_by_level: np.ndarray  # [4, N] time to recover the block from a copy at each level
-    preferred_by_level: np.ndarray  # [4, N] densest HBM encoding when the fallback is there
+    preferred_by_level: np.ndarray  # [4, N] densest allowed HBM encoding, fallback there
     unit_density_by_level: np.ndarray  # [4, N] its value per byte, per unit of p * imminence
     floor_fallback: np.ndarray  # [N] the smallest encoding the floor allows
     budget_fallback: np.ndarray  # [N, E] the smallest allowed encoding less sensitive than e
@@ -107,7 +107,11 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         if not np.all(np.isfinite(recovery[level])):
             continue  # no link from this level: nothing falls back to it
         per_encoding = (recovery[level][:, None] - decode_s) / b.nbytes
-        preferred[level] = np.argmax(per_encoding, axis=1)
+        per_encoding = np.where(allowed, per_encoding, -np.inf)  # floors: never proposed below
+        # The densest encoding; among equally dense ones (FP8 and INT8), the least sensitive.
+        best = per_encoding.max(axis=1, keepdims=True)
+        tied = per_encoding >= best - np.abs(best) * 1e-12
+        preferred[level] = np.argmin(np.where(tied, b.sensitivity, np.inf), axis=1)
         unit[level] = per_encoding[np.arange(len(full_bytes)), preferred[level]]
     budget_fallback = np.zeros(b.nbytes.shape, np.int64)
     for e in range(b.nbytes.shape[1]):

@@ -20,7 +20,7 @@ from policy.score import choose_targets, refine, score
 from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE, Snapshot
 from policy.state import PolicyState
 from policy.static import static_for
-from policy.veto import veto
+from policy.veto import quality_cost, veto
 
 
 def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[Plan, PolicyState]:
@@ -66,7 +66,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     levels = static.in_tier_of_level
     rejected = vetoed.rejections.arrays()
     metrics = Metrics(
-        quality_cost=vetoed.quality_cost,
+        quality_cost=float(quality_cost(snapshot, hbm, prediction.use_probability).sum()),
         quality_budget=config.quality_budget,
         hbm_bytes_by_tier={tiers.tier_ids[t]: int(hbm_bytes[t]) for t in levels[HBM].tolist()},
         warm_bytes_by_tier={

@@ -165,11 +165,19 @@ def _fit(
         extra = b.nbytes[tier_rows, fallback[mine]] - b.nbytes[tier_rows, hbm[tier_rows]]
         room = scores.hbm_budget_bytes[tier] - used
         order = np.argsort(-targets.chosen_density[tier_rows], kind="stable")
-        # Conservative greedy: a row fits if the extra bytes of it and of every more valuable
-        # row fit; bytes freed by rows that go out of HBM are not reused in this step.
+        # Greedy, most valuable first: a row fits if its extra bytes and those of every more
+        # valuable fitting row do. The rows that do not fit leave HBM, and the bytes they free
+        # go, in a second round, to the rows that did not fit in the first.
         fits = np.zeros(len(mine), dtype=bool)
         fits[order] = np.cumsum(np.maximum(extra[order], 0)) <= room
+        freed = float(b.nbytes[tier_rows[~fits], hbm[tier_rows[~fits]]].sum())
+        spare = room - float(np.maximum(extra[fits], 0).sum()) + freed
+        late = order[~fits[order]]
+        # A late row placed back needs its whole new size (its old bytes were counted as freed).
+        need = np.cumsum(b.nbytes[tier_rows[late], fallback[mine][late]])
+        fits[late[need <= spare]] = True
         placed[mine[fits]] = fallback[mine[fits]]
+    targets.vetoed_out[rows[placed == NONE]] = True
     hbm[rows] = placed
     return placed
 
@@ -198,4 +206,5 @@ def _enforce_capacity(
         count = int(np.searchsorted(freed, total - budget)) + 1
         out = rows[movable][order[:count]]
         rejections.add(Rule.CAPACITY, out, hbm[out], NONE, total, budget)
+        targets.vetoed_out[out] = True
         hbm[out] = NONE

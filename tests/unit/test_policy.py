@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from policy.builder import BlockRow, PoolShape, build_snapshot, execute_instantly, idle_telemetry
 from policy.config import PolicyConfig
 from policy.plan import Priority, Rule
-from policy.snapshot import HOST, NONE, STORAGE
+from policy.snapshot import CXL, HOST, NONE, STORAGE
 from policy.state import initial_state
 from policy.step import step
 from pool.blocks import BlockKind
@@ -73,11 +73,29 @@ def test_a_waiting_lease_goes_first() -> None:
     assert to_hbm(plan) == [("m/wanted", Priority.DEMAND)]
 
 
-def test_veto_stops_a_floor_violation_and_picks_the_fallback() -> None:
-    # HBM for both blocks at INT8 but not at full precision: scoring proposes the densest
-    # encoding (INT4) for both; the veto lifts the INT8-floor block to INT8.
+def _veto_of(rows, shape, config, proposal):
+    """Run the veto on a hand-made proposal (scoring never proposes below a floor itself)."""
+    from policy.predict import predict
+    from policy.score import choose_targets, score
+    from policy.static import static_for
+    from policy.veto import veto
+
+    snapshot = build_snapshot(rows, shape, active(shape, 0, 1.0))
+    state = initial_state(snapshot, config)
+    static = static_for(snapshot, None, state.shape)
+    prediction = predict(snapshot, state, static, config)
+    scores = score(snapshot, prediction, static, config)
+    targets = choose_targets(snapshot, scores, config)
+    targets.hbm_encoding[:] = proposal
+    result = veto(snapshot, scores, targets, prediction, config)
+    rejected = result.rejections.arrays()
+    return targets, list(zip(*[a.tolist() for a in rejected], strict=True))
+
+
+def test_scoring_respects_floors_and_still_uses_hbm() -> None:
+    # HBM for both blocks at INT8 but not at full precision: the INT8-floor block goes in at an
+    # 8-bit encoding (the least sensitive of FP8 and INT8), the other at INT4; nothing is vetoed.
     shape = PoolShape(hbm_bytes=(12 * MB,), layers=(4,))
-    # FP8 and INT8 take the same bytes; INT8 is the less sensitive of the two here.
     rows = [
         BlockRow(
             "m/a", 10 * MB, layer=1, floor=Precision.INT8, sensitivity=[0, 0.02, 0.01, 0.1, 0.1]
@@ -85,31 +103,44 @@ def test_veto_stops_a_floor_violation_and_picks_the_fallback() -> None:
         BlockRow("m/b", 10 * MB, layer=2),
     ]
     plan, _ = run(rows, shape, PolicyConfig(hbm_headroom_fraction=0, quality_budget=1.0))
-    (rejection,) = plan.rejections
-    assert (rejection.block_id, rejection.rule) == ("m/a", Rule.FLOOR)
-    assert (rejection.proposed.name, rejection.fallback.name) == ("int4", "int8")
-    assert rejection.numbers == {"proposed_bits": 4.0, "floor_bits": 8.0}
+    assert plan.rejections == ()
     assert plan.target_hbm_encoding.tolist() == [INT8, INT4]
+
+
+def test_veto_stops_a_floor_violation_and_picks_the_fallback() -> None:
+    shape = PoolShape(hbm_bytes=(12 * MB,), layers=(4,))
+    rows = [
+        BlockRow(
+            "m/a", 10 * MB, layer=1, floor=Precision.INT8, sensitivity=[0, 0.02, 0.01, 0.1, 0.1]
+        ),
+        BlockRow("m/b", 10 * MB, layer=2),
+    ]
+    config = PolicyConfig(hbm_headroom_fraction=0, quality_budget=1.0)
+    targets, rejected = _veto_of(rows, shape, config, [INT4, INT4])
+    rule = list(Rule).index(Rule.FLOOR)
+    assert rejected == [(0, rule, INT4, INT8, 4.0, 8.0)]  # block, rule, proposed, fallback, numbers
+    assert targets.hbm_encoding.tolist() == [INT8, INT4]
 
 
 def test_veto_falls_back_to_the_fallback_copy_when_the_floor_does_not_fit() -> None:
     shape = PoolShape(hbm_bytes=(4 * MB,), layers=(4,))
     rows = [BlockRow("m/a", 10 * MB, layer=1, floor=Precision.FULL)]
+    targets, rejected = _veto_of(rows, shape, PolicyConfig(hbm_headroom_fraction=0), [INT4])
+    assert rejected == [(0, list(Rule).index(Rule.FLOOR), INT4, NONE, 4.0, 64.0)]
+    assert targets.hbm_encoding.tolist() == [NONE]  # served from its fallback copy, not dropped
+    assert targets.vetoed_out.tolist() == [True]
+    # The step itself never proposes it below its floor: it stays on its host copy.
     plan, _ = run(rows, shape, PolicyConfig(hbm_headroom_fraction=0))
-    (rejection,) = plan.rejections
-    assert (rejection.rule, rejection.proposed.name, rejection.fallback) == (
-        Rule.FLOOR,
-        "int4",
-        None,
-    )
-    assert plan.target_hbm_encoding.tolist() == [NONE]  # served from its fallback copy, not dropped
+    assert plan.rejections == ()
+    assert plan.target_hbm_encoding.tolist() == [NONE]
     assert plan.target_fallback_level.tolist() == [HOST]
 
 
 def test_veto_keeps_the_quality_budget_with_the_cheapest_fixes() -> None:
     # Four blocks, all used; HBM fits them only at INT4 (4 x 5.3 MB of 40 MB; full is 20 MB
     # each). At INT4 they cost 0.42 against a budget of 0.25. Fixing "b" (0.2 -> 0.001 at INT8,
-    # 4.7 MB more) saves the most per extra byte and is enough: it alone is vetoed.
+    # 4.7 MB more) saves the most per extra byte and is enough: it alone is vetoed. The HBM left
+    # then goes to precision: "b" is upgraded to full ("c", worth more, needs more than is left).
     shape = PoolShape(hbm_bytes=(40 * MB,), layers=(4,))
     sens = {"a": 0.05, "b": 0.2, "c": 0.15, "d": 0.02}
     rows = [
@@ -122,8 +153,8 @@ def test_veto_keeps_the_quality_budget_with_the_cheapest_fixes() -> None:
         ("m/b", Rule.QUALITY_BUDGET, "int4", "int8")
     ]
     assert plan.rejections[0].numbers == {"block_cost": 0.2, "budget": 0.25}
-    assert plan.target_hbm_encoding.tolist() == [INT4, INT8, INT4, INT4]
-    assert plan.metrics.quality_cost == pytest.approx(0.05 + 0.001 + 0.15 + 0.02)
+    assert plan.target_hbm_encoding.tolist() == [INT4, FULL, INT4, INT4]
+    assert plan.metrics.quality_cost == pytest.approx(0.05 + 0.15 + 0.02)
 
 
 def test_without_the_veto_budget_the_same_pool_would_overrun() -> None:
@@ -134,7 +165,9 @@ def test_without_the_veto_budget_the_same_pool_would_overrun() -> None:
     ]
     plan, _ = run(rows, shape, PolicyConfig(hbm_headroom_fraction=0, quality_budget=1.0))
     assert plan.rejections == ()
-    assert plan.metrics.quality_cost == pytest.approx(0.4)  # the budget binds only when set
+    # Spare HBM upgrades one block to full precision; the other three stay at INT4.
+    assert sorted(plan.target_hbm_encoding.tolist()) == [FULL, INT4, INT4, INT4]
+    assert plan.metrics.quality_cost == pytest.approx(0.3)
 
 
 def test_hysteresis_stops_oscillation_under_alternating_demand() -> None:
@@ -247,55 +280,167 @@ def test_prediction_learns_a_fixed_routing_pattern() -> None:
     assert high == used
 
 
+def test_co_activation_predicts_the_next_layer_where_persistence_cannot() -> None:
+    # Layer 0 picks expert t mod 4; layer 1 always picks the expert "following" it (e + 4).
+    # Choices change every token, so persistence is useless; co-activation is not.
+    shape = PoolShape(hbm_bytes=(64 * MB,), layers=(2,), experts=(8,))
+    rows = [
+        BlockRow(f"m/l{layer}.e{e}", MB, layer=layer, kind=BlockKind.EXPERT, expert=e)
+        for layer in range(2)
+        for e in range(8)
+    ]
+    config = PolicyConfig(coactivation_decay=0.2)
+    snapshot = build_snapshot(rows, shape, active(shape, 1, 0.0))
+    state = initial_state(snapshot, config)
+    for tick in range(41):
+        e = tick % 4
+        tel = replace(
+            active(shape, 1, 0.01 * tick),  # position 1: layer 0 has just routed
+            route_step=np.full(2, tick, np.int64),
+            route_model=np.zeros(2, np.int32),
+            route_layer=np.array([0, 1], np.int32),
+            route_expert=np.array([e, e + 4], np.int32),
+        )
+        plan, state = step(replace(snapshot, telemetry=tel), state, config)
+    # The last token chose expert 0 at layer 0: layer 1's expert 4 is next, the others are not.
+    p = dict(zip([r.block_id for r in rows], plan.use_probability.tolist(), strict=True))
+    assert p["m/l1.e4"] > 0.9
+    assert max(p["m/l1.e5"], p["m/l1.e6"], p["m/l1.e7"]) < 0.5
+
+
 @st.composite
 def pools(draw):
-    n = draw(st.integers(1, 25))
-    hbm = draw(st.integers(1, 200)) * MB
-    rows, pinned = [], 0
-    for i in range(n):
-        size = draw(st.integers(1, 60)) * MB
-        leased = draw(st.booleans()) and pinned + size <= hbm * 0.9
-        resident = leased or draw(st.booleans())
-        encoding = FULL if leased else draw(st.sampled_from([NONE, FULL, INT8, INT4]))
-        pinned += size if leased else 0
+    """Random feasible pools: two devices, host and CXL memory, blocks in every state (leased,
+    demanded, in flight, recently moved, regenerable), floors and sensitivities."""
+    devices = draw(st.integers(1, 2))
+    hbm = [draw(st.integers(4, 120)) * MB for _ in range(devices)]
+    host = draw(st.integers(4, 300)) * MB
+    cxl = draw(st.sampled_from([0, draw(st.integers(4, 200)) * MB]))
+    room = {("hbm", d): hbm[d] for d in range(devices)} | {("host", 0): host, ("cxl", 0): cxl}
+    rows = []
+    for i in range(draw(st.integers(1, 20))):
+        size = draw(st.integers(1, 40)) * MB
+        device = draw(st.integers(0, devices - 1))
+        floor = draw(st.sampled_from(list(Precision)))
+        encoding = draw(st.sampled_from([NONE, FULL, INT8, INT4, INT4Z]))
+        ratio = PoolShape().size_ratios
+        if encoding != NONE and (
+            room["hbm", device] < size * ratio[encoding] or ratio[encoding] < 0
+        ):
+            encoding = NONE
+        if encoding != NONE:
+            room["hbm", device] -= size * ratio[encoding]
+        flying = draw(st.sampled_from([NONE, FULL, INT4]))
+        if flying != NONE and (encoding != NONE or room["hbm", device] < size * ratio[flying]):
+            flying = NONE
+        if flying != NONE:
+            room["hbm", device] -= size * ratio[flying]
+        fallback = draw(st.sampled_from([HOST, CXL, STORAGE]))
+        key = ("host", 0) if fallback == HOST else ("cxl", 0)
+        if fallback != STORAGE and room[key] < size:
+            fallback = STORAGE
+        if fallback != STORAGE:
+            room[key] -= size
         rows.append(
             BlockRow(
                 f"m/b{i}",
                 size,
                 layer=draw(st.integers(0, 7)),
-                floor=draw(st.sampled_from(list(Precision))),
-                leased=leased,
+                floor=floor,
+                leased=encoding != NONE and draw(st.booleans()),
                 demand=draw(st.booleans()),
-                hbm_encoding=encoding if resident else NONE,
-                fallback_level=draw(st.sampled_from([HOST, STORAGE])),
+                hbm_encoding=encoding,
+                fallback_level=fallback,
+                in_flight_encoding=flying,
                 sensitivity=[0, *draw(st.lists(st.floats(0, 0.1), min_size=4, max_size=4))],
                 placed_at_s=draw(st.sampled_from([-1e9, 0.99])),
+                regenerable=draw(st.booleans()),
+                device=device,
             )
         )
-    # The current state is feasible: host memory holds at least the leased host copies.
-    leased_on_host = sum(r.full_bytes for r in rows if r.leased and r.fallback_level == HOST)
-    host = max(draw(st.integers(1, 400)) * MB, leased_on_host)
-    return rows, PoolShape(hbm_bytes=(hbm,), host_bytes=host, layers=(8,))
+    shape = PoolShape(hbm_bytes=tuple(hbm), host_bytes=host, cxl_bytes=cxl, layers=(8,))
+    return rows, shape
 
 
-@settings(max_examples=150, deadline=None)
-@given(pools(), st.integers(0, 9), st.floats(0, 0.2))
-def test_capacity_is_never_exceeded(pool, position, budget) -> None:
+def occupancy(snapshot) -> dict[str, float]:
+    """Bytes held per tier: ready and in-flight HBM copies, host and CXL fallback copies."""
+    b, tiers = snapshot.blocks, snapshot.tiers
+    used = dict.fromkeys(tiers.tier_ids, 0.0)
+    for i in range(b.count):
+        for encoding in (b.hbm_encoding[i], b.in_flight_encoding[i]):
+            if encoding != NONE:
+                used[tiers.tier_ids[b.hbm_tier[i]]] += b.nbytes[i, encoding]
+        if b.fallback_level[i] == HOST:
+            used["host"] += b.nbytes[i, 0]
+        elif b.fallback_level[i] == CXL:
+            used["cxl"] += b.nbytes[i, 0]
+    return used
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    pools(),
+    st.integers(0, 9),
+    st.floats(0, 0.2),
+    st.sampled_from([1, 3, 65536]),
+    st.floats(0, 0.9),
+)
+def test_executed_plans_never_exceed_a_tier_nor_touch_a_lease(
+    pool, position, budget, cap, busy
+) -> None:
     rows, shape = pool
-    config = PolicyConfig(quality_budget=budget)
+    config = PolicyConfig(quality_budget=budget, max_transitions_per_step=cap, tick_s=0.05)
     snapshot = build_snapshot(rows, shape, active(shape, position, 1.0))
-    plan, _ = step(snapshot, initial_state(snapshot, config), config)
-    nbytes = snapshot.blocks.nbytes
-    hbm = plan.target_hbm_encoding
-    used = sum(int(nbytes[i, e]) for i, e in enumerate(hbm) if e != NONE)
-    assert used <= shape.hbm_bytes[0] * (1 - config.hbm_headroom_fraction)
-    host = sum(
-        int(nbytes[i, 0]) for i, level in enumerate(plan.target_fallback_level) if level == HOST
+    snapshot = replace(
+        snapshot, telemetry=replace(snapshot.telemetry, link_busy_fraction=np.full((4, 4), busy))
     )
-    assert host <= shape.host_bytes
-    for i, row in enumerate(rows):
-        if row.leased:
-            assert hbm[i] == row.hbm_encoding  # leased copies untouched
-        if hbm[i] != NONE:  # floors respected
-            assert snapshot.encodings.bits[hbm[i]] >= snapshot.blocks.floor_bits[i]
-    assert plan.metrics.quality_cost <= budget + 1e-12 or any(r.leased for r in rows)
+    capacity = dict(zip(snapshot.tiers.tier_ids, snapshot.tiers.usable_bytes.tolist(), strict=True))
+    state = initial_state(snapshot, config)
+    leased = {i: r.hbm_encoding for i, r in enumerate(rows) if r.leased}
+    now = 1.0
+    for _ in range(4):
+        before = occupancy(snapshot)
+        plan, state = step(snapshot, state, config)
+        for i, encoding in leased.items():
+            assert plan.target_hbm_encoding[i] == encoding  # a leased copy is never touched
+        hbm = plan.target_hbm_encoding
+        for i in np.flatnonzero(hbm != NONE):  # floors respected, leased copies aside
+            if i not in leased:
+                assert snapshot.encodings.bits[hbm[i]] >= snapshot.blocks.floor_bits[i]
+        now += 0.05
+        snapshot = execute_instantly(snapshot, plan, now)
+        snapshot = replace(snapshot, telemetry=replace(snapshot.telemetry, now_s=now))
+        after = occupancy(snapshot)
+        for tier, used in after.items():
+            assert used <= max(capacity[tier], before[tier]) + 1, (tier, used, capacity[tier])
+
+
+def test_one_block_too_big_does_not_empty_the_tier() -> None:
+    shape = PoolShape(hbm_bytes=(10 * MB,), layers=(4,))
+    rows = [BlockRow("m/huge", 40 * MB, layer=1, demand=True, floor=Precision.FULL)]
+    rows += [BlockRow(f"m/small{i}", 2 * MB, layer=1) for i in range(3)]
+    plan, _ = run(rows, shape, PolicyConfig(hbm_headroom_fraction=0))
+    assert plan.target_hbm_encoding.tolist() == [NONE, FULL, FULL, FULL]
+
+
+def test_a_busy_block_displaces_an_idle_one_with_default_hysteresis() -> None:
+    shape = PoolShape(
+        hbm_bytes=(10 * MB,),
+        layers=(2, 2),
+        experts=(0, 0),
+        encodings=(Encoding(),),
+        size_ratios=np.ones(1),
+        decode_gbps=np.full(1, np.inf),
+    )
+    rows = [
+        BlockRow("idle/a", 8 * MB, layer=0, model=1, hbm_encoding=FULL, fallback_level=HOST),
+        BlockRow("busy/b", 8 * MB, layer=0, model=0, fallback_level=HOST),
+    ]
+    tel = active(shape, 0, 1.0)
+    tel = replace(
+        tel, current_position=np.array([0, NONE], np.int32), concurrency=np.array([1, 0], np.int32)
+    )
+    snapshot = build_snapshot(rows, shape, tel)
+    config = PolicyConfig()
+    plan, _ = step(snapshot, initial_state(snapshot, config), config)
+    assert plan.target_hbm_encoding.tolist() == [NONE, FULL]
