@@ -266,7 +266,9 @@ def schedule(
     hbm_done[block[issued & hbm_kinds]] = True
     warm_done[block[issued & ~hbm_kinds]] = True
     acting = distinct(np.concatenate([block[issued], cancelled]))
-    in_flight_after = np.where(hbm_done[acting] | np.isin(acting, cancelled), NONE, fly[acting])
+    was_cancelled = np.zeros(b.count, dtype=bool)
+    was_cancelled[cancelled] = True
+    in_flight_after = np.where(hbm_done[acting] | was_cancelled[acting], NONE, fly[acting])
     transitions = _transitions(
         snapshot,
         acting,
@@ -436,10 +438,11 @@ def _transitions(
     regen = b.regenerable[rows]
     before = state_codes(enc, cur, fb_cur, b.in_flight_encoding[rows], regen)
     after = state_codes(enc, hbm_after, fallback_after, in_flight_after, regen)
-    kind_of = {kind: set(action_block[action_kind == kind].tolist()) for kind in range(7)}
 
     def has(kind: int) -> np.ndarray:
-        return np.isin(rows, list(kind_of[kind])) if kind_of[kind] else np.zeros(len(rows), bool)
+        mask = np.zeros(b.count, dtype=bool)
+        mask[action_block[action_kind == kind]] = True
+        return mask[rows]
 
     warmer = (fallback_after == HOST) | ((fallback_after == CXL) & (fb_cur == STORAGE))
     reason = np.where(warmer, REASON_WARM_UP, REASON_WARM_DOWN)

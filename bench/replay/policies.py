@@ -1,0 +1,308 @@
+"""The peer policies and the oracle, in the simulator, with the same information.
+
+Each docstring says which published behaviour the policy reproduces and where it simplifies.
+Every policy may preload HBM for free before serving starts (``setup``), so that none starts
+colder than another; all fetch at full precision except ``int4-static``.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+
+import numpy as np
+
+from bench.replay.simulator import FULL, PREFETCH, Simulator
+
+INT4 = 3  # index of INT4 in the replay's encoding table (full, fp8, int8, int4, int4+zstd)
+
+
+def _max_working_set(sim: Simulator) -> int:
+    """Bytes of the largest set of blocks one position of the trace needs at once."""
+    worst = 0
+    for step in range(len(sim.chosen)):
+        for position in range(sim.layout.positions):
+            worst = max(worst, int(sim.sizes[sim.needed(step, position), FULL].sum()))
+    return worst
+
+
+class LruBase:
+    """Shared LRU bookkeeping: a recency order over resident blocks."""
+
+    name = "lru-base"
+
+    def __init__(self) -> None:
+        self.recent: OrderedDict[int, None] = OrderedDict()
+
+    def touch(self, blocks: np.ndarray) -> None:
+        for block in blocks.tolist():
+            self.recent[block] = None
+            self.recent.move_to_end(block)
+
+    def encoding(self, sim: Simulator, block: int) -> int:
+        return FULL
+
+    def before_position(self, sim: Simulator, step: int, position: int) -> None:
+        return None
+
+    def during_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        return None
+
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        self.touch(needed)
+
+    def _lru_victims(
+        self, sim: Simulator, nbytes: int, protected: set[int], pool: list[int]
+    ) -> list[int]:
+        chosen, freed = [], 0
+        for block in pool:
+            if freed >= nbytes:
+                break
+            if block in protected or not sim.evictable(block):
+                continue
+            chosen.append(block)
+            freed += int(sim.sizes[block, sim.encoding[block]])
+        return chosen
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        order = [b for b in self.recent if sim.encoding[b] >= 0]
+        victims = self._lru_victims(sim, nbytes, protected, order)
+        for block in victims:
+            self.recent.pop(block, None)
+        return victims
+
+
+class StaticPolicy(LruBase):
+    """Accelerate's ``device_map``: the first blocks in layer order are pinned in HBM; every other
+    block is fetched when its layer runs and dropped after (a scratch area sized for the largest
+    working set is kept free). Simplification: the fetch is on demand, with no overlap beyond the
+    simulator's link (Accelerate's CPU offload hooks move weights synchronously)."""
+
+    name = "static"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pinned: set[int] = set()
+
+    def setup(self, sim: Simulator) -> None:
+        budget = sim.capacity - _max_working_set(sim)
+        for block in np.argsort(sim.layout.position, kind="stable").tolist():
+            if sim.used + int(sim.sizes[block, FULL]) > budget:
+                break
+            sim.preload(block, FULL)
+            self.pinned.add(block)
+
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        for block in needed.tolist():
+            if block not in self.pinned and sim.encoding[block] >= 0:
+                sim.evict(block)
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        pool = [b for b in np.flatnonzero(sim.encoding >= 0).tolist() if b not in self.pinned]
+        return self._lru_victims(sim, nbytes, protected, pool)
+
+
+class LruPolicy(LruBase):
+    """mixtral-offloading (Eliseev and Mazur 2023, arXiv:2312.17238): every non-expert block stays
+    in HBM; each MoE layer has an LRU cache of the same number of expert slots; a missing expert is
+    loaded on demand into its layer's cache, evicting that layer's least recently used expert.
+    Simplifications: no mixed quantization (full precision here; ``int4-static`` covers that)."""
+
+    name = "lru"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_lru: dict[int, OrderedDict[int, None]] = {}
+
+    def setup(self, sim: Simulator) -> None:
+        kinds = sim.layout.kind
+        for block in np.flatnonzero(kinds != "expert").tolist():
+            if not sim.preload(block, FULL):
+                break
+        # The rest, split evenly: preload the first experts of each layer.
+        blocks = sim.layout.expert_block
+        for layer in range(blocks.shape[0]):
+            self.layer_lru[layer] = OrderedDict()
+        slots = (
+            (sim.capacity - sim.used)
+            // max(int(sim.sizes[blocks[0, 0], FULL]), 1)
+            // max(blocks.shape[0], 1)
+        )
+        for layer in range(blocks.shape[0]):
+            for block in blocks[layer, : int(slots)].tolist():
+                if sim.preload(block, FULL):
+                    self.layer_lru[layer][block] = None
+
+    def _layer(self, sim: Simulator, block: int) -> int:
+        return sim.layout.moe_layer_of_position(int(sim.layout.position[block]))
+
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        for block in needed.tolist():
+            layer = self._layer(sim, block)
+            if layer >= 0 and sim.layout.kind[block] == "expert":
+                lru = self.layer_lru[layer]
+                lru[block] = None
+                lru.move_to_end(block)
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        wanted = [b for b in protected if sim.encoding[b] < 0]
+        layer = self._layer(sim, wanted[0]) if wanted else -1
+        order = [b for b in self.layer_lru.get(layer, {}) if sim.encoding[b] >= 0]
+        if layer >= 0:  # then any other layer's least recently used, oldest layers' first
+            for other in self.layer_lru.values():
+                order.extend(b for b in other if sim.encoding[b] >= 0 and b not in order)
+        victims = self._lru_victims(sim, nbytes, protected, order)
+        for block in victims:
+            self.layer_lru.get(self._layer(sim, block), OrderedDict()).pop(block, None)
+        return victims
+
+
+class LruSpecPolicy(LruPolicy):
+    """mixtral-offloading with speculative expert loading: while layer ``l`` runs, the experts
+    layer ``l + 1`` is guessed to need are prefetched into its cache. mixtral-offloading guesses by
+    applying the next layer's gate to the current hidden state; the replay has no hidden states,
+    so the guess is from router history: the experts layer ``l + 1`` chose at the previous token.
+    Prediction recall is measured against what the layer then chose."""
+
+    name = "lru-spec"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.guessed = 0
+        self.guessed_right = 0
+        self.used = 0
+        self._guess: dict[int, set[int]] = {}
+
+    def during_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        layout = sim.layout
+        moe_next = layout.moe_layer_of_position(position + 1)
+        if step == 0 or moe_next < 0:
+            return
+        guess = layout.expert_block[moe_next, sim.chosen[step - 1][moe_next]]
+        self._guess[moe_next] = set(guess.tolist())
+        protected = set(needed.tolist()) | self._guess[moe_next]
+        lru = self.layer_lru[moe_next]
+        for block in guess.tolist():
+            if sim.fetch(self, block, FULL, PREFETCH, protected):
+                lru[block] = None
+                lru.move_to_end(block)
+
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        super().after_position(sim, step, position, needed)
+        moe = sim.layout.moe_layer_of_position(position)
+        if moe >= 0 and moe in self._guess:
+            used = set(sim.layout.expert_block[moe, sim.chosen[step][moe]].tolist())
+            self.used += len(used)
+            self.guessed_right += len(used & self._guess.pop(moe))
+
+    @property
+    def recall(self) -> float | None:
+        return self.guessed_right / self.used if self.used else None
+
+
+class Int4StaticPolicy(LruBase):
+    """Everything quantized to INT4 once (as GPTQ/AWQ deployments do), placed in layer order
+    while it fits, and a global LRU for what still does not fit."""
+
+    name = "int4-static"
+
+    def encoding(self, sim: Simulator, block: int) -> int:
+        return INT4
+
+    def setup(self, sim: Simulator) -> None:
+        for block in np.argsort(sim.layout.position, kind="stable").tolist():
+            if not sim.preload(block, INT4):
+                break
+            self.recent[block] = None
+
+
+class OraclePolicy(LruBase):
+    """The future known, at full precision, over the same link: every non-expert block pinned (as
+    in every peer that keeps them), Belady eviction among experts (the resident expert used
+    farthest in the future goes first: with experts of one size, the fewest possible fetches), and
+    aggressive prefetch: the next missing expert is fetched as soon as an expert used after it can
+    make room (Cao, Felten, Karlin and Li 1995, "A study of integrated prefetching and caching
+    strategies": within a small factor of the optimal elapsed time). It is the reference, not a
+    proven bound: the tests check that no placement-only policy beats it on their traces."""
+
+    name = "oracle"
+
+    def __init__(self, lookahead_positions: int = 8) -> None:
+        super().__init__()
+        self.lookahead = lookahead_positions
+        self.uses: list[list[int]] = []
+        self.pinned: set[int] = set()
+
+    def setup(self, sim: Simulator) -> None:
+        positions = sim.layout.positions
+        self.uses = [[] for _ in range(len(sim.layout.block_names))]
+        for step in range(len(sim.chosen)):
+            for position in range(positions):
+                when = step * positions + position
+                for block in sim.needed(step, position).tolist():
+                    self.uses[block].append(when)
+        for block in np.flatnonzero(sim.layout.kind != "expert").tolist():
+            if sim.preload(block, FULL):
+                self.pinned.add(block)
+        experts = sim.layout.expert_block.ravel().tolist()
+        for block in sorted(experts, key=lambda b: self.uses[b][0] if self.uses[b] else 1 << 62):
+            if not self.uses[block] or not sim.preload(block, FULL):
+                break
+
+    def next_use(self, block: int, now: int) -> int:
+        uses = self.uses[block]
+        i = bisect.bisect_left(uses, now)
+        return uses[i] if i < len(uses) else 1 << 62
+
+    def _now(self, sim: Simulator) -> int:
+        return sim.step * sim.layout.positions + sim.position
+
+    def victims(
+        self, sim: Simulator, nbytes: int, protected: set[int], before: int | None = None
+    ) -> list[int]:
+        now = self._now(sim)
+        resident = [
+            b
+            for b in np.flatnonzero(sim.encoding >= 0).tolist()
+            if b not in protected and b not in self.pinned and sim.evictable(b)
+        ]
+        resident.sort(key=lambda b: -self.next_use(b, now))
+        chosen, freed = [], 0
+        for block in resident:
+            if freed >= nbytes:
+                break
+            if before is not None and self.next_use(block, now) <= before:
+                break  # everything left is needed no later than the block we make room for
+            chosen.append(block)
+            freed += int(sim.sizes[block, sim.encoding[block]])
+        return chosen if freed >= nbytes else []
+
+    def before_position(self, sim: Simulator, step: int, position: int) -> None:
+        now = self._now(sim)
+        positions = sim.layout.positions
+        for ahead in range(self.lookahead):
+            when = now + ahead
+            t, p = divmod(when, positions)
+            if t >= len(sim.chosen):
+                return
+            for block in sim.needed(t, p).tolist():
+                if sim.encoding[block] >= 0:
+                    continue
+                size = int(sim.sizes[block, FULL])
+                short = sim.used + size - sim.capacity
+                if short > 0:
+                    victims = self.victims(sim, short, {block}, before=when)
+                    if not victims:
+                        return  # no room without hurting a sooner use: wait
+                    for victim in victims:
+                        sim.evict(victim)
+                sim.fetch(self, block, FULL, PREFETCH, {block})
+
+
+POLICIES = {
+    "static": StaticPolicy,
+    "lru": LruPolicy,
+    "lru-spec": LruSpecPolicy,
+    "int4-static": Int4StaticPolicy,
+    "oracle": OraclePolicy,
+}

@@ -1,0 +1,307 @@
+"""A discrete-event simulator of decoding with weights that do not all fit in HBM.
+
+Each decode step visits the schedule positions in order (embedding, layers, head). At a position
+the policy may first act (prefetch, evict); then the router's choice is revealed (for an MoE
+layer), every block the position needs that is not in HBM is fetched on demand, the policy may act
+again (a prefetch issued then overlaps with this layer's compute), the layer stalls
+until its last block has arrived (and decoded, for a compressed copy), and computes for the time
+the hardware model gives for reading its weights. Transfers share one host-to-HBM link of finite
+bandwidth: non-preemptive, one at a time, most urgent class first, in the order issued within a
+class; they overlap with compute.
+
+The simulator is exact and deterministic: the tests check it against stalls computed by hand.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from bench.replay.presets import HardwarePreset, Layout
+
+DEMAND, IMMINENT, PREFETCH, DEMOTION = 0, 1, 2, 3
+FULL = 0
+
+
+class SimulationError(RuntimeError):
+    """The configuration cannot run (a position needs more than HBM holds)."""
+
+
+@dataclass
+class Transfer:
+    block: int
+    encoding: int
+    nbytes: int
+    priority: int
+    issued_s: float
+    seq: int
+    done_s: float | None = None  # set once the link starts it (then it cannot be cancelled)
+    cancelled: bool = False
+
+
+class Link:
+    """One link, one transfer at a time, classes by priority, FIFO within a class."""
+
+    def __init__(self, gbps: float, latency_s: float):
+        self.bytes_per_s = gbps * 1e9
+        self.latency_s = latency_s
+        self.free_s = 0.0
+        self._queue: list[tuple[int, int, Transfer]] = []
+        self._seq = itertools.count()
+        self.bytes_moved = 0
+
+    def submit(
+        self, block: int, encoding: int, nbytes: int, priority: int, now_s: float
+    ) -> Transfer:
+        transfer = Transfer(block, encoding, nbytes, priority, now_s, next(self._seq))
+        heapq.heappush(self._queue, (priority, transfer.seq, transfer))
+        return transfer
+
+    def raise_priority(self, transfer: Transfer, priority: int) -> None:
+        if transfer.done_s is None and priority < transfer.priority:
+            transfer.priority = priority
+            heapq.heappush(self._queue, (priority, transfer.seq, transfer))
+
+    def cancel(self, transfer: Transfer) -> bool:
+        if transfer.done_s is not None:
+            return False
+        transfer.cancelled = True
+        return True
+
+    def _start_next(self, before_s: float | None) -> bool:
+        while self._queue:
+            priority, _, transfer = self._queue[0]
+            if transfer.cancelled or transfer.done_s is not None or priority != transfer.priority:
+                heapq.heappop(self._queue)  # a stale entry
+                continue
+            start = max(self.free_s, transfer.issued_s)
+            if before_s is not None and start >= before_s:
+                return False
+            heapq.heappop(self._queue)
+            transfer.done_s = start + self.latency_s + transfer.nbytes / self.bytes_per_s
+            self.free_s = transfer.done_s
+            self.bytes_moved += transfer.nbytes
+            return True
+        return False
+
+    def advance(self, now_s: float) -> None:
+        """Start every queued transfer the link would have started before ``now_s``."""
+        while self._start_next(now_s):
+            pass
+
+    def finish(self, transfer: Transfer) -> float:
+        """Start transfers in order until ``transfer`` has started; return its completion time."""
+        while transfer.done_s is None:
+            if not self._start_next(None):
+                raise SimulationError(f"transfer of block {transfer.block} is not queued")
+        return transfer.done_s
+
+    def pending_bytes(self) -> int:
+        return sum(t.nbytes for _, _, t in self._queue if not t.cancelled and t.done_s is None)
+
+
+class Policy(Protocol):
+    name: str
+
+    def setup(self, sim: Simulator) -> None: ...
+    def before_position(self, sim: Simulator, step: int, position: int) -> None: ...
+    def during_position(
+        self, sim: Simulator, step: int, position: int, needed: np.ndarray
+    ) -> None: ...
+    def after_position(
+        self, sim: Simulator, step: int, position: int, needed: np.ndarray
+    ) -> None: ...
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]: ...
+    def encoding(self, sim: Simulator, block: int) -> int: ...
+
+
+@dataclass
+class Result:
+    policy: str
+    steps: int
+    total_s: float = 0.0
+    stall_s: float = 0.0
+    accesses: int = 0
+    hits: int = 0
+    bytes_moved: int = 0
+    quality_cost: float = 0.0  # summed over steps
+    prediction_recall: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, float | None]:
+        steps = max(self.steps, 1)
+        return {
+            "stall_ms_per_token": 1e3 * self.stall_s / steps,
+            "tokens_per_s": steps / self.total_s if self.total_s else 0.0,
+            "hbm_hit_rate": self.hits / self.accesses if self.accesses else 0.0,
+            "bytes_moved_per_token": self.bytes_moved / steps,
+            "quality_cost": self.quality_cost / steps,
+            "prediction_recall": self.prediction_recall,
+        }
+
+
+class Simulator:
+    """State of one replay: HBM contents, the link, the clock, and the counters."""
+
+    def __init__(
+        self,
+        layout: Layout,
+        hardware: HardwarePreset,
+        chosen: list[list[np.ndarray]],
+        hbm_bytes: int,
+        sizes: np.ndarray,
+        sensitivity: np.ndarray,
+        decode_gbps: np.ndarray,
+    ):
+        self.layout = layout
+        self.hardware = hardware
+        self.chosen = chosen
+        self.capacity = hbm_bytes
+        self.sizes = sizes  # [N, E] bytes per encoding
+        self.sensitivity = sensitivity  # [N, E]
+        self.decode_gbps = decode_gbps  # [E], inf: usable as stored
+        n = len(layout.block_names)
+        self.encoding = np.full(n, -1, np.int64)  # in HBM at this encoding (or in flight to it)
+        self.transfer: list[Transfer | None] = [None] * n
+        self.used = 0
+        self.now_s = 0.0
+        self.link = Link(hardware.host_gbps, hardware.transfer_latency_s)
+        self.step = 0
+        self.position = 0
+
+    # -- what policies may call --------------------------------------------------------------
+
+    def needed(self, step: int, position: int) -> np.ndarray:
+        dense = self.layout.dense_at[position]
+        moe = self.layout.moe_layer_of_position(position)
+        if moe < 0:
+            return dense
+        return np.concatenate([dense, self.layout.expert_block[moe, self.chosen[step][moe]]])
+
+    def ready(self, block: int) -> bool:
+        """In HBM and arrived by now."""
+        if self.encoding[block] < 0:
+            return False
+        transfer = self.transfer[block]
+        return transfer is None or (transfer.done_s is not None and transfer.done_s <= self.now_s)
+
+    def resident_or_coming(self, block: int) -> bool:
+        return self.encoding[block] >= 0
+
+    def evictable(self, block: int) -> bool:
+        """In HBM and either arrived or still cancellable (not on the wire)."""
+        if self.encoding[block] < 0:
+            return False
+        transfer = self.transfer[block]
+        return transfer is None or transfer.done_s is None or transfer.done_s <= self.now_s
+
+    def preload(self, block: int, encoding: int) -> bool:
+        """Place a block before serving starts (free, at time 0); False if it does not fit."""
+        size = int(self.sizes[block, encoding])
+        if self.encoding[block] >= 0 or self.used + size > self.capacity:
+            return False
+        self.encoding[block] = encoding
+        self.used += size
+        return True
+
+    def evict(self, block: int) -> None:
+        if not self.evictable(block):
+            raise SimulationError(f"block {block} is on the wire and cannot be evicted")
+        transfer = self.transfer[block]
+        if transfer is not None:
+            self.link.cancel(transfer)
+        self.used -= int(self.sizes[block, self.encoding[block]])
+        self.encoding[block] = -1
+        self.transfer[block] = None
+
+    def fetch(
+        self, policy: Policy, block: int, encoding: int, priority: int, protected: set[int]
+    ) -> bool:
+        """Start bringing ``block`` into HBM at ``encoding``; make room through the policy.
+        Returns False (and changes nothing) when room cannot be made."""
+        if self.encoding[block] >= 0:
+            transfer = self.transfer[block]
+            if transfer is not None:
+                self.link.raise_priority(transfer, priority)
+            return True
+        size = int(self.sizes[block, encoding])
+        short = self.used + size - self.capacity
+        if short > 0:
+            victims = policy.victims(self, short, protected | {block})
+            freed = sum(int(self.sizes[v, self.encoding[v]]) for v in victims)
+            if freed < short or any(v in protected or not self.evictable(v) for v in victims):
+                return False
+            for victim in victims:
+                self.evict(victim)
+        self.encoding[block] = encoding
+        self.used += size
+        self.transfer[block] = self.link.submit(block, encoding, size, priority, self.now_s)
+        return True
+
+    def _wait_for_the_wire(self, policy: Policy, block: int) -> None:
+        """No room for a demand fetch: wait for the next transfer on the wire to land (a stall
+        under memory pressure), so that its block becomes evictable."""
+        on_wire = [
+            t.done_s
+            for t in self.transfer
+            if t is not None and t.done_s is not None and t.done_s > self.now_s
+        ]
+        if not on_wire:
+            raise SimulationError(
+                f"{policy.name}: no room in {self.capacity} bytes of HBM for block "
+                f"{self.layout.block_names[block]} at step {self.step}"
+            )
+        self.now_s = min(on_wire)
+        self.link.advance(self.now_s)
+
+    # -- the replay ----------------------------------------------------------------------------
+
+    def run(self, policy: Policy) -> Result:
+        result = Result(policy.name, len(self.chosen))
+        policy.setup(self)
+        positions = self.layout.positions
+        for step in range(len(self.chosen)):
+            self.step = step
+            for position in range(positions):
+                self.position = position
+                self.link.advance(self.now_s)
+                policy.before_position(self, step, position)
+                needed = self.needed(step, position)
+                protected = set(needed.tolist())
+                start_s = self.now_s
+                for block in needed.tolist():
+                    result.accesses += 1
+                    if self.ready(block):
+                        result.hits += 1
+                        continue
+                    while not self.fetch(
+                        policy, block, policy.encoding(self, block), DEMAND, protected
+                    ):
+                        self._wait_for_the_wire(policy, block)
+                policy.during_position(self, step, position, needed)
+                arrival = self.now_s
+                decode_s = 0.0
+                weight_bytes = 0
+                for block in needed.tolist():
+                    transfer = self.transfer[block]
+                    if transfer is not None:
+                        arrival = max(arrival, self.link.finish(transfer))
+                    encoding = self.encoding[block]
+                    if np.isfinite(self.decode_gbps[encoding]):
+                        decode_s += self.sizes[block, FULL] / (self.decode_gbps[encoding] * 1e9)
+                    weight_bytes += int(self.sizes[block, encoding])
+                    result.quality_cost += float(self.sensitivity[block, encoding])
+                stall = (arrival - start_s) + decode_s
+                result.stall_s += stall
+                self.now_s = start_s + stall + self.hardware.compute_s(weight_bytes)
+                for block in needed.tolist():  # arrived: no longer on the wire
+                    self.transfer[block] = None
+                policy.after_position(self, step, position, needed)
+        self.link.advance(self.now_s)
+        result.total_s = self.now_s
+        result.bytes_moved = self.link.bytes_moved
+        return result

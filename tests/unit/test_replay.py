@@ -1,0 +1,152 @@
+"""The trace-replay simulator on hand-made traces (stalls computed by hand), trace files, the
+synthetic generator's calibration, and the oracle against the peer policies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.replay.policies import LruBase, LruPolicy, LruSpecPolicy, OraclePolicy, StaticPolicy
+from bench.replay.presets import HARDWARE, MODELS, HardwarePreset, ModelPreset, layout
+from bench.replay.simulator import FULL, PREFETCH, Simulator
+from bench.replay.trace import (
+    SyntheticKnobs,
+    Trace,
+    TraceError,
+    read,
+    repeat_rate,
+    synthesize,
+)
+
+GB = 10**9
+TINY = ModelPreset("tiny", 2, 0, 2, 1, 0, 8, 8, 8, 8, 8)
+# A 1 GB/s link with no latency and a layer that always takes 0.5 s: stalls come out round.
+SLOW = HardwarePreset("slow", 0, 1e12, 1.0, 1.0, 1.0, 0.0, 0.5)
+
+
+def tiny_sim(chosen: list[list[list[int]]], hbm_experts: int = 2) -> Simulator:
+    lay = layout(TINY)
+    sizes = np.where(lay.kind == "expert", GB, 1)[:, None].repeat(5, axis=1).astype(np.int64)
+    dense = int(sizes[lay.kind != "expert", FULL].sum())
+    trace = [[np.array(layer, np.int64) for layer in step] for step in chosen]
+    return Simulator(
+        lay, SLOW, trace, dense + hbm_experts * GB, sizes, np.zeros(sizes.shape), np.full(5, np.inf)
+    )
+
+
+class DemandOnly(LruBase):
+    """Dense blocks preloaded; experts fetched when needed; least recently used evicted."""
+
+    name = "demand-only"
+
+    def setup(self, sim: Simulator) -> None:
+        for block in np.flatnonzero(sim.layout.kind != "expert").tolist():
+            sim.preload(block, FULL)
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        experts = [
+            b for b in self.recent if sim.layout.kind[b] == "expert" and sim.encoding[b] >= 0
+        ]
+        return self._lru_victims(sim, nbytes, protected, experts)
+
+
+class PrefetchNextLayer(DemandOnly):
+    """Also prefetches layer 1's expert e1 while layer 0 runs (issued after layer 0's demand)."""
+
+    def during_position(self, sim, step, position, needed) -> None:
+        if position == 1:
+            block = int(sim.layout.expert_block[1, 1])
+            sim.fetch(self, block, FULL, PREFETCH, set(needed.tolist()) | {block})
+
+
+class PrefetchEarly(DemandOnly):
+    """Prefetches layer 1's expert before layer 0 routes: the demand for layer 0 must still go
+    first on the link, since the prefetch has not started."""
+
+    def before_position(self, sim, step, position) -> None:
+        if position == 1:
+            block = int(sim.layout.expert_block[1, 1])
+            sim.fetch(self, block, FULL, PREFETCH, {block})
+
+
+TRACE = [[[0], [1]], [[0], [1]]]  # two tokens: layer 0 picks expert 0, layer 1 expert 1
+
+
+def test_demand_misses_stall_for_their_whole_transfer() -> None:
+    # Token 0: embedding 0.5 s; layer 0 misses e0 (1 s on the link) then computes 0.5 s; layer 1
+    # misses e1 (1 s) then 0.5 s; head 0.5 s. Token 1 hits everything: 4 x 0.5 s.
+    result = tiny_sim(TRACE).run(DemandOnly())
+    assert result.stall_s == pytest.approx(2.0)
+    assert result.total_s == pytest.approx(6.0)
+    assert (result.accesses, result.hits) == (12, 10)  # 6 blocks a token, 2 misses
+    assert result.bytes_moved == 2 * GB
+
+
+def test_a_prefetch_overlaps_with_compute() -> None:
+    # Layer 1's expert leaves at 1.5 s (after layer 0's demand), lands at 2.5 s; layer 1 starts
+    # at 2.0 s and waits 0.5 s instead of 1 s.
+    result = tiny_sim(TRACE).run(PrefetchNextLayer())
+    assert result.stall_s == pytest.approx(1.5)
+    assert result.total_s == pytest.approx(5.5)
+
+
+def test_a_demand_goes_ahead_of_a_prefetch_that_has_not_started() -> None:
+    # Both issued at 0.5 s; the demand (layer 0's e0) takes the link first: same times as above.
+    result = tiny_sim(TRACE).run(PrefetchEarly())
+    assert result.stall_s == pytest.approx(1.5)
+    assert result.total_s == pytest.approx(5.5)
+
+
+def test_eviction_when_hbm_holds_one_expert() -> None:
+    # With room for one expert, layer 1's fetch evicts e0 and token 1 misses both again.
+    result = tiny_sim(TRACE, hbm_experts=1).run(DemandOnly())
+    assert result.stall_s == pytest.approx(4.0)
+    assert result.bytes_moved == 4 * GB
+
+
+def test_trace_files_round_trip_and_bad_files_are_refused(tmp_path) -> None:
+    trace = synthesize(4, 8, 2, 10, SyntheticKnobs(concurrency=3), seed=1)
+    for name in ("t.arrow", "t.parquet"):
+        trace.write(tmp_path / name)
+        back = read(tmp_path / name)
+        assert (back.num_layers, back.num_experts, back.top_k) == (4, 8, 2)
+        assert np.array_equal(back.step, trace.step) and np.array_equal(back.expert, trace.expert)
+    bad = Trace(np.array([0]), np.array([0]), np.array([9]), 4, 8, 2, "bad")
+    bad.write(tmp_path / "bad.arrow")
+    with pytest.raises(TraceError, match=r"expert values span 9..9; expected 0..7"):
+        read(tmp_path / "bad.arrow")
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow")
+    with pytest.raises(TraceError, match="not a readable Arrow IPC or Parquet file"):
+        read(tmp_path / "junk.arrow")
+    with pytest.raises(TraceError, match="has 4 MoE layers of 8 experts; the model has 32 of 8"):
+        trace.check_fits(32, 8)
+
+
+def test_synthetic_default_is_calibrated_to_the_mixtral_repeat_rate() -> None:
+    # Jiang et al. 2024 (section 5): repetition well above the 46 % of random top-2-of-8 choices.
+    rates = [repeat_rate(synthesize(32, 8, 2, 300, SyntheticKnobs(), seed=s), 15) for s in range(3)]
+    assert 0.55 <= float(np.mean(rates)) <= 0.68
+    uniform = SyntheticKnobs(zipf_exponent=0, persistence=0, cross_layer=0)
+    # Random top-2 of 8: two consecutive sets intersect with probability 1 - C(6,2)/C(8,2) = 13/28.
+    assert abs(repeat_rate(synthesize(32, 8, 2, 300, uniform), 15) - 13 / 28) < 0.08
+
+
+@pytest.mark.parametrize("fraction", [0.25, 0.5])
+def test_the_oracle_is_not_beaten_by_a_placement_only_peer(fraction) -> None:
+    model, hardware = MODELS["mixtral-8x7b"], HARDWARE["h100-pcie5"]
+    lay = layout(model)
+    trace = synthesize(model.moe_layers, model.experts, model.top_k, 30, SyntheticKnobs(), seed=2)
+    sizes = lay.nbytes[:, None].repeat(5, axis=1)
+    stalls = {}
+    for policy in (StaticPolicy(), LruPolicy(), LruSpecPolicy(), OraclePolicy()):
+        sim = Simulator(
+            lay,
+            hardware,
+            trace.chosen(),
+            int(fraction * lay.nbytes.sum()),
+            sizes,
+            np.zeros(sizes.shape),
+            np.full(5, np.inf),
+        )
+        stalls[policy.name] = sim.run(policy).stall_s
+    assert stalls["oracle"] <= min(stalls.values()) + 1e-9, stalls
