@@ -442,7 +442,8 @@ def _transitions(
     def has(kind: int) -> np.ndarray:
         mask = np.zeros(b.count, dtype=bool)
         mask[action_block[action_kind == kind]] = True
-        return mask[rows]
+        found: np.ndarray = mask[rows]
+        return found
 
     warmer = (fallback_after == HOST) | ((fallback_after == CXL) & (fb_cur == STORAGE))
     reason = np.where(warmer, REASON_WARM_UP, REASON_WARM_DOWN)
