@@ -181,7 +181,8 @@ def build_snapshot(rows: Sequence[BlockRow], shape: PoolShape, telemetry: Teleme
 
 def execute_instantly(snapshot: Snapshot, plan: Plan, now_s: float) -> Snapshot:
     """A fake executor for tests and benchmarks: every transition in ``plan`` completes at once
-    (the block lands at its target encoding and fallback level); cancelled copies vanish."""
+    (the block lands at its target encoding and fallback level), cancelled copies vanish, and
+    copies that were already in flight land."""
     b = snapshot.blocks
     hbm = b.hbm_encoding.copy()
     fallback = b.fallback_level.copy()
@@ -192,9 +193,12 @@ def execute_instantly(snapshot: Snapshot, plan: Plan, now_s: float) -> Snapshot:
     hbm[rows] = plan.transition_target_encoding
     fallback[rows] = plan.transition_fallback_level
     landed = rows[b.hbm_encoding[rows] != hbm[rows]]
-    in_flight[landed] = NONE  # a copy that was in flight has landed (or was replaced)
-    moved = landed
-    placed[moved] = now_s
+    in_flight[landed] = NONE  # replaced by what this plan put there
+    placed[landed] = now_s
+    arriving = np.flatnonzero(in_flight != NONE)  # copies already on their way land too
+    hbm[arriving] = in_flight[arriving]
+    in_flight[arriving] = NONE
+    placed[arriving] = now_s
     blocks = replace(
         b,
         hbm_encoding=hbm,

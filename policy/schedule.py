@@ -241,24 +241,29 @@ def schedule(
     on_link = kind < EVICT
     nbytes = np.where(on_link, b.nbytes[block, np.maximum(encoding, 0)], 0)
 
+    cancelled = differ[cancel]
+    shrink = on_link & (dst == HBM) & (b.hbm_encoding[block] != NONE)
+    shrink &= b.nbytes[block, np.maximum(encoding, 0)] < b.nbytes[block, b.hbm_encoding[block]]
+    # Capacity first, over every candidate copy (most urgent first), so that a copy that can
+    # never fit does not take a link's budget; then the link budgets over what fits.
+    # A fallback copy that a fetch may read this tick stays where it is until the next tick.
+    reading = np.zeros(b.count, dtype=bool)
+    reading[block[kind == FETCH]] = True
+    held = np.isin(kind, (DROP_WARM, SPILL)) & reading[block]  # these remove that copy
+    fits, spilled = _admit(
+        snapshot, block, kind, dst, encoding, cls, deadline, shrink & ~held, cancelled, held, config
+    )
     issued = np.zeros(len(block), dtype=bool)
     issued[~on_link] = True  # drops need no link
-    linked = np.flatnonzero(on_link)
+    linked = np.flatnonzero(on_link & fits)
     issued[linked] = _within_link_budgets(
         snapshot, src[linked], dst[linked], cls[linked], deadline[linked], nbytes[linked], config
     )
-    cancelled = differ[cancel]
-    # A fallback copy a fetch may read this tick is dropped next tick, not now (decided before
-    # admission, which counts the bytes that drops free).
-    reading = block[issued & (kind == FETCH)]
-    issued &= ~((kind == DROP_WARM) & np.isin(block, reading))
-    admitted, spilled = _admit(
-        snapshot, block, kind, dst, encoding, cls, deadline, issued, cancelled, config
-    )
-    issued &= admitted
-    kind = np.where(spilled, EVICT, kind).astype(np.int8)  # re-fetched smaller later
-    deferred = int((on_link & ~issued).sum())
+    deferred = int((on_link & ~issued & ~spilled).sum())
+    issued |= spilled
+    kind = np.where(spilled, EVICT, kind).astype(np.int8)  # fetched again, smaller, later
     on_link &= ~spilled
+    issued &= ~held
 
     hbm_done = np.zeros(b.count, dtype=bool)
     warm_done = np.zeros(b.count, dtype=bool)
@@ -269,10 +274,12 @@ def schedule(
     was_cancelled = np.zeros(b.count, dtype=bool)
     was_cancelled[cancelled] = True
     in_flight_after = np.where(hbm_done[acting] | was_cancelled[acting], NONE, fly[acting])
+    hbm_result = tgt.copy()
+    hbm_result[block[spilled]] = NONE  # evicted now; the smaller copy comes on a later tick
     transitions = _transitions(
         snapshot,
         acting,
-        np.where(hbm_done[acting], tgt[acting], cur[acting]),
+        np.where(hbm_done[acting], hbm_result[acting], cur[acting]),
         np.where(warm_done[acting], fb_tgt[acting], fb_cur[acting]),
         in_flight_after,
         block[issued],
@@ -307,18 +314,19 @@ def _admit(
     encoding: np.ndarray,
     cls: np.ndarray,
     deadline: np.ndarray,
-    issued: np.ndarray,
+    shrink: np.ndarray,
     cancelled: np.ndarray,
+    held: np.ndarray,
     config: PolicyConfig,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Capacity admission: a copy may be started only if its tier holds it alongside everything
     that exists during the tick (ready copies, copies in flight, the old copy of a block being
-    re-encoded), after the drops and cancellations of this tick. Most urgent first; the rest
-    wait. A shrink that cannot be done in place for lack of room (it needs the old and the new
-    copy at once) becomes an eviction: the block is fetched again, smaller, on a later tick.
-    Also caps the number of copies started per tick.
+    re-encoded), after this tick's drops and cancellations. Most urgent first; the rest wait,
+    and at most ``max_transitions_per_step`` copies start. A shrink (a smaller copy of a block
+    in HBM) that finds no room, while another copy waits for room in its tier, becomes an
+    eviction instead: the block is fetched again, smaller, on a later tick.
 
-    Returns the admitted mask and the mask of shrinks turned into evictions.
+    Returns the mask of copies that fit and the mask of shrinks turned into evictions.
     """
     b, tiers = snapshot.blocks, snapshot.tiers
     usable = tiers.usable_bytes.astype(np.float64)
@@ -332,54 +340,54 @@ def _admit(
         rows = np.flatnonzero(b.fallback_level == level)
         np.add.at(occupancy, tier_of[rows], b.nbytes[rows, 0])
     # Drops free their bytes now.
-    rows = block[issued & (kind == EVICT)]
+    rows = block[kind == EVICT]
     np.add.at(occupancy, b.hbm_tier[rows], -b.nbytes[rows, b.hbm_encoding[rows]])
-    rows = block[issued & (kind == DROP_WARM)]
+    rows = block[(kind == DROP_WARM) & ~held]
     where = np.where(b.fallback_level[rows] == HOST, b.host_tier[rows], b.cxl_tier[rows])
     np.add.at(occupancy, where, -b.nbytes[rows, 0])
 
-    fills = np.flatnonzero(issued & (kind < EVICT))
+    fills = np.flatnonzero((kind < EVICT) & ~held)
     fills = fills[np.lexsort((deadline[fills], cls[fills]))]
-    admitted = np.zeros(len(block), dtype=bool)
-    admitted[issued & (kind >= EVICT)] = True
+    fits = np.zeros(len(block), dtype=bool)
+    fits[kind >= EVICT] = True
     spilled = np.zeros(len(block), dtype=bool)
     started = 0
 
-    def place(index: int) -> bool:
-        nonlocal started
+    def tier_and_size(index: int) -> tuple[int, float]:
         row = int(block[index])
-        target = int(dst[index])
-        if target == HBM:
-            tier = int(b.hbm_tier[row])
-            size = float(b.nbytes[row, encoding[index]])
-        else:
-            tier = int(b.host_tier[row] if target == HOST else b.cxl_tier[row])
-            size = float(b.nbytes[row, 0])
-        if tier == NONE or occupancy[tier] + size > usable[tier]:
-            return False
+        if int(dst[index]) == HBM:
+            return int(b.hbm_tier[row]), float(b.nbytes[row, encoding[index]])
+        tier = b.host_tier[row] if int(dst[index]) == HOST else b.cxl_tier[row]
+        return int(tier), float(b.nbytes[row, 0])
+
+    no_room: list[int] = []
+    for index in fills.tolist():
+        tier, size = tier_and_size(index)
         if started >= config.max_transitions_per_step:
-            return False
+            break  # the cap: everything after waits, and nothing is evicted for it
+        if tier == NONE or occupancy[tier] + size > usable[tier]:
+            no_room.append(index)
+            continue
         occupancy[tier] += size
         started += 1
-        return True
-
-    waiting = []
-    for index in fills.tolist():  # few per tick: the link budgets already bound them
-        if place(index):
-            admitted[index] = True
-        else:
-            waiting.append(index)
-    # Shrinks that found no room for their new copy: evict instead, then retry the rest.
-    for index in waiting:
+        fits[index] = True
+    # Shrinks that found no room while something waits for room in their tier: evict instead,
+    # then give the freed bytes to the copies that were waiting.
+    waiting_tiers = {tier_and_size(i)[0] for i in no_room if not shrink[i]}
+    for index in no_room:
         row = int(block[index])
-        current = b.hbm_encoding[row]
-        if kind[index] == TRANSCODE and b.nbytes[row, encoding[index]] < b.nbytes[row, current]:
-            spilled[index] = admitted[index] = True
-            occupancy[b.hbm_tier[row]] -= b.nbytes[row, current]
-    for index in waiting:
-        if not spilled[index] and place(index):
-            admitted[index] = True
-    return admitted, spilled
+        if shrink[index] and int(b.hbm_tier[row]) in waiting_tiers:
+            spilled[index] = True
+            occupancy[b.hbm_tier[row]] -= b.nbytes[row, b.hbm_encoding[row]]
+    for index in no_room:
+        if spilled[index] or started >= config.max_transitions_per_step:
+            continue
+        tier, size = tier_and_size(index)
+        if tier != NONE and occupancy[tier] + size <= usable[tier]:
+            occupancy[tier] += size
+            started += 1
+            fits[index] = True
+    return fits, spilled
 
 
 def _within_link_budgets(
@@ -451,8 +459,12 @@ def _transitions(
     reason = np.where(has(EVICT), np.where(vetoed_out, REASON_VETO_EVICT, REASON_EVICT), reason)
     reason = np.where(has(TRANSCODE), REASON_SHRINK, reason)
     fetched = has(FETCH)
-    upgraded = fetched & (cur != NONE)
-    reason = np.where(upgraded, REASON_UPGRADE, reason)
+    safe_cur = np.where(cur == NONE, 0, cur)
+    safe_after = np.where(hbm_after == NONE, 0, hbm_after)
+    smaller = b.nbytes[rows, safe_after] < b.nbytes[rows, safe_cur]
+    reason = np.where(
+        fetched & (cur != NONE), np.where(smaller, REASON_SHRINK, REASON_UPGRADE), reason
+    )
     reason = np.where(
         fetched & (cur == NONE), np.where(b.demand[rows], REASON_DEMAND, REASON_PROMOTE), reason
     )

@@ -67,7 +67,7 @@ class Targets:
 
 
 def take_by_density(
-    density: np.ndarray, nbytes: np.ndarray, budget: float, rounds: int = 4
+    density: np.ndarray, nbytes: np.ndarray, budget: float, rounds: int = 8
 ) -> np.ndarray:
     """Mask of the densest items whose bytes fit ``budget`` together: greedy by density, an item
     too big for what is left is skipped and smaller ones after it still go (in a few vectorized

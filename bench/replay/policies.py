@@ -8,6 +8,7 @@ colder than another; all fetch at full precision except ``int4-static``.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import OrderedDict
 
 import numpy as np
@@ -65,7 +66,7 @@ class LruBase:
         return chosen
 
     def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
-        order = [b for b in self.recent if sim.encoding[b] >= 0]
+        order = (b for b in list(self.recent) if sim.encoding[b] >= 0)
         victims = self._lru_victims(sim, nbytes, protected, order)
         for block in victims:
             self.recent.pop(block, None)
@@ -147,10 +148,16 @@ class LruPolicy(LruBase):
     def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
         wanted = [b for b in protected if sim.encoding[b] < 0]
         layer = self._layer(sim, wanted[0]) if wanted else -1
-        order = [b for b in self.layer_lru.get(layer, {}) if sim.encoding[b] >= 0]
-        if layer >= 0:  # then any other layer's least recently used, oldest layers' first
-            for other in self.layer_lru.values():
-                order.extend(b for b in other if sim.encoding[b] >= 0 and b not in order)
+        own = list(self.layer_lru.get(layer, {}))
+        # The layer's own least recently used first, then any other layer's (lazily: a victim is
+        # usually found within the first few).
+        others = (
+            b
+            for lru in self.layer_lru.values()
+            if lru is not self.layer_lru.get(layer)
+            for b in list(lru)
+        )
+        order = (b for b in itertools.chain(own, others) if sim.encoding[b] >= 0)
         victims = self._lru_victims(sim, nbytes, protected, order)
         for block in victims:
             self.layer_lru.get(self._layer(sim, block), OrderedDict()).pop(block, None)

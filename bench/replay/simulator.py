@@ -167,6 +167,7 @@ class Simulator:
         n = len(layout.block_names)
         self.encoding = np.full(n, -1, np.int64)  # in HBM at this encoding (or in flight to it)
         self.transfer: list[Transfer | None] = [None] * n
+        self.flying: set[int] = set()  # blocks whose transfer object is still held
         self.used = 0
         self.now_s = 0.0
         self.link = Link(hardware.host_gbps, hardware.transfer_latency_s)
@@ -217,6 +218,7 @@ class Simulator:
         self.used -= int(self.sizes[block, self.encoding[block]])
         self.encoding[block] = -1
         self.transfer[block] = None
+        self.flying.discard(block)
 
     def fetch(
         self, policy: Policy, block: int, encoding: int, priority: int, protected: set[int]
@@ -240,6 +242,7 @@ class Simulator:
         self.encoding[block] = encoding
         self.used += size
         self.transfer[block] = self.link.submit(block, encoding, size, priority, self.now_s)
+        self.flying.add(block)
         return True
 
     def _wait_for_the_wire(self, policy: Policy, block: int) -> None:
@@ -247,7 +250,7 @@ class Simulator:
         under memory pressure), so that its block becomes evictable."""
         on_wire = [
             t.done_s
-            for t in self.transfer
+            for t in (self.transfer[b] for b in self.flying)
             if t is not None and t.done_s is not None and t.done_s > self.now_s
         ]
         if not on_wire:
@@ -300,6 +303,7 @@ class Simulator:
                 self.now_s = start_s + stall + self.hardware.compute_s(weight_bytes)
                 for block in needed.tolist():  # arrived: no longer on the wire
                     self.transfer[block] = None
+                    self.flying.discard(block)
                 policy.after_position(self, step, position, needed)
         self.link.advance(self.now_s)
         result.total_s = self.now_s

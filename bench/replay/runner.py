@@ -1,0 +1,72 @@
+"""Run every policy on one trace, model and hardware preset, with the same inputs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from bench.replay.policies import POLICIES
+from bench.replay.presets import HardwarePreset, ModelPreset, layout
+from bench.replay.quality import floors_bits, synthetic_sensitivity
+from bench.replay.simulator import Simulator
+from bench.replay.trace import Trace
+from bench.replay.weightpool_policy import WeightpoolPolicy
+from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_SIZE_RATIOS
+from policy.config import PolicyConfig
+
+ALL_POLICIES = (
+    "weightpool",
+    "weightpool-placement",
+    "static",
+    "lru",
+    "lru-spec",
+    "int4-static",
+    "oracle",
+)
+
+
+@dataclass(frozen=True)
+class ReplaySetup:
+    model: ModelPreset
+    hardware: HardwarePreset
+    hbm_fraction: float
+    quality_budget: float = 0.02  # drift per token
+    floor_threshold: float = 2e-3
+    seed: int = 0
+
+
+def run_replay(
+    setup: ReplaySetup,
+    trace: Trace,
+    policies: tuple[str, ...] = ALL_POLICIES,
+    sensitivity: np.ndarray | None = None,
+) -> dict[str, dict[str, float | None]]:
+    model = setup.model
+    trace.check_fits(model.moe_layers, model.experts)
+    lay = layout(model)
+    sizes = np.maximum(np.rint(lay.nbytes[:, None] * DEFAULT_SIZE_RATIOS[None, :]), 1).astype(
+        np.int64
+    )
+    if sensitivity is None:
+        sensitivity = synthetic_sensitivity(lay, setup.seed)
+    floors = floors_bits(sensitivity, setup.floor_threshold)
+    hbm = int(setup.hbm_fraction * lay.nbytes.sum())
+    chosen = trace.chosen()
+    results = {}
+    for name in policies:
+        if name.startswith("weightpool"):
+            config = PolicyConfig(quality_budget=setup.quality_budget, tick_s=2e-3)
+            policy = WeightpoolPolicy(config, floors, precision=name == "weightpool")
+        else:
+            policy = POLICIES[name]()
+        sim = Simulator(lay, setup.hardware, chosen, hbm, sizes, sensitivity, DEFAULT_DECODE_GBPS)
+        start = time.perf_counter()
+        result = sim.run(policy)
+        summary = result.summary()
+        recall = getattr(policy, "recall", None)
+        summary["prediction_recall"] = recall
+        summary["replay_s"] = time.perf_counter() - start
+        results[name] = summary
+    return results

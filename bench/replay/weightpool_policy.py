@@ -1,0 +1,271 @@
+"""weightpool's control step (``policy.step``) driving the simulator.
+
+Every ``positions_per_step`` schedule positions, the adapter builds a snapshot of the simulator's
+state (what is in HBM, at which encoding, what is in flight), with the telemetry revealed so far
+(router choices of the positions already run, measured layer times), runs one step, and carries
+out the plan: fetches become link transfers in the plan's class and order, evictions free HBM,
+a re-encode in HBM is carried out as a fetch of the new encoding (the simulator models one
+link only, so this charges it to the host link). Misses between steps are fetched on demand at
+the plan's encoding for the block (full precision if it has none); room is made by evicting the
+resident blocks of lowest value density in the last plan.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from bench.replay.presets import Layout
+from bench.replay.simulator import DEMAND, IMMINENT, PREFETCH, Simulator
+from policy.builder import DEFAULT_ENCODINGS
+from policy.config import PolicyConfig
+from policy.plan import Plan, Priority
+from policy.snapshot import (
+    HBM,
+    HOST,
+    KIND_CODES,
+    NONE,
+    STORAGE,
+    BlockArrays,
+    EncodingTable,
+    LinkModel,
+    ModelShapes,
+    Snapshot,
+    Telemetry,
+    TierArrays,
+)
+from policy.state import PolicyState, initial_state
+from policy.step import step
+from pool.blocks import BlockKind
+
+_KINDS = {
+    "dense": BlockKind.DENSE,
+    "expert": BlockKind.EXPERT,
+    "shared-expert": BlockKind.SHARED_EXPERT,
+    "embedding": BlockKind.EMBEDDING,
+    "head": BlockKind.HEAD,
+}
+_PRIORITY = {
+    Priority.DEMAND: DEMAND,
+    Priority.IMMINENT: IMMINENT,
+    Priority.PREFETCH: PREFETCH,
+    Priority.DEMOTION: PREFETCH,
+}
+
+
+class WeightpoolPolicy:
+    name = "weightpool"
+
+    def __init__(
+        self,
+        config: PolicyConfig,
+        floor_bits: np.ndarray,
+        positions_per_step: int = 8,
+        precision: bool = True,
+    ):
+        self.config = config
+        self.floor_bits = floor_bits
+        self.every = positions_per_step
+        self.precision = precision  # False: placement only (full precision)
+        self.plan: Plan | None = None
+        self.state: PolicyState | None = None
+        self.snapshot: Snapshot | None = None
+        self.layer_time = np.zeros(1)
+        self.revealed = (0, 0)  # (step, position) up to which routing was passed on
+        self.last_use = np.zeros(1)
+
+    # -- snapshot ----------------------------------------------------------------------------
+
+    def setup(self, sim: Simulator) -> None:
+        lay: Layout = sim.layout
+        n = len(lay.block_names)
+        sizes = sim.sizes
+        encodings = DEFAULT_ENCODINGS
+        decode = sim.decode_gbps.copy()
+        sensitivity = sim.sensitivity.copy()
+        if not self.precision:  # placement only: every reduced precision is off the table
+            sensitivity[:, 1:] = np.inf
+        hw = sim.hardware
+        gbps = np.zeros((4, 4))
+        latency = np.zeros((4, 4))
+        gbps[HOST, HBM] = gbps[HBM, HOST] = hw.host_gbps
+        gbps[STORAGE, HBM] = gbps[STORAGE, HOST] = hw.nvme_gbps
+        gbps[HBM, HBM] = hw.host_gbps  # re-encodes are charged to the host link (see above)
+        latency[HOST, HBM] = hw.transfer_latency_s
+        full_total = int(sizes[:, 0].sum())
+        tiers = TierArrays(
+            ("hbm0", "host", "storage"),
+            np.array([HBM, HOST, STORAGE], np.int8),
+            np.array([sim.capacity, full_total, 1 << 62], np.int64),
+            np.zeros(3, np.int64),
+        )
+        model = lay.model
+        blocks = BlockArrays(
+            block_ids=lay.block_names,
+            model=np.zeros(n, np.int32),
+            position=lay.position.astype(np.int32),
+            kind=np.array([KIND_CODES[_KINDS[k]] for k in lay.kind], np.int8),
+            expert=lay.expert.astype(np.int32),
+            nbytes=sizes,
+            sensitivity=sensitivity,
+            floor_bits=self.floor_bits,
+            leased=np.zeros(n, bool),
+            demand=np.zeros(n, bool),
+            last_use_s=np.zeros(n),
+            hbm_encoding=sim.encoding.copy(),
+            fallback_level=np.full(n, HOST, np.int64),
+            in_flight_encoding=np.full(n, NONE, np.int64),
+            placed_at_s=np.full(n, -1e9),
+            regenerable=np.zeros(n, bool),
+            hbm_tier=np.zeros(n, np.int64),
+            host_tier=np.ones(n, np.int64),
+            cxl_tier=np.full(n, NONE, np.int64),
+        )
+        positions = lay.positions
+        # Experts are numbered by MoE layer in traces; the policy's state is by schedule layer.
+        self.moe_to_layer = model.dense_layers
+        self.layer_time = np.full(positions, np.nan)
+        self.snapshot = Snapshot(
+            EncodingTable(encodings, decode),
+            blocks,
+            tiers,
+            LinkModel(gbps, latency),
+            ModelShapes(
+                np.array([positions], np.int32),
+                np.array([model.layers], np.int32),
+                np.array([model.experts], np.int32),
+            ),
+            Telemetry(
+                0.0, np.full((1, positions), np.nan), np.zeros(1, np.int32), np.ones(1, np.int32)
+            ),
+        )
+        self.state = initial_state(self.snapshot, self.config)
+        self._step(sim)
+
+    def _routes(self, sim: Simulator) -> tuple[np.ndarray, ...]:
+        """Router choices revealed since the last call: the MoE positions already run."""
+        lay = sim.layout
+        rows_step, rows_layer, rows_expert = [], [], []
+        t, p = self.revealed
+        while (t, p) < (sim.step, sim.position):
+            moe = lay.moe_layer_of_position(p)
+            if moe >= 0:
+                experts = sim.chosen[t][moe]
+                rows_step.append(np.full(len(experts), t, np.int64))
+                rows_layer.append(np.full(len(experts), moe + self.moe_to_layer, np.int32))
+                rows_expert.append(experts.astype(np.int32))
+            p += 1
+            if p == lay.positions:
+                t, p = t + 1, 0
+        self.revealed = (sim.step, sim.position)
+        if not rows_step:
+            return (
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.int32),
+                np.zeros(0, np.int32),
+            )
+        step_rows = np.concatenate(rows_step)
+        return (
+            step_rows,
+            np.zeros(len(step_rows), np.int32),
+            np.concatenate(rows_layer),
+            np.concatenate(rows_expert),
+        )
+
+    def _step(self, sim: Simulator) -> None:
+        assert self.snapshot is not None and self.state is not None
+        route_step, route_model, route_layer, route_expert = self._routes(sim)
+        in_flight = np.full(len(sim.encoding), NONE, np.int64)
+        resident = sim.encoding.copy()
+        for block in sim.flying:
+            if not sim.ready(block):
+                in_flight[block] = resident[block]
+                resident[block] = NONE
+        telemetry = Telemetry(
+            now_s=sim.now_s,
+            layer_time_s=self.layer_time[None, :].copy(),
+            current_position=np.array([sim.position], np.int32),
+            concurrency=np.ones(1, np.int32),
+            route_step=route_step,
+            route_model=route_model,
+            route_layer=route_layer,
+            route_expert=route_expert,
+        )
+        self.layer_time[:] = np.nan
+        blocks = replace(self.snapshot.blocks, hbm_encoding=resident, in_flight_encoding=in_flight)
+        self.snapshot = replace(self.snapshot, blocks=blocks, telemetry=telemetry)
+        plan, self.state = step(self.snapshot, self.state, self.config)
+        self.plan = plan
+        self._apply(sim, plan)
+
+    def _apply(self, sim: Simulator, plan: Plan) -> None:
+        protected = (
+            set(sim.needed(sim.step, sim.position).tolist())
+            if sim.step < len(sim.chosen)
+            else set()
+        )
+        for row in np.flatnonzero(plan.transition_target_encoding == NONE).tolist():
+            block = int(plan.transition_block[row])
+            if sim.encoding[block] >= 0 and block not in protected and sim.evictable(block):
+                sim.evict(block)
+        order = np.lexsort((plan.transfer_deadline_s, plan.transfer_priority))
+        for row in order.tolist():
+            if plan.transfer_destination_level[row] != HBM:
+                continue
+            block = int(plan.transfer_block[row])
+            encoding = int(plan.transfer_encoding[row])
+            if sim.encoding[block] >= 0 and sim.encoding[block] != encoding:
+                if block in protected or not sim.evictable(block):
+                    continue
+                sim.evict(block)  # a re-encode, carried out as a fetch of the new encoding
+            priority = _PRIORITY[Priority(int(plan.transfer_priority[row]))]
+            sim.fetch(self, block, encoding, priority, protected | {block})
+
+    # -- simulator hooks ---------------------------------------------------------------------
+
+    def before_position(self, sim: Simulator, step_index: int, position: int) -> None:
+        if position % self.every == 0:
+            self._step(sim)
+
+    def during_position(
+        self, sim: Simulator, step_index: int, position: int, needed: np.ndarray
+    ) -> None:
+        return None
+
+    def after_position(
+        self, sim: Simulator, step_index: int, position: int, needed: np.ndarray
+    ) -> None:
+        self.layer_time[position] = sim.hardware.compute_s(int(sim.sizes[needed, 0].sum()))
+
+    def encoding(self, sim: Simulator, block: int) -> int:
+        if self.plan is not None:
+            target = int(self.plan.target_hbm_encoding[block])
+            if target != NONE:
+                return target
+        return 0
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        resident = [
+            b
+            for b in np.flatnonzero(sim.encoding >= 0).tolist()
+            if b not in protected and sim.evictable(b)
+        ]
+        if self.plan is not None:
+            value = self.plan.value_density
+            resident.sort(key=lambda b: value[b])
+        chosen, freed = [], 0
+        for block in resident:
+            if freed >= nbytes:
+                break
+            chosen.append(block)
+            freed += int(sim.sizes[block, sim.encoding[block]])
+        return chosen
+
+    @property
+    def recall(self) -> float | None:
+        if self.state is None:
+            return None
+        recall = self.state.quality_total.recall
+        return None if np.isnan(recall) else recall
