@@ -347,47 +347,63 @@ def _admit(
     np.add.at(occupancy, where, -b.nbytes[rows, 0])
 
     fills = np.flatnonzero((kind < EVICT) & ~held)
-    fills = fills[np.lexsort((deadline[fills], cls[fills]))]
+    rows = block[fills]
+    to_hbm = dst[fills] == HBM
+    tier = np.where(
+        to_hbm, b.hbm_tier[rows], np.where(dst[fills] == HOST, b.host_tier[rows], b.cxl_tier[rows])
+    )
+    size = np.where(to_hbm, b.nbytes[rows, np.maximum(encoding[fills], 0)], b.nbytes[rows, 0])
     fits = np.zeros(len(block), dtype=bool)
     fits[kind >= EVICT] = True
     spilled = np.zeros(len(block), dtype=bool)
-    started = 0
-
-    def tier_and_size(index: int) -> tuple[int, float]:
-        row = int(block[index])
-        if int(dst[index]) == HBM:
-            return int(b.hbm_tier[row]), float(b.nbytes[row, encoding[index]])
-        tier = b.host_tier[row] if int(dst[index]) == HOST else b.cxl_tier[row]
-        return int(tier), float(b.nbytes[row, 0])
-
-    no_room: list[int] = []
-    for index in fills.tolist():
-        tier, size = tier_and_size(index)
-        if started >= config.max_transitions_per_step:
-            break  # the cap: everything after waits, and nothing is evicted for it
-        if tier == NONE or occupancy[tier] + size > usable[tier]:
-            no_room.append(index)
-            continue
-        occupancy[tier] += size
-        started += 1
-        fits[index] = True
-    # Shrinks that found no room while something waits for room in their tier: evict instead,
-    # then give the freed bytes to the copies that were waiting.
-    waiting_tiers = {tier_and_size(i)[0] for i in no_room if not shrink[i]}
-    for index in no_room:
-        row = int(block[index])
-        if shrink[index] and int(b.hbm_tier[row]) in waiting_tiers:
-            spilled[index] = True
-            occupancy[b.hbm_tier[row]] -= b.nbytes[row, b.hbm_encoding[row]]
-    for index in no_room:
-        if spilled[index] or started >= config.max_transitions_per_step:
-            continue
-        tier, size = tier_and_size(index)
-        if tier != NONE and occupancy[tier] + size <= usable[tier]:
-            occupancy[tier] += size
-            started += 1
-            fits[index] = True
+    # PERF: per tier, most urgent first, a prefix of what fits (an item never jumps ahead of a
+    # more urgent one waiting for room); vectorized, since every candidate copy is admitted here.
+    first = _fit_prefix(tier, size, cls[fills], deadline[fills], occupancy, usable)
+    waiting_tiers = np.unique(tier[~first & ~shrink[fills] & (tier != NONE)])
+    spill = ~first & shrink[fills] & np.isin(b.hbm_tier[rows], waiting_tiers)
+    if spill.any():  # shrinks lacking room become evictions; the waiting copies get the bytes
+        spilled[fills[spill]] = True
+        np.add.at(
+            occupancy, b.hbm_tier[rows[spill]], -b.nbytes[rows[spill], b.hbm_encoding[rows[spill]]]
+        )
+        np.add.at(occupancy, tier[first], size[first])
+        again = ~first & ~spill
+        second = np.zeros(len(fills), dtype=bool)
+        second[again] = _fit_prefix(
+            tier[again], size[again], cls[fills][again], deadline[fills][again], occupancy, usable
+        )
+        first |= second
+    # The cap on copies started per tick, most urgent first.
+    admitted = fills[first]
+    admitted = admitted[np.lexsort((deadline[admitted], cls[admitted]))]
+    fits[admitted[: config.max_transitions_per_step]] = True
     return fits, spilled
+
+
+def _fit_prefix(
+    tier: np.ndarray,
+    size: np.ndarray,
+    cls: np.ndarray,
+    deadline: np.ndarray,
+    occupancy: np.ndarray,
+    usable: np.ndarray,
+) -> np.ndarray:
+    """Per tier, in class then deadline order, the longest prefix whose sizes fit the room."""
+    fits = np.zeros(len(tier), dtype=bool)
+    if not len(tier):
+        return fits
+    order = np.lexsort((deadline, cls, tier))
+    sorted_tier = tier[order]
+    cum = np.cumsum(size[order].astype(np.float64))
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_tier)) + 1]
+    group = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(order)]))
+    within = cum - (cum[starts] - size[order][starts])[group]
+    valid = sorted_tier != NONE
+    room = np.where(
+        valid, usable[np.maximum(sorted_tier, 0)] - occupancy[np.maximum(sorted_tier, 0)], -1.0
+    )
+    fits[order] = valid & (within <= room)
+    return fits
 
 
 def _within_link_budgets(

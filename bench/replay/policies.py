@@ -166,26 +166,38 @@ class LruPolicy(LruBase):
 
 class LruSpecPolicy(LruPolicy):
     """mixtral-offloading with speculative expert loading: while layer ``l`` runs, the experts
-    layer ``l + 1`` is guessed to need are prefetched into its cache. mixtral-offloading guesses by
-    applying the next layer's gate to the current hidden state; the replay has no hidden states,
-    so the guess is from router history: the experts layer ``l + 1`` chose at the previous token.
-    Prediction recall is measured against what the layer then chose."""
+    layer ``l + 1`` is guessed to need are prefetched into its cache. mixtral-offloading guesses
+    by applying the next layer's gate to the current hidden state; the replay has no hidden
+    states, so the guess is from router history: the ``top_k`` experts of layer ``l + 1`` that
+    most often followed the experts this token chose at layer ``l`` (counts learned online).
+    Prediction recall is measured against what layer ``l + 1`` then chose."""
 
     name = "lru-spec"
 
     def __init__(self) -> None:
         super().__init__()
-        self.guessed = 0
         self.guessed_right = 0
         self.used = 0
         self._guess: dict[int, set[int]] = {}
+        self.follows: np.ndarray | None = None  # [moe layers - 1, experts, experts] counts
 
     def during_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
         layout = sim.layout
-        moe_next = layout.moe_layer_of_position(position + 1)
-        if step == 0 or moe_next < 0:
+        moe, moe_next = (
+            layout.moe_layer_of_position(position),
+            layout.moe_layer_of_position(position + 1),
+        )
+        if moe < 0 or moe_next < 0:
             return
-        guess = layout.expert_block[moe_next, sim.chosen[step - 1][moe_next]]
+        if self.follows is None:
+            n_layers, n_experts = layout.expert_block.shape
+            self.follows = np.zeros((n_layers - 1, n_experts, n_experts))
+        scores = self.follows[moe, sim.chosen[step][moe]].sum(axis=0)
+        if not scores.any():
+            return
+        k = layout.model.top_k
+        guess_experts = np.argsort(-scores, kind="stable")[:k]
+        guess = layout.expert_block[moe_next, guess_experts]
         self._guess[moe_next] = set(guess.tolist())
         protected = set(needed.tolist()) | self._guess[moe_next]
         lru = self.layer_lru[moe_next]
@@ -196,11 +208,18 @@ class LruSpecPolicy(LruPolicy):
 
     def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
         super().after_position(sim, step, position, needed)
-        moe = sim.layout.moe_layer_of_position(position)
-        if moe >= 0 and moe in self._guess:
-            used = set(sim.layout.expert_block[moe, sim.chosen[step][moe]].tolist())
+        layout = sim.layout
+        moe = layout.moe_layer_of_position(position)
+        if moe < 0:
+            return
+        chosen = sim.chosen[step][moe]
+        if moe in self._guess:
+            used = set(layout.expert_block[moe, chosen].tolist())
             self.used += len(used)
             self.guessed_right += len(used & self._guess.pop(moe))
+        if self.follows is not None and moe >= 1:
+            previous = sim.chosen[step][moe - 1]
+            self.follows[moe - 1][np.ix_(previous, chosen)] += 1
 
     @property
     def recall(self) -> float | None:
@@ -239,6 +258,9 @@ class OraclePolicy(LruBase):
         self.lookahead = lookahead_positions
         self.uses: list[list[int]] = []
         self.pinned: set[int] = set()
+        self.pinned_mask = np.zeros(0, dtype=bool)
+        self.next_index = np.zeros(0, dtype=np.int64)  # per block, its next use's index in uses
+        self.next_use_at = np.zeros(0, dtype=np.int64)  # per block, when it is next used
 
     def setup(self, sim: Simulator) -> None:
         positions = sim.layout.positions
@@ -251,6 +273,11 @@ class OraclePolicy(LruBase):
         for block in np.flatnonzero(sim.layout.kind != "expert").tolist():
             if sim.preload(block, FULL):
                 self.pinned.add(block)
+        n = len(self.uses)
+        self.pinned_mask = np.zeros(n, dtype=bool)
+        self.pinned_mask[list(self.pinned)] = True
+        self.next_index = np.zeros(n, dtype=np.int64)
+        self.next_use_at = np.array([u[0] if u else 1 << 62 for u in self.uses], dtype=np.int64)
         experts = sim.layout.expert_block.ravel().tolist()
         for block in sorted(experts, key=lambda b: self.uses[b][0] if self.uses[b] else 1 << 62):
             if not self.uses[block] or not sim.preload(block, FULL):
@@ -264,21 +291,31 @@ class OraclePolicy(LruBase):
     def _now(self, sim: Simulator) -> int:
         return sim.step * sim.layout.positions + sim.position
 
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        # PERF: next uses advance as time does (one pointer per block), so that victims are
+        # chosen with numpy over all blocks rather than a Python sort with a bisect per block.
+        for block in needed.tolist():
+            self.next_index[block] += 1
+            uses = self.uses[block]
+            i = int(self.next_index[block])
+            self.next_use_at[block] = uses[i] if i < len(uses) else 1 << 62
+
     def victims(
         self, sim: Simulator, nbytes: int, protected: set[int], before: int | None = None
     ) -> list[int]:
-        now = self._now(sim)
-        resident = [
-            b
-            for b in np.flatnonzero(sim.encoding >= 0).tolist()
-            if b not in protected and b not in self.pinned and sim.evictable(b)
-        ]
-        resident.sort(key=lambda b: -self.next_use(b, now))
+        candidate = (sim.encoding >= 0) & ~self.pinned_mask
+        for block in protected:
+            candidate[block] = False
+        for block in sim.flying:  # on the wire: not evictable
+            if candidate[block] and not sim.evictable(block):
+                candidate[block] = False
+        rows = np.flatnonzero(candidate)
+        rows = rows[np.argsort(-self.next_use_at[rows], kind="stable")]
         chosen, freed = [], 0
-        for block in resident:
+        for block in rows.tolist():
             if freed >= nbytes:
                 break
-            if before is not None and self.next_use(block, now) <= before:
+            if before is not None and self.next_use_at[block] <= before:
                 break  # everything left is needed no later than the block we make room for
             chosen.append(block)
             freed += int(sim.sizes[block, sim.encoding[block]])

@@ -61,7 +61,7 @@ class WeightpoolPolicy:
         self,
         config: PolicyConfig,
         floor_bits: np.ndarray,
-        positions_per_step: int = 8,
+        positions_per_step: int = 16,
         precision: bool = True,
     ):
         self.config = config
