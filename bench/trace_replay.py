@@ -1,7 +1,7 @@
 """Trace replay: weightpool's policy against the policies people use today, and an oracle.
 
     python bench/trace_replay.py --model mixtral-8x7b --hw h100-pcie5 --hbm-fraction 0.25 \\
-        [--trace FILE | --synthetic NAME] [--steps 300] --json
+        [--trace FILE | --synthetic NAME | --record] [--steps 300] --json
     python bench/trace_replay.py --model mixtral-8x7b --sweep 0.1,0.25,0.5 --png stall.png
 
 The first prints a markdown table and, as its last line, one JSON object; the second replays at
@@ -42,6 +42,11 @@ def _trace(args: argparse.Namespace, model) -> tuple:  # type: ignore[no-untyped
     if args.trace:
         trace = read(args.trace)
         return trace, str(args.trace)
+    if args.record:
+        from bench.replay.record import record_mixtral
+
+        trace = record_mixtral(model.moe_layers, model.experts, model.top_k, args.steps, args.seed)
+        return trace, trace.source
     knobs = SYNTHETIC_PRESETS[args.synthetic]
     trace = synthesize(
         model.moe_layers, model.experts, model.top_k, args.steps, knobs, args.seed, args.synthetic
@@ -75,6 +80,11 @@ def main() -> None:
         "--trace", type=Path, help="an Arrow IPC or Parquet trace (DESIGN section 7)"
     )
     source.add_argument("--synthetic", choices=sorted(SYNTHETIC_PRESETS), default="default")
+    source.add_argument(
+        "--record",
+        action="store_true",
+        help="record routing from a transformers Mixtral-architecture model of the preset's shape",
+    )
     parser.add_argument("--steps", type=int, default=300, help="tokens of a synthetic trace")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality-budget", type=float, default=0.02, help="drift per token")

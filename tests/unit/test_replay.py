@@ -150,3 +150,12 @@ def test_the_oracle_is_not_beaten_by_a_placement_only_peer(fraction) -> None:
         )
         stalls[policy.name] = sim.run(policy).stall_s
     assert stalls["oracle"] <= min(stalls.values()) + 1e-9, stalls
+
+
+def test_routing_recorded_from_a_transformers_model_through_router_hooks() -> None:
+    from bench.replay.record import record_mixtral
+
+    trace = record_mixtral(moe_layers=3, experts=4, top_k=2, steps=6, seed=1)
+    assert (trace.steps, trace.num_layers, trace.num_experts, trace.top_k) == (6, 3, 4, 2)
+    for step in trace.chosen():
+        assert [len(experts) for experts in step] == [2, 2, 2]  # top-2 of one sequence
