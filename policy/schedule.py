@@ -242,8 +242,12 @@ def schedule(
     nbytes = np.where(on_link, b.nbytes[block, np.maximum(encoding, 0)], 0)
 
     cancelled = differ[cancel]
-    shrink = on_link & (dst == HBM) & (b.hbm_encoding[block] != NONE)
-    shrink &= b.nbytes[block, np.maximum(encoding, 0)] < b.nbytes[block, b.hbm_encoding[block]]
+    resident_now = on_link & (dst == HBM) & (b.hbm_encoding[block] != NONE)
+    current_bytes = b.nbytes[block, np.maximum(b.hbm_encoding[block], 0)]
+    shrink = resident_now & (b.nbytes[block, np.maximum(encoding, 0)] < current_bytes)
+    # An upgrade the veto requires (a floor, the quality budget) may not wait for room while the
+    # block keeps serving below it: lacking room, the low-precision copy goes now.
+    required_up = resident_now & ~shrink & targets.quality_bound[block]
     # Capacity first, over every candidate copy (most urgent first), so that a copy that can
     # never fit does not take a link's budget; then the link budgets over what fits.
     # A fallback copy that a fetch may read this tick stays where it is until the next tick.
@@ -264,7 +268,7 @@ def schedule(
         nbytes[linked],
         config.model_copy(update={"tick_s": 4 * config.tick_s}),
     )
-    considered = within_reach | shrink
+    considered = within_reach | shrink | required_up
     fits, spilled = _admit(
         snapshot,
         block,
@@ -274,6 +278,7 @@ def schedule(
         cls,
         deadline,
         shrink & ~held,
+        required_up,
         cancelled,
         held | ~(considered | (kind >= EVICT)),
         config,
@@ -340,6 +345,7 @@ def _admit(
     cls: np.ndarray,
     deadline: np.ndarray,
     shrink: np.ndarray,
+    required_up: np.ndarray,
     cancelled: np.ndarray,
     held: np.ndarray,
     config: PolicyConfig,
@@ -349,7 +355,9 @@ def _admit(
     re-encoded), after this tick's drops and cancellations. Most urgent first; the rest wait,
     and at most ``max_transitions_per_step`` copies start. A shrink (a smaller copy of a block
     in HBM) that finds no room, while another copy waits for room in its tier, becomes an
-    eviction instead: the block is fetched again, smaller, on a later tick.
+    eviction instead: the block is fetched again, smaller, on a later tick. So does an upgrade
+    the veto requires that finds no room: the block must not keep serving below its floor or
+    past the quality budget while it waits.
 
     Returns the mask of copies that fit and the mask of shrinks turned into evictions.
     """
@@ -386,6 +394,7 @@ def _admit(
     first = _fit_prefix(tier, size, cls[fills], deadline[fills], occupancy, usable)
     waiting_tiers = np.unique(tier[~first & ~shrink[fills] & (tier != NONE)])
     spill = ~first & shrink[fills] & np.isin(b.hbm_tier[rows], waiting_tiers)
+    spill |= ~first & required_up[fills]  # quality first: never serve below what the veto set
     if spill.any():  # shrinks lacking room become evictions; the waiting copies get the bytes
         spilled[fills[spill]] = True
         np.add.at(

@@ -64,6 +64,7 @@ class Targets:
     fallback_level: np.ndarray  # [N] HOST, CXL or STORAGE
     chosen_density: np.ndarray  # [N] value density of the chosen HBM option (for explanations)
     vetoed_out: np.ndarray  # [N] taken out of HBM by a veto rule, not by scoring
+    quality_bound: np.ndarray  # [N] held at a precision the veto requires (floor or budget)
 
 
 def take_by_density(
@@ -178,7 +179,7 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
     chosen_density = np.zeros(n)
     chosen_density[in_hbm] = scores.density(snapshot, in_hbm, hbm[in_hbm])
     fallback = _choose_fallback(snapshot, scores, config)
-    return Targets(hbm, fallback, chosen_density, np.zeros(n, dtype=bool))
+    return Targets(hbm, fallback, chosen_density, np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))
 
 
 def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> np.ndarray:

@@ -178,6 +178,7 @@ def _fit(
         fits[late[need <= spare]] = True
         placed[mine[fits]] = fallback[mine[fits]]
     targets.vetoed_out[rows[placed == NONE]] = True
+    targets.quality_bound[rows[placed != NONE]] = True
     hbm[rows] = placed
     return placed
 
