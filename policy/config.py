@@ -17,6 +17,9 @@ class PolicyConfig(BaseModel):
     # -- observe / predict ---------------------------------------------------------------------
     layer_time_decay: float = Field(0.2, gt=0, le=1, description="EMA weight of a new layer time")
     default_layer_time_s: float = Field(1e-3, gt=0, description="layer time before any telemetry")
+    prior_visits: float = Field(
+        8.0, ge=0, description="weight, in visits, of a layer's mean as each expert's prior"
+    )
     popularity_decay: float = Field(
         0.05, gt=0, le=1, description="EMA weight of one step's router choices in popularity"
     )

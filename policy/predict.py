@@ -80,6 +80,7 @@ def observe(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> Pre
     popularity[visited_ml] = keep[:, None] * popularity[visited_ml] + (1 - keep)[:, None] * (
         chosen / visits[:, None]
     )
+    state.layer_visits.reshape(-1)[visited_ml] += visits
 
     # Persistence and co-activation, step by step (a tick holds few steps).
     last = state.last_selected
@@ -170,7 +171,23 @@ def predict(
     if len(rows):
         model, layer, expert = static.expert_model, static.expert_layer, static.expert_index
         flat = static.expert_flat
-        pop = state.popularity.reshape(-1)[flat]
+        # An average that starts from zero is biased low until it has seen many visits; divide by
+        # the weight it has accumulated so far (as Adam corrects its moment estimates).
+        seen = state.layer_visits[model, layer]
+        decay = config.popularity_decay
+        weight = 1.0 - (1.0 - decay) ** seen
+        pop = np.where(
+            seen > 0, state.popularity.reshape(-1)[flat] / np.maximum(weight, 1e-12), 0.0
+        )
+        # Shrink toward the layer's mean (the share of its experts chosen per visit), a prior
+        # worth ``prior_visits`` visits, so that a few observations do not read as certainty.
+        layer_mean = state.popularity.mean(axis=2) / np.maximum(
+            1.0 - (1.0 - decay) ** state.layer_visits, 1e-12
+        )
+        evidence = weight / decay  # the effective number of visits behind the average
+        prior = layer_mean[model, layer]
+        pop = (evidence * pop + config.prior_visits * prior) / (evidence + config.prior_visits)
+        pop = np.minimum(pop, 1.0)
         observed = state.observed_concurrency[model]
         now = np.maximum(tel.concurrency[model], 1)
         per_sequence = 1 - (1 - pop) ** (1 / observed)

@@ -289,6 +289,8 @@ def schedule(
     issued[linked] = _within_link_budgets(
         snapshot, src[linked], dst[linked], cls[linked], deadline[linked], nbytes[linked], config
     )
+    # Required upgrades the links cannot carry this tick: the low-precision copy goes too.
+    spilled |= required_up & ~issued & ~held
     deferred = int((on_link & ~issued & ~spilled).sum())
     issued |= spilled
     kind = np.where(spilled, EVICT, kind).astype(np.int8)  # fetched again, smaller, later

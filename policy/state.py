@@ -59,6 +59,7 @@ class PolicyState:
     layer_time_s: np.ndarray  # [M, P] decayed time per schedule position
     popularity: np.ndarray  # [M, L, E] decayed share of steps in which the expert was chosen
     observed_concurrency: np.ndarray  # [M] decayed concurrency at which popularity was seen
+    layer_visits: np.ndarray  # [M, L] visits folded into popularity (for its bias correction)
     persistence: np.ndarray  # [M] decayed P(chosen at step t | chosen at t - 1)
     last_selected: np.ndarray  # sorted flat (m, l, e): each layer's choice at its last visit
     coactivation: list[Coactivation | None]  # per model, None when it has too many experts
@@ -99,6 +100,7 @@ def initial_state(snapshot: Snapshot, config: PolicyConfig) -> PolicyState:
         layer_time_s=layer_time,
         popularity=np.zeros((m, layers, experts)),
         observed_concurrency=np.ones(m),
+        layer_visits=np.zeros((m, layers)),
         persistence=np.zeros(m),
         last_selected=np.zeros(0, np.int64),
         coactivation=coactivation,

@@ -262,7 +262,8 @@ def test_prediction_learns_a_fixed_routing_pattern() -> None:
         for layer in range(2)
         for e in range(8)
     ]
-    config = PolicyConfig(popularity_decay=0.5)
+    # A fast decay keeps about 1 / 0.5 = 2 visits of evidence: a light prior, then.
+    config = PolicyConfig(popularity_decay=0.5, prior_visits=0.5)
     snapshot = build_snapshot(rows, shape, active(shape, 1, 0.0))
     state = initial_state(snapshot, config)
     for tick in range(8):
@@ -276,7 +277,7 @@ def test_prediction_learns_a_fixed_routing_pattern() -> None:
         plan, state = step(replace(snapshot, telemetry=tel), state, config)
     assert (plan.metrics.prediction_precision, plan.metrics.prediction_recall) == (1.0, 1.0)
     used = {"m/l0.e2", "m/l0.e5", "m/l1.e3", "m/l1.e7"}
-    high = {rows[i].block_id for i in np.flatnonzero(plan.use_probability > 0.9)}
+    high = {rows[i].block_id for i in np.flatnonzero(plan.use_probability > 0.8)}
     assert high == used
 
 
