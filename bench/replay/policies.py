@@ -343,10 +343,89 @@ class OraclePolicy(LruBase):
                 sim.fetch(self, block, FULL, PREFETCH, {block})
 
 
+class ActivationAwarePolicy(LruPolicy):
+    """MoE-Infinity (Xue et al. 2024, arXiv:2401.14361): every non-expert block pinned; an expert
+    activation matrix (EAM, counts per layer and expert) traced for the current request and kept
+    in a collection of past requests' EAMs; at each MoE layer the current EAM is matched (cosine)
+    to the closest past one, whose activations for the next ``depth`` layers drive prefetching
+    (nearest layer first) and cache priority (the expert least likely to be activated next is
+    evicted first). Simplifications: a trace has no request boundaries, so a "request" is a
+    window of ``window`` tokens; the collection keeps the last ``capacity`` windows."""
+
+    name = "activation-aware"
+
+    def __init__(self, window: int = 32, capacity: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.window, self.capacity, self.depth = window, capacity, depth
+        self.current: np.ndarray | None = None
+        self.library: list[np.ndarray] = []
+        self.matched: np.ndarray | None = None
+
+    def _match(self) -> np.ndarray | None:
+        if self.current is None or not self.library:
+            return None
+        flat = self.current.ravel()
+        norm = np.linalg.norm(flat)
+        if norm == 0:
+            return self.library[-1]
+        scores = [
+            float(flat @ e.ravel()) / (norm * (np.linalg.norm(e) or 1.0)) for e in self.library
+        ]
+        return self.library[int(np.argmax(scores))]
+
+    def during_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        layout = sim.layout
+        moe = layout.moe_layer_of_position(position)
+        if moe < 0:
+            return
+        if self.current is None:
+            self.current = np.zeros(layout.expert_block.shape)
+        self.current[moe, sim.chosen[step][moe]] += 1
+        self.matched = self._match()
+        if self.matched is None:
+            return
+        protected = set(needed.tolist())
+        k = layout.model.top_k
+        for ahead in range(1, self.depth + 1):
+            target = layout.moe_layer_of_position(position + ahead)
+            if target < 0:
+                break
+            likely = np.argsort(-self.matched[target], kind="stable")[:k]
+            blocks = layout.expert_block[target, likely]
+            protected |= set(blocks.tolist())
+            lru = self.layer_lru[target]
+            for block in blocks.tolist():
+                if sim.fetch(self, block, FULL, PREFETCH, protected):
+                    lru[block] = None
+                    lru.move_to_end(block)
+
+    def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
+        super().after_position(sim, step, position, needed)
+        if position == sim.layout.positions - 1 and (step + 1) % self.window == 0:
+            if self.current is not None:
+                self.library.append(self.current)
+                self.library = self.library[-self.capacity :]
+            self.current = None
+
+    def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
+        if self.matched is None:
+            return super().victims(sim, nbytes, protected)
+        layout = sim.layout
+        experts = np.flatnonzero((sim.encoding >= 0) & (layout.kind == "expert"))
+        moe = np.array([layout.moe_layer_of_position(int(p)) for p in layout.position[experts]])
+        likely = self.matched[moe, layout.expert[experts]]
+        order = experts[np.argsort(likely, kind="stable")]
+        victims = self._lru_victims(sim, nbytes, protected, order.tolist())
+        for block in victims:
+            self.layer_lru.get(self._layer(sim, block), OrderedDict()).pop(block, None)
+        return victims
+
+
 POLICIES = {
     "static": StaticPolicy,
     "lru": LruPolicy,
     "lru-spec": LruSpecPolicy,
+    "activation-aware": ActivationAwarePolicy,
     "int4-static": Int4StaticPolicy,
     "oracle": OraclePolicy,
 }

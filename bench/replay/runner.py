@@ -22,6 +22,7 @@ ALL_POLICIES = (
     "static",
     "lru",
     "lru-spec",
+    "activation-aware",
     "int4-static",
     "oracle",
 )

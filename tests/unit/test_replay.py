@@ -6,7 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.replay.policies import LruBase, LruPolicy, LruSpecPolicy, OraclePolicy, StaticPolicy
+from bench.replay.policies import (
+    ActivationAwarePolicy,
+    LruBase,
+    LruPolicy,
+    LruSpecPolicy,
+    OraclePolicy,
+    StaticPolicy,
+)
 from bench.replay.presets import HARDWARE, MODELS, HardwarePreset, ModelPreset, layout
 from bench.replay.simulator import FULL, PREFETCH, Simulator
 from bench.replay.trace import (
@@ -138,7 +145,8 @@ def test_the_oracle_is_not_beaten_by_a_placement_only_peer(fraction) -> None:
     trace = synthesize(model.moe_layers, model.experts, model.top_k, 30, SyntheticKnobs(), seed=2)
     sizes = lay.nbytes[:, None].repeat(5, axis=1)
     stalls = {}
-    for policy in (StaticPolicy(), LruPolicy(), LruSpecPolicy(), OraclePolicy()):
+    peers = (StaticPolicy(), LruPolicy(), LruSpecPolicy(), ActivationAwarePolicy(window=8))
+    for policy in (*peers, OraclePolicy()):
         sim = Simulator(
             lay,
             hardware,
