@@ -360,6 +360,8 @@ class ActivationAwarePolicy(LruPolicy):
         self.current: np.ndarray | None = None
         self.library: list[np.ndarray] = []
         self.matched: np.ndarray | None = None
+        self._moe_of: np.ndarray | None = None
+        self._is_expert = np.zeros(0, dtype=bool)
 
     def _match(self) -> np.ndarray | None:
         if self.current is None or not self.library:
@@ -411,9 +413,11 @@ class ActivationAwarePolicy(LruPolicy):
         if self.matched is None:
             return super().victims(sim, nbytes, protected)
         layout = sim.layout
-        experts = np.flatnonzero((sim.encoding >= 0) & (layout.kind == "expert"))
-        moe = np.array([layout.moe_layer_of_position(int(p)) for p in layout.position[experts]])
-        likely = self.matched[moe, layout.expert[experts]]
+        if self._moe_of is None:  # each block's MoE layer, once
+            self._moe_of = np.array([layout.moe_layer_of_position(int(p)) for p in layout.position])
+            self._is_expert = layout.kind == "expert"
+        experts = np.flatnonzero((sim.encoding >= 0) & self._is_expert)
+        likely = self.matched[self._moe_of[experts], layout.expert[experts]]
         order = experts[np.argsort(likely, kind="stable")]
         victims = self._lru_victims(sim, nbytes, protected, order.tolist())
         for block in victims:
