@@ -40,6 +40,14 @@ DEFAULT_SIZE_RATIOS = np.array(
 DEFAULT_DECODE_GBPS = np.array([np.inf, np.inf, np.inf, np.inf, 4.0])
 
 
+def encoding_sizes(full_bytes: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``[N, E]`` bytes per encoding from full-precision bytes and per-encoding size ratios."""
+    sizes: np.ndarray = np.maximum(np.rint(full_bytes[:, None] * ratios[None, :]), 1).astype(
+        np.int64
+    )
+    return sizes
+
+
 def h100_pcie5_links() -> LinkModel:
     """Per level pair (source, destination): H100 on PCIe 5 (about 50 GB/s practical host link),
     CXL about 30 GB/s, NVMe about 12 GB/s; HBM->HBM is local transcoding."""
@@ -136,7 +144,7 @@ def build_snapshot(rows: Sequence[BlockRow], shape: PoolShape, telemetry: Teleme
     tiers, host, cxl = tiers_for(shape)
     e = len(shape.encodings)
     full = np.array([r.full_bytes for r in rows], np.int64)
-    nbytes = np.maximum(np.rint(full[:, None] * shape.size_ratios[None, :e]), 1).astype(np.int64)
+    nbytes = encoding_sizes(full, shape.size_ratios[:e])
     sensitivity = np.zeros((len(rows), e))
     for i, row in enumerate(rows):
         if row.sensitivity is not None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from policy.builder import PoolShape, tiers_for
+from policy.builder import PoolShape, encoding_sizes, tiers_for
 from policy.snapshot import (
     KIND_CODES,
     NONE,
@@ -95,7 +95,7 @@ def synthetic_pool(
     expert = np.where(is_expert, local % layout.experts, NONE).astype(np.int32)
     full = np.where(is_expert, layout.expert_bytes, layout.dense_bytes).astype(np.int64)
     e = len(shape.encodings)
-    nbytes = np.maximum(np.rint(full[:, None] * shape.size_ratios[None, :e]), 1).astype(np.int64)
+    nbytes = encoding_sizes(full, shape.size_ratios[:e])
     # Sensitivity: drift of one block at each precision; first and last layers and dense blocks
     # far more sensitive (a log-normal spread around a per-precision base).
     base = np.array([0.0, 2e-5, 1e-5, 2e-4, 2e-4])[:e]

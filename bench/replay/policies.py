@@ -137,6 +137,16 @@ class LruPolicy(LruBase):
     def _layer(self, sim: Simulator, block: int) -> int:
         return sim.layout.moe_layer_of_position(int(sim.layout.position[block]))
 
+    def _prefetch(
+        self, sim: Simulator, layer: int, blocks: np.ndarray, protected: set[int]
+    ) -> None:
+        """Fetch ``blocks`` into ``layer``'s cache as most recently used (if room can be made)."""
+        lru = self.layer_lru[layer]
+        for block in blocks.tolist():
+            if sim.fetch(self, block, FULL, PREFETCH, protected):
+                lru[block] = None
+                lru.move_to_end(block)
+
     def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
         for block in needed.tolist():
             layer = self._layer(sim, block)
@@ -199,12 +209,7 @@ class LruSpecPolicy(LruPolicy):
         guess_experts = np.argsort(-scores, kind="stable")[:k]
         guess = layout.expert_block[moe_next, guess_experts]
         self._guess[moe_next] = set(guess.tolist())
-        protected = set(needed.tolist()) | self._guess[moe_next]
-        lru = self.layer_lru[moe_next]
-        for block in guess.tolist():
-            if sim.fetch(self, block, FULL, PREFETCH, protected):
-                lru[block] = None
-                lru.move_to_end(block)
+        self._prefetch(sim, moe_next, guess, set(needed.tolist()) | self._guess[moe_next])
 
     def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
         super().after_position(sim, step, position, needed)
@@ -395,11 +400,7 @@ class ActivationAwarePolicy(LruPolicy):
             likely = np.argsort(-self.matched[target], kind="stable")[:k]
             blocks = layout.expert_block[target, likely]
             protected |= set(blocks.tolist())
-            lru = self.layer_lru[target]
-            for block in blocks.tolist():
-                if sim.fetch(self, block, FULL, PREFETCH, protected):
-                    lru[block] = None
-                    lru.move_to_end(block)
+            self._prefetch(sim, target, blocks, protected)
 
     def after_position(self, sim: Simulator, step: int, position: int, needed: np.ndarray) -> None:
         super().after_position(sim, step, position, needed)

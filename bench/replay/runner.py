@@ -13,7 +13,7 @@ from bench.replay.quality import floors_bits, synthetic_sensitivity
 from bench.replay.simulator import Simulator
 from bench.replay.trace import Trace
 from bench.replay.weightpool_policy import WeightpoolPolicy
-from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_SIZE_RATIOS
+from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_SIZE_RATIOS, encoding_sizes
 from policy.config import PolicyConfig
 
 ALL_POLICIES = (
@@ -47,9 +47,7 @@ def run_replay(
     model = setup.model
     trace.check_fits(model.moe_layers, model.experts)
     lay = layout(model)
-    sizes = np.maximum(np.rint(lay.nbytes[:, None] * DEFAULT_SIZE_RATIOS[None, :]), 1).astype(
-        np.int64
-    )
+    sizes = encoding_sizes(lay.nbytes, DEFAULT_SIZE_RATIOS)
     if sensitivity is None:
         sensitivity = synthetic_sensitivity(lay, setup.seed)
     floors = floors_bits(sensitivity, setup.floor_threshold)
