@@ -9,6 +9,7 @@ at a layer are the union of the experts the sequences chose.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,17 @@ SYNTHETIC_PRESETS: dict[str, SyntheticKnobs] = {
 }
 
 
+def drift_ranks(ranks: np.ndarray, rng: np.random.Generator, swaps: int) -> None:
+    """Swap ``swaps`` random pairs of adjacent popularity ranks, in place. One swap at a time:
+    done as one vectorized assignment, overlapping swaps wrote the same cell twice and left a row
+    that was no longer a permutation (and the popularity table partly uninitialized)."""
+    layers, experts = ranks.shape
+    rows = rng.integers(0, layers, swaps).tolist()
+    cols = rng.integers(0, experts - 1, swaps).tolist()
+    for row, col in zip(rows, cols, strict=True):
+        ranks[row, col], ranks[row, col + 1] = ranks[row, col + 1], ranks[row, col]
+
+
 def synthesize(
     moe_layers: int,
     experts: int,
@@ -181,22 +193,18 @@ def synthesize(
     ranks = np.argsort(rng.random((moe_layers, experts)), axis=1)  # ranks[l, r] = expert
     follower = rng.integers(0, experts, (moe_layers, experts))  # affinity to the next layer
     previous = np.zeros((c, moe_layers, experts), bool)
-    weights = np.arange(1, experts + 1, dtype=np.float64) ** -knobs.zipf_exponent
+    log_weights = np.array([-knobs.zipf_exponent * math.log(r) for r in range(1, experts + 1)])
     rows_step, rows_layer, rows_expert = [], [], []
     swaps = max(0, round(knobs.drift_per_step * moe_layers * experts))
     for t in range(steps):
         if swaps and t:
-            layer_idx = rng.integers(0, moe_layers, swaps)
-            rank_idx = rng.integers(0, experts - 1, swaps)
-            a = ranks[layer_idx, rank_idx].copy()
-            ranks[layer_idx, rank_idx] = ranks[layer_idx, rank_idx + 1]
-            ranks[layer_idx, rank_idx + 1] = a
-        log_popularity = np.empty((moe_layers, experts))
-        np.put_along_axis(log_popularity, ranks, np.log(weights)[None, :], axis=1)
+            drift_ranks(ranks, rng, swaps)
+        log_popularity = np.zeros((moe_layers, experts))
+        np.put_along_axis(log_popularity, ranks, log_weights[None, :], axis=1)
         chosen = np.zeros((c, moe_layers, experts), bool)
         bonus = np.zeros((c, experts))
         for layer in range(moe_layers):
-            gumbel = -np.log(-np.log(rng.random((c, experts))))
+            gumbel = rng.gumbel(size=(c, experts))
             logits = (
                 log_popularity[layer][None, :] + gumbel + knobs.persistence * previous[:, layer]
             )

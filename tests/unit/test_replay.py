@@ -167,3 +167,16 @@ def test_routing_recorded_from_a_transformers_model_through_router_hooks() -> No
     assert (trace.steps, trace.num_layers, trace.num_experts, trace.top_k) == (6, 3, 4, 2)
     for step in trace.chosen():
         assert [len(experts) for experts in step] == [2, 2, 2]  # top-2 of one sequence
+
+
+def test_popularity_drift_keeps_every_layer_a_permutation() -> None:
+    from bench.replay.trace import drift_ranks
+
+    rng = np.random.default_rng(0)
+    ranks = np.tile(np.arange(6), (3, 1))
+    for _ in range(50):  # many overlapping swaps on few cells
+        drift_ranks(ranks, rng, 40)
+        assert all(sorted(row) == list(range(6)) for row in ranks.tolist())
+    a = synthesize(4, 16, 2, 30, SyntheticKnobs(drift_per_step=0.5), seed=5)
+    b = synthesize(4, 16, 2, 30, SyntheticKnobs(drift_per_step=0.5), seed=5)
+    assert np.array_equal(a.expert, b.expert) and np.array_equal(a.step, b.step)
