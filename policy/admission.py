@@ -143,7 +143,7 @@ def within_link_budgets(
         busy = tel.link_busy_fraction.reshape(-1)[code]
         if capacity <= 0:
             continue
-        # PERF: a link takes a few transfers per tick; sort only as many as could fit.
+        # A link takes a few transfers per tick: sort only as many as could fit.
         could_fit = int(min(len(mine), capacity // max(int(nbytes[mine].min()), 1) + 2))
         if could_fit < len(mine):
             head = np.argpartition(key[mine], could_fit - 1)[:could_fit]

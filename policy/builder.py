@@ -197,9 +197,9 @@ def execute_instantly(snapshot: Snapshot, plan: Plan, now_s: float) -> Snapshot:
     in_flight = b.in_flight_encoding.copy()
     placed = b.placed_at_s.copy()
     in_flight[plan.cancel_block] = NONE
-    rows = plan.transition_block
-    hbm[rows] = plan.transition_target_encoding
-    fallback[rows] = plan.transition_fallback_level
+    rows = plan.transition_rows.block
+    hbm[rows] = plan.transition_rows.target_encoding
+    fallback[rows] = plan.transition_rows.fallback_level
     landed = rows[b.hbm_encoding[rows] != hbm[rows]]
     in_flight[landed] = NONE  # replaced by what this plan put there
     placed[landed] = now_s

@@ -138,6 +138,23 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class TransitionArrays:
+    """One row per transition; states are ``STATE_CODES`` indices, reasons ``REASONS`` ones,
+    and ``target_*``/``fallback_level`` describe the block once the action completes."""
+
+    block: np.ndarray
+    from_state: np.ndarray
+    to_state: np.ndarray
+    via_promoting: np.ndarray
+    source_level: np.ndarray
+    source_encoding: np.ndarray
+    target_level: np.ndarray
+    target_encoding: np.ndarray
+    fallback_level: np.ndarray
+    reason: np.ndarray
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the step decided. Array fields are row-aligned per kind of record.
 
@@ -153,16 +170,7 @@ class Plan:
     target_hbm_encoding: np.ndarray
     target_fallback_level: np.ndarray
     # transitions
-    transition_block: np.ndarray
-    transition_from: np.ndarray  # STATE_CODES index
-    transition_to: np.ndarray
-    transition_via_promoting: np.ndarray
-    transition_source_level: np.ndarray
-    transition_source_encoding: np.ndarray
-    transition_target_level: np.ndarray
-    transition_target_encoding: np.ndarray
-    transition_fallback_level: np.ndarray  # the fallback copy's level once the action completes
-    transition_reason: np.ndarray  # index into REASONS
+    transition_rows: TransitionArrays  # one row per transition
     # transfers
     transfer_block: np.ndarray
     transfer_source_level: np.ndarray
@@ -203,24 +211,25 @@ class Plan:
     @cached_property
     def transitions(self) -> tuple[Transition, ...]:
         out = []
-        for row, block in enumerate(self.transition_block.tolist()):
+        t = self.transition_rows
+        for row, block in enumerate(t.block.tolist()):
             out.append(
                 Transition(
                     self.block_ids[block],
                     block,
-                    STATE_CODES[self.transition_from[row]],
-                    STATE_CODES[self.transition_to[row]],
-                    bool(self.transition_via_promoting[row]),
+                    STATE_CODES[t.from_state[row]],
+                    STATE_CODES[t.to_state[row]],
+                    bool(t.via_promoting[row]),
                     Placement(
-                        LEVEL_KINDS[int(self.transition_source_level[row])],
-                        self._encoding(int(self.transition_source_encoding[row])),
+                        LEVEL_KINDS[int(t.source_level[row])],
+                        self._encoding(int(t.source_encoding[row])),
                     ),
                     Placement(
-                        LEVEL_KINDS[int(self.transition_target_level[row])],
-                        self._encoding(int(self.transition_target_encoding[row])),
+                        LEVEL_KINDS[int(t.target_level[row])],
+                        self._encoding(int(t.target_encoding[row])),
                     ),
-                    LEVEL_KINDS[int(self.transition_fallback_level[row])],
-                    self._explain(block, REASONS[int(self.transition_reason[row])]),
+                    LEVEL_KINDS[int(t.fallback_level[row])],
+                    self._explain(block, REASONS[int(t.reason[row])]),
                 )
             )
         return tuple(out)

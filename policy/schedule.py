@@ -52,6 +52,7 @@ from policy.plan import (
     REASON_WARM_UP,
     STATE_CODES,
     Priority,
+    TransitionArrays,
 )
 from policy.predict import Prediction
 from policy.score import Scores, Targets
@@ -79,20 +80,6 @@ def state_codes(
     state = np.where(in_flight != NONE, _S[BlockState.PROMOTING], state)
     state = np.where(usable & ~full, _S[BlockState.COMPACT], state)
     return np.where(usable & full, _S[BlockState.PREMIUM], state).astype(np.int8)
-
-
-@dataclass(frozen=True)
-class TransitionArrays:
-    block: np.ndarray
-    from_state: np.ndarray
-    to_state: np.ndarray
-    via_promoting: np.ndarray
-    source_level: np.ndarray
-    source_encoding: np.ndarray
-    target_level: np.ndarray
-    target_encoding: np.ndarray
-    fallback_level: np.ndarray
-    reason: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -265,7 +252,7 @@ def schedule(
     held = np.isin(kind, (DROP_WARM, SPILL)) & reading[block]  # these remove that copy
     # PERF: admission looks only at what the links could take within a few ticks (and at the
     # shrinks, which may have to make room): at a million blocks, admitting every candidate
-    # copy cost 200 ms a step.
+    # copy made the schedule phase 430 ms a step instead of 270 (bench/policy_scale.py).
     linked = np.flatnonzero(on_link)
     within_reach = np.zeros(len(block), dtype=bool)
     within_reach[linked] = within_link_budgets(

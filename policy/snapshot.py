@@ -20,7 +20,6 @@ from pool.tiers import TierKind
 
 # Level codes (array values). Compared by equality only, never by order.
 HBM, HOST, CXL, STORAGE = 0, 1, 2, 3
-LEVELS = (HBM, HOST, CXL, STORAGE)
 LEVEL_KINDS: dict[int, TierKind] = {
     HBM: TierKind.HBM,
     HOST: TierKind.HOST,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -421,11 +421,3 @@ def _check_entry(
             f"{data_size} bytes (file truncated?)"
         )
     return TensorInfo(tuple(shape), dtype), (begin, end)
-
-
-def iter_blocks(
-    source: CheckpointSource, specs: list[BlockSpec]
-) -> Iterator[tuple[BlockSpec, dict[str, torch.Tensor]]]:
-    """Yield each spec with its tensors, one block in memory at a time."""
-    for spec in specs:
-        yield spec, load_block(source, spec)

@@ -26,10 +26,6 @@ class TierKind(enum.Enum):
     STORAGE = "storage"
 
 
-# Kinds whose copies compute can read without a transfer into the consumer's own HBM.
-COMPUTE_TIERS = frozenset({TierKind.HBM})
-
-
 class TierSpec(BaseModel):
     """One tier instance.
 

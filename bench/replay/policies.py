@@ -7,7 +7,6 @@ colder than another; all fetch at full precision except ``int4-static``.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections import OrderedDict
 
@@ -287,11 +286,6 @@ class OraclePolicy(LruBase):
         for block in sorted(experts, key=lambda b: self.uses[b][0] if self.uses[b] else 1 << 62):
             if not self.uses[block] or not sim.preload(block, FULL):
                 break
-
-    def next_use(self, block: int, now: int) -> int:
-        uses = self.uses[block]
-        i = bisect.bisect_left(uses, now)
-        return uses[i] if i < len(uses) else 1 << 62
 
     def _now(self, sim: Simulator) -> int:
         return sim.step * sim.layout.positions + sim.position

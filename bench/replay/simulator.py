@@ -100,9 +100,6 @@ class Link:
                 raise SimulationError(f"transfer of block {transfer.block} is not queued")
         return transfer.done_s
 
-    def pending_bytes(self) -> int:
-        return sum(t.nbytes for _, _, t in self._queue if not t.cancelled and t.done_s is None)
-
 
 class Policy(Protocol):
     name: str
@@ -189,9 +186,6 @@ class Simulator:
             return False
         transfer = self.transfer[block]
         return transfer is None or (transfer.done_s is not None and transfer.done_s <= self.now_s)
-
-    def resident_or_coming(self, block: int) -> bool:
-        return self.encoding[block] >= 0
 
     def evictable(self, block: int) -> bool:
         """In HBM and either arrived or still cancellable (not on the wire)."""

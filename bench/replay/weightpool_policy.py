@@ -73,7 +73,6 @@ class WeightpoolPolicy:
         self.snapshot: Snapshot | None = None
         self.layer_time = np.zeros(1)
         self.revealed = (0, 0)  # (step, position) up to which routing was passed on
-        self.last_use = np.zeros(1)
 
     # -- snapshot ----------------------------------------------------------------------------
 
@@ -206,8 +205,8 @@ class WeightpoolPolicy:
             if sim.step < len(sim.chosen)
             else set()
         )
-        for row in np.flatnonzero(plan.transition_target_encoding == NONE).tolist():
-            block = int(plan.transition_block[row])
+        for row in np.flatnonzero(plan.transition_rows.target_encoding == NONE).tolist():
+            block = int(plan.transition_rows.block[row])
             if sim.encoding[block] >= 0 and block not in protected and sim.evictable(block):
                 sim.evict(block)
         order = np.lexsort((plan.transfer_deadline_s, plan.transfer_priority))
