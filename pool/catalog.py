@@ -96,10 +96,14 @@ def spec_from_json(text: str) -> BlockSpec:
 
 
 class Catalog:
-    """Block specs and stored copies, in one SQLite file."""
+    """Block specs and stored copies, in one SQLite file.
+
+    One connection, usable from any thread but not from two at once: a caller with concurrent
+    threads (the storage tier actor) serializes its calls.
+    """
 
     def __init__(self, path: Path):
-        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_DDL)

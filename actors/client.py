@@ -1,0 +1,201 @@
+"""The client an inference actor uses: leases with a local cache, renewal, telemetry batching.
+
+Hot path: :meth:`PoolClient.get` of a block this client already leases is a dictionary lookup and
+a clock comparison in-process (no remote call). A miss calls the controller's ``acquire``, which
+makes it a demand promotion and waits for it. Leases are renewed in batches by a background
+thread before they expire; a renewal the controller refuses (expired, revoked, stale epoch) drops
+the cached entry, and the next ``get`` re-acquires (fencing). Telemetry (layer times, router
+choices, cache hits) is batched and sent every ``flush_s`` without waiting for an answer.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from actors.leases import Grant, Lease, Miss
+from actors.names import CONTROLLER_NAME
+from actors.telemetry import TelemetryBatch
+from pool.codecs import decode_block
+from pool.errors import WeightpoolError
+
+
+class LeaseMissError(WeightpoolError):
+    """A block was not made resident in HBM within the acquire deadline."""
+
+    def __init__(self, miss: Miss):
+        self.miss = miss
+        super().__init__(
+            f"block {miss.block_id!r}: {miss.reason}; nearest copy on {miss.nearest_tier} at "
+            f"{miss.nearest_encoding.name}"
+        )
+
+
+@dataclass
+class CachedBlock:
+    lease: Lease
+    tensors: dict[str, torch.Tensor]
+    expires_local_s: float  # time.monotonic() of this process
+    peer: bool
+    ttl_s: float
+
+
+class PoolClient:
+    """One per inference actor (thread-safe). ``device`` is the HBM tier it computes on."""
+
+    def __init__(
+        self,
+        namespace: str = "weightpool",
+        device: str | None = None,
+        holder: str | None = None,
+        flush_s: float = 0.05,
+        acquire_timeout_s: float = 30.0,
+    ):
+        self.controller = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+        self.device = device
+        self.holder = holder or f"client-{uuid.uuid4().hex[:8]}"
+        self.acquire_timeout_s = acquire_timeout_s
+        self.cache: dict[str, CachedBlock] = {}
+        self.lock = threading.Lock()
+        self.batch = TelemetryBatch(self.holder)
+        self.hits = 0
+        self.misses = 0
+        self.fenced = 0
+        self.stopping = threading.Event()
+        self.flush_s = flush_s
+        self.thread = threading.Thread(target=self._background, daemon=True, name="pool-client")
+        self.thread.start()
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def get(self, block_id: str) -> dict[str, torch.Tensor]:
+        """The block's tensors; served from the lease cache when leased (no remote call)."""
+        entry = self.cache.get(block_id)
+        if entry is not None and entry.expires_local_s > time.monotonic():
+            self.hits += 1
+            return entry.tensors
+        self.misses += 1
+        return self.acquire([block_id])[block_id]
+
+    def acquire(self, block_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """Lease ``block_ids`` (one remote call), map and decode their copies, cache them.
+
+        Raises:
+            LeaseMissError: a block was not resident in HBM within ``acquire_timeout_s``.
+            UnknownBlockError: an id is not in the pool (nothing leased).
+        """
+        start = time.monotonic()
+        results = ray.get(
+            self.controller.acquire.remote(
+                self.holder, list(block_ids), self.device, self.acquire_timeout_s
+            )
+        )
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        missed: list[Miss] = []
+        for result in results:
+            if isinstance(result, Miss):
+                missed.append(result)
+                continue
+            out[result.lease.block_id] = self._map(result, start)
+        if missed:
+            raise LeaseMissError(missed[0])
+        with self.lock:
+            self.batch.stall_s += time.monotonic() - start
+        return out
+
+    def _map(self, grant: Grant, start: float) -> dict[str, torch.Tensor]:
+        encoded = ray.get(grant.handle[0])  # zero-copy on the copy's node
+        tensors = decode_block(grant.spec, encoded)
+        with self.lock:
+            self.cache[grant.lease.block_id] = CachedBlock(
+                grant.lease, tensors, start + grant.ttl_s * 0.9, grant.peer, grant.ttl_s
+            )
+        return tensors
+
+    def release(self, block_ids: list[str] | None = None) -> None:
+        """Release leases (all of this client's when ``block_ids`` is None)."""
+        with self.lock:
+            ids = list(self.cache) if block_ids is None else list(block_ids)
+            gone = [self.cache.pop(b) for b in ids if b in self.cache]
+        if gone:
+            ray.get(self.controller.release.remote([g.lease.lease_id for g in gone]))
+
+    def lease_of(self, block_id: str) -> Lease | None:
+        entry = self.cache.get(block_id)
+        return None if entry is None else entry.lease
+
+    # -- telemetry --------------------------------------------------------------------------------
+
+    def record_layer(self, model: str, layer: int, seconds: float) -> None:
+        with self.lock:
+            self.batch.layer_times.append((model, layer, seconds))
+            self.batch.positions[model] = layer
+
+    def record_route(self, model: str, step: int, layer: int, experts: list[int]) -> None:
+        with self.lock:
+            self.batch.routes.append((model, step, layer, tuple(int(e) for e in experts)))
+
+    def set_concurrency(self, model: str, sequences: int) -> None:
+        with self.lock:
+            self.batch.concurrency[model] = sequences
+
+    def flush(self) -> None:
+        with self.lock:
+            batch = self.batch
+            batch.cache_hits, batch.cache_misses = self.hits, self.misses
+            self.hits = self.misses = 0
+            self.batch = TelemetryBatch(self.holder)
+        if not batch.empty():
+            self.controller.report_telemetry.remote(batch)
+
+    # -- background -------------------------------------------------------------------------------
+
+    def _renew_due(self) -> None:
+        """Renew, in one call, the leases with less than half their time-to-live left."""
+        now = time.monotonic()
+        with self.lock:
+            due = [e.lease for e in self.cache.values() if e.expires_local_s - now < e.ttl_s / 2]
+        if not due:
+            return
+        start = time.monotonic()
+        renewed: list[Lease | None] = ray.get(self.controller.renew.remote(due))
+        with self.lock:
+            for old, new in zip(due, renewed, strict=True):
+                entry = self.cache.get(old.block_id)
+                if entry is None or entry.lease.lease_id != old.lease_id:
+                    continue
+                if new is None:
+                    del self.cache[old.block_id]  # fenced: the next get re-acquires
+                    self.fenced += 1
+                else:
+                    entry.lease = new
+                    entry.expires_local_s = start + entry.ttl_s * 0.9
+
+    def _background(self) -> None:
+        while not self.stopping.wait(self.flush_s):
+            try:
+                self.flush()
+                self._renew_due()
+            except Exception:  # the controller is restarting: try again next period
+                continue
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=2.0)
+        try:
+            self.flush()
+            self.release()
+        except Exception:
+            pass
+
+    def __enter__(self) -> PoolClient:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,219 @@
+"""Executes the controller's plans: moves bytes between tier actors, one chain per block at a time.
+
+Each transition becomes, in order: the warm copy its fallback level needs (HOST or CXL, at full
+precision), the HBM copy at its target encoding, then the drops the target implies (other HBM
+encodings, warm copies slower targets no longer need). A copy is registered ``IN_FLIGHT`` before
+its transfer starts and ``READY`` only once the destination verified its checksum; a copy that a
+live lease pins is never dropped (the drop waits for a later step), and a copy being dropped is
+``EVICTING``, on which no lease is granted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import ray
+
+from actors.registry import CopyEntry, CopyStatus
+from policy.snapshot import CXL, HOST, STORAGE
+from pool.blocks import BlockSpec
+from pool.encoding import FULL, Encoding, Precision
+from pool.tiers import TierKind
+
+if TYPE_CHECKING:
+    from actors.controller import PlacementController
+
+SPEED = {TierKind.HBM: 0, TierKind.HOST: 1, TierKind.CXL: 2, TierKind.STORAGE: 3}
+
+
+class Executor:
+    def __init__(self, ctl: PlacementController, pool: ThreadPoolExecutor):
+        self.ctl = ctl
+        self.pool = pool
+        self.busy: set[str] = set()
+        self.handles: dict[tuple[str, str, Encoding], Any] = {}
+        self.queued = 0
+        self.lock = threading.Lock()
+
+    def idle(self) -> bool:
+        with self.lock:
+            return self.queued == 0
+
+    def submit(
+        self,
+        block_id: str,
+        target: Encoding | None,
+        fallback_level: int,
+        to_state: str,
+        reason: int,
+    ) -> bool:
+        """Queue a transition unless the block already has one queued or running."""
+        with self.lock:
+            if block_id in self.busy:
+                return False
+            self.busy.add(block_id)
+            self.queued += 1
+        self.pool.submit(self._run, block_id, target, fallback_level, to_state)
+        return True
+
+    def _run(
+        self, block_id: str, target: Encoding | None, fallback_level: int, to_state: str
+    ) -> None:
+        ctl = self.ctl
+        try:
+            self._apply(block_id, target, fallback_level)
+            ctl.counters[f"transition:{to_state}"] += 1
+            ctl.record(
+                "transition",
+                block_id,
+                f"-> {to_state} (hbm {target.name if target else 'none'}, fallback level "
+                f"{fallback_level})",
+            )
+        except Exception as err:
+            ctl.counters["execute_errors"] += 1
+            ctl.record("fault", block_id, f"transition failed: {type(err).__name__}: {err}")
+        finally:
+            with self.lock:
+                self.busy.discard(block_id)
+                self.queued -= 1
+            event = ctl.ready_events.get(block_id)
+            if event is not None:
+                event.set()
+                event.clear()
+
+    # -- one transition ---------------------------------------------------------------------------
+
+    def _apply(self, block_id: str, target: Encoding | None, fallback_level: int) -> None:
+        ctl, reg = self.ctl, self.ctl.registry
+        with ctl.lock:
+            spec = reg.spec(block_id)
+            home = reg.home_of(block_id).tier_id
+            warm = {lvl: reg.warm_tier(block_id, lvl) for lvl in (HOST, CXL)}
+        if fallback_level in (HOST, CXL):
+            tier = warm[fallback_level]
+            if tier is not None and not self._has(block_id, tier.tier_id, FULL):
+                self._copy(spec, tier.tier_id, FULL)
+        if target is not None and not self._has(block_id, home, target):
+            self._copy(spec, home, target)
+            event = ctl.ready_events.get(block_id)
+            if event is not None:
+                event.set()
+        with ctl.lock:
+            stale = [
+                c
+                for c in reg.copies_of(block_id)
+                if c.tier_id == home and c.encoding != target and c.status is CopyStatus.READY
+            ]
+            for level in (HOST, CXL):
+                tier = warm[level]
+                slower = fallback_level == STORAGE or (fallback_level == CXL and level == HOST)
+                if tier is not None and slower:
+                    stale += [c for c in reg.ready(block_id, tier.tier_id)]
+        for c in stale:
+            self._drop(c)
+
+    def _has(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
+        with self.ctl.lock:
+            c = self.ctl.registry.copy(block_id, tier_id, encoding)
+            return c is not None and c.status is CopyStatus.READY
+
+    def _source(self, block_id: str, dst: str, encoding: Encoding) -> CopyEntry:
+        """The fastest ready copy the target can be made from: the same encoding, the same
+        precision (lossless decompression), or full precision (the source encodes)."""
+        reg = self.ctl.registry
+        node = reg.tiers[dst].node_id
+        usable = [
+            c
+            for c in reg.copies_of(block_id)
+            if c.status is CopyStatus.READY
+            and c.tier_id != dst
+            and c.tier_id not in self.ctl.dead_tiers
+            and (
+                c.encoding == encoding
+                or c.encoding.precision in (encoding.precision, Precision.FULL)
+            )
+        ]
+        if not usable:
+            raise RuntimeError(f"block {block_id!r} has no ready copy to make {encoding.name} from")
+        return min(
+            usable,
+            key=lambda c: (
+                SPEED[reg.tiers[c.tier_id].kind],
+                reg.tiers[c.tier_id].node_id != node,
+                c.encoding != encoding,
+            ),
+        )
+
+    def _copy(self, spec: BlockSpec, dst: str, encoding: Encoding) -> None:
+        ctl, reg = self.ctl, self.ctl.registry
+        block_id = spec.block_id
+        with ctl.lock:
+            source = self._source(block_id, dst, encoding)
+            epoch = reg.new_epoch()
+            reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
+            checksum = reg.checksums.get((block_id, encoding), "")
+            src_kind = reg.tiers[source.tier_id].kind
+            dst_kind = reg.tiers[dst].kind
+        start = time.perf_counter()
+        try:
+            exported = ctl.handles[source.tier_id].export.remote(spec, source.encoding, encoding)
+            entry, handle = ray.get(
+                ctl.handles[dst].receive.remote(block_id, encoding, exported, epoch, checksum),
+                timeout=ctl.config.call_timeout_s,
+            )
+        except BaseException as err:
+            with ctl.lock:
+                current = reg.copy(block_id, dst, encoding)
+                if current is not None and current.epoch == epoch:
+                    reg.remove_copy(block_id, dst, encoding)
+            if isinstance(err, ray.exceptions.RayTaskError):
+                cause = err.cause if hasattr(err, "cause") else None
+                if isinstance(cause, (ray.exceptions.RayActorError,)):
+                    ctl.tier_failed(source.tier_id, cause)
+            if isinstance(
+                err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+            ):
+                ctl.tier_failed(dst, err)
+            raise
+        seconds = time.perf_counter() - start
+        with ctl.lock:
+            current = reg.copy(block_id, dst, encoding)
+            if current is None or current.epoch != epoch:
+                return  # the destination failed meanwhile; its copies were forgotten
+            reg.add_copy(entry)
+            reg.checksums.setdefault((block_id, encoding), entry.checksum)
+            reg.measured_nbytes[(block_id, encoding)] = entry.nbytes
+            self.handles[(block_id, dst, encoding)] = handle[0]
+            link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
+            ctl.counters[f"bytes:{link}"] += entry.nbytes
+            ctl.counters["transfers"] += 1
+        ctl.record(
+            "execute",
+            block_id,
+            f"{source.tier_id}@{source.encoding.name} -> {dst}@{encoding.name} "
+            f"({entry.nbytes} bytes, {seconds * 1e3:.1f} ms)",
+        )
+
+    def _drop(self, c: CopyEntry) -> bool:
+        ctl, reg = self.ctl, self.ctl.registry
+        with ctl.lock:
+            current = reg.copy(c.block_id, c.tier_id, c.encoding)
+            if current is None or current.status is not CopyStatus.READY:
+                return False
+            if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
+                ctl.counters["drops_deferred_leased"] += 1
+                return False
+            current.status = CopyStatus.EVICTING
+            self.handles.pop((c.block_id, c.tier_id, c.encoding), None)
+        try:
+            ctl.call(c.tier_id, "drop", c.block_id, c.encoding)
+        finally:
+            with ctl.lock:
+                if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
+                    ctl.counters["lease_violations"] += 1  # an invariant: must stay 0
+                reg.remove_copy(c.block_id, c.tier_id, c.encoding)
+        ctl.counters["drops"] += 1
+        return True

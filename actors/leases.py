@@ -1,0 +1,136 @@
+"""Leases (DESIGN section 4): who may read which copy, until when, at which epoch.
+
+Pure Python, no Ray; the controller owns the one :class:`LeaseTable` and calls it under its lock.
+A lease names one copy (tier, encoding) and that copy's epoch. While the lease is live the copy is
+pinned: the executor never drops or re-encodes it. A lease is refused on renewal (fenced) when it
+expired, was revoked (its copy's tier died), or names an epoch the copy no longer has.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any
+
+from pool.blocks import BlockSpec
+from pool.encoding import Encoding
+
+
+@dataclass(frozen=True)
+class Lease:
+    lease_id: int
+    holder: str
+    block_id: str
+    tier_id: str
+    encoding: Encoding
+    epoch: int
+    expires_s: float  # controller clock (time.monotonic of the controller's process)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What ``acquire`` returns per block: the lease, the copy's bytes as an object-store
+    reference (mapped without copying on the holder's node), the spec to decode them, and where
+    the copy lives (``peer``: an HBM copy on another device than the holder's)."""
+
+    lease: Lease
+    handle: list[Any]  # [ObjectRef]: wrapped so that Ray passes the reference, not the value
+    spec: BlockSpec
+    tier_kind: str
+    peer: bool
+    ttl_s: float
+
+
+@dataclass(frozen=True)
+class Miss:
+    """An acquire that could not be served by its deadline: where the nearest copy is."""
+
+    block_id: str
+    nearest_tier: str
+    nearest_encoding: Encoding
+    reason: str
+
+
+@dataclass
+class LeaseTable:
+    ttl_s: float
+    leases: dict[int, Lease] = field(default_factory=dict)
+    _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def grant(
+        self, holder: str, block_id: str, tier_id: str, encoding: Encoding, epoch: int, now_s: float
+    ) -> Lease:
+        lease = Lease(
+            next(self._ids), holder, block_id, tier_id, encoding, epoch, now_s + self.ttl_s
+        )
+        self.leases[lease.lease_id] = lease
+        return lease
+
+    def adopt(self, lease: Lease, now_s: float) -> Lease:
+        """Take over a lease granted before a controller restart (its epoch was checked)."""
+        renewed = Lease(
+            lease.lease_id,
+            lease.holder,
+            lease.block_id,
+            lease.tier_id,
+            lease.encoding,
+            lease.epoch,
+            now_s + self.ttl_s,
+        )
+        self.leases[lease.lease_id] = renewed
+        self._ids = itertools.count(max(lease.lease_id + 1, next(self._ids)))
+        return renewed
+
+    def renew(self, lease_id: int, now_s: float) -> Lease | None:
+        """Extend a live lease; ``None`` if it is unknown or expired (fenced)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.expires_s < now_s:
+            self.leases.pop(lease_id, None)
+            return None
+        renewed = Lease(
+            lease.lease_id,
+            lease.holder,
+            lease.block_id,
+            lease.tier_id,
+            lease.encoding,
+            lease.epoch,
+            now_s + self.ttl_s,
+        )
+        self.leases[lease_id] = renewed
+        return renewed
+
+    def release(self, lease_ids: list[int]) -> int:
+        return sum(self.leases.pop(i, None) is not None for i in lease_ids)
+
+    def expire(self, now_s: float) -> list[Lease]:
+        gone = [lease for lease in self.leases.values() if lease.expires_s < now_s]
+        for lease in gone:
+            del self.leases[lease.lease_id]
+        return gone
+
+    def revoke_copy(self, block_id: str, tier_id: str, encoding: Encoding) -> list[Lease]:
+        gone = [
+            lease
+            for lease in self.leases.values()
+            if (lease.block_id, lease.tier_id, lease.encoding) == (block_id, tier_id, encoding)
+        ]
+        for lease in gone:
+            del self.leases[lease.lease_id]
+        return gone
+
+    def revoke_tier(self, tier_id: str) -> list[Lease]:
+        gone = [lease for lease in self.leases.values() if lease.tier_id == tier_id]
+        for lease in gone:
+            del self.leases[lease.lease_id]
+        return gone
+
+    def pins(self, block_id: str, tier_id: str, encoding: Encoding, now_s: float) -> bool:
+        """A live lease pins this copy."""
+        return any(
+            lease.expires_s >= now_s
+            and (lease.block_id, lease.tier_id, lease.encoding) == (block_id, tier_id, encoding)
+            for lease in self.leases.values()
+        )
+
+    def leased_blocks(self, now_s: float) -> set[str]:
+        return {lease.block_id for lease in self.leases.values() if lease.expires_s >= now_s}

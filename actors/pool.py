@@ -1,0 +1,193 @@
+"""Start, find and stop a pool on a Ray cluster: tier actors on every node, one controller.
+
+Tier actors are pinned to their node with Ray's node-affinity scheduling (``soft=False``); which
+nodes host which tiers comes from the nodes' Ray resources: a node with a ``weightpool_host``
+resource gets a HOST tier (every node does when no node declares one), ``weightpool_cxl`` a CXL
+tier (when ``cxl_bytes`` > 0), ``GPU`` or, without GPUs, ``emulated_devices_per_node`` HBM tiers;
+the STORAGE tier goes to the first node with ``weightpool_storage`` (else the driver's node).
+Every actor is named and detached in the pool's namespace, so Ray Serve replicas (in Serve's own
+namespace) and a restarted controller find them by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.config import PoolConfig
+from actors.controller import PlacementController
+from actors.names import CONTROLLER_NAME, tier_actor_name
+from actors.registry import TierInfo
+from actors.tier import TierActor
+from pool.encoding import FULL, Encoding
+from pool.tiers import TierKind, TierSpec
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: str
+    resources: dict[str, float]
+    is_driver: bool
+
+
+def alive_nodes() -> list[NodeInfo]:
+    here = ray.get_runtime_context().get_node_id()
+    return [
+        NodeInfo(n["NodeID"], dict(n["Resources"]), n["NodeID"] == here)
+        for n in ray.nodes()
+        if n["Alive"]
+    ]
+
+
+def plan_tiers(nodes: list[NodeInfo], config: PoolConfig) -> list[TierInfo]:
+    """The tier instances for ``nodes`` (pure: tested without a cluster). Tier ids are
+    ``<node id prefix>/<kind><index>``, stable for a node across controller restarts."""
+    tiers: list[TierInfo] = []
+    declared_host = any(n.resources.get("weightpool_host") for n in nodes)
+    for node in sorted(nodes, key=lambda n: (not n.is_driver, n.node_id)):
+        prefix = node.node_id[:8]
+        gpus = int(node.resources.get("GPU", 0))
+        devices = gpus or config.emulated_devices_per_node
+        for d in range(devices):
+            spec = TierSpec(
+                tier_id=f"{prefix}/hbm{d}",
+                kind=TierKind.HBM,
+                capacity_bytes=config.hbm_bytes_per_device,
+                node=node.node_id,
+                device=d,
+                emulated=gpus == 0,
+            )
+            tiers.append(TierInfo(spec, node.node_id))
+        if node.resources.get("weightpool_host") or not declared_host:
+            spec = TierSpec(
+                tier_id=f"{prefix}/host",
+                kind=TierKind.HOST,
+                capacity_bytes=config.host_bytes,
+                node=node.node_id,
+            )
+            tiers.append(TierInfo(spec, node.node_id))
+        if config.cxl_bytes and node.resources.get("weightpool_cxl"):
+            spec = TierSpec(
+                tier_id=f"{prefix}/cxl",
+                kind=TierKind.CXL,
+                capacity_bytes=config.cxl_bytes,
+                node=node.node_id,
+                emulated=True,  # bound to a CPU-less NUMA node: not yet (see the README)
+            )
+            tiers.append(TierInfo(spec, node.node_id))
+    storage_nodes = [n for n in nodes if n.resources.get("weightpool_storage")]
+    home = storage_nodes[0] if storage_nodes else next(n for n in nodes if n.is_driver)
+    spec = TierSpec(tier_id=f"{home.node_id[:8]}/storage", kind=TierKind.STORAGE, node=home.node_id)
+    tiers.append(TierInfo(spec, home.node_id))
+    return tiers
+
+
+class Pool:
+    """A driver-side handle on a running pool: its controller and its tier actors."""
+
+    def __init__(self, config: PoolConfig, controller: Any, tiers: list[TierInfo]):
+        self.config = config
+        self.controller = controller
+        self.tiers = tiers
+
+    def tier(self, tier_id: str) -> Any:
+        return ray.get_actor(tier_actor_name(tier_id), namespace=self.config.namespace)
+
+    def storage(self) -> Any:
+        (info,) = [t for t in self.tiers if t.kind is TierKind.STORAGE]
+        return self.tier(info.tier_id)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        model: str,
+        home: str | None = None,
+        encodings: tuple[Encoding, ...] = (FULL,),
+    ) -> str:
+        """Import a safetensors checkpoint into storage and register it; returns its home tier."""
+        specs = ray.get(self.storage().import_checkpoint.remote(str(path), model, encodings))
+        return str(ray.get(self.controller.register_model.remote(model, specs, home)))
+
+    def load_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        model: str,
+        home: str | None = None,
+        encodings: tuple[Encoding, ...] = (FULL,),
+    ) -> str:
+        specs = ray.get(self.storage().import_state_dict.remote(state_dict, model, encodings))
+        return str(ray.get(self.controller.register_model.remote(model, specs, home)))
+
+    def status(self) -> dict[str, Any]:
+        return dict(ray.get(self.controller.status.remote()))
+
+
+def start_pool(config: PoolConfig | None = None) -> Pool:
+    """Create the tier actors and the controller on the connected Ray cluster (``ray.init``
+    first). An existing pool in the same namespace is reused (idempotent)."""
+    config = config or PoolConfig()
+    try:
+        return connect(config.namespace)
+    except ValueError:
+        pass
+    tiers = plan_tiers(alive_nodes(), config)
+    actor_cls = ray.remote(TierActor)
+    storage_dir = str(Path(config.storage_dir).resolve())
+    handles = []
+    for info in tiers:
+        handles.append(
+            actor_cls.options(
+                name=tier_actor_name(info.tier_id),
+                namespace=config.namespace,
+                lifetime="detached",
+                max_restarts=-1,
+                max_concurrency=16,
+                num_cpus=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False),
+            ).remote(info.spec, storage_dir if info.kind is TierKind.STORAGE else None)
+        )
+    ray.get([h.ping.remote() for h in handles])
+    controller = (
+        ray.remote(PlacementController)
+        .options(
+            name=CONTROLLER_NAME,
+            namespace=config.namespace,
+            lifetime="detached",
+            max_restarts=-1,
+            max_task_retries=-1,
+            max_concurrency=64,
+            num_cpus=0,
+        )
+        .remote(config, tiers)
+    )
+    ray.get(controller.status.remote())
+    return Pool(config, controller, tiers)
+
+
+def connect(namespace: str = "weightpool") -> Pool:
+    """The running pool in ``namespace``.
+
+    Raises:
+        ValueError: no pool runs there (Ray's own error for an unknown actor name).
+    """
+    controller = ray.get_actor(CONTROLLER_NAME, namespace=namespace)
+    config, tiers = ray.get(controller.describe.remote())
+    return Pool(config, controller, tiers)
+
+
+def stop_pool(namespace: str = "weightpool") -> None:
+    """Kill the pool's actors (their memory tiers' copies go with them; storage stays)."""
+    try:
+        pool = connect(namespace)
+    except ValueError:
+        return
+    ray.get(pool.controller.stop.remote())
+    for info in pool.tiers:
+        with contextlib.suppress(ValueError):
+            ray.kill(pool.tier(info.tier_id), no_restart=True)
+    ray.kill(pool.controller, no_restart=True)

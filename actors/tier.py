@@ -1,0 +1,278 @@
+"""Tier actors: one Ray actor owns each tier instance's bytes (DESIGN section 3).
+
+Two backends behind one small protocol:
+
+- :class:`MemoryBackend` for HOST, CXL and CPU-emulated HBM: each copy is one object in the Ray
+  object store of the actor's node, put (and so owned) by the actor. A consumer on the same node
+  maps it without copying; another node's consumer gets it by Ray's object transfer. If the actor
+  dies, Ray frees the objects it owns: its copies are gone, exactly as the failure model says.
+  Ray's object store is pre-allocated shared memory, so copies need no allocation of their own.
+- :class:`StorageBackend` for STORAGE: the checksummed Arrow files of a ``pool.store.BlockStore``.
+
+Movement is pull-based: the destination's :meth:`TierActor.receive` gets a reference from the
+source's :meth:`TierActor.export` and reads it (within a node, a zero-copy view of the source's
+object), verifies its checksum, and stores it (one copy, into its own object). Exact capacity
+accounting: a copy that does not fit is refused with :class:`CapacityError`, nothing changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import ray
+
+from actors.registry import CopyEntry, CopyStatus
+from pool.blocks import BlockSpec
+from pool.codecs import EncodedBlock, decode_block, encode_block
+from pool.encoding import FULL, Encoding
+from pool.errors import CapacityError, CorruptBlockError, UnknownBlockError
+from pool.store import BlockStore
+from pool.tiers import TierKind, TierSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TierReport:
+    tier_id: str
+    kind: str
+    node_id: str
+    capacity_bytes: int | None
+    used_bytes: int
+    copies: int
+    emulated: bool
+    incarnation: str  # new on every (re)start of the actor: a restart empties memory tiers
+
+
+@dataclass
+class _Held:
+    ref: Any  # ObjectRef, owned by this actor
+    entry: CopyEntry
+
+
+class Backend(Protocol):
+    def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None: ...
+    def handle(self, block_id: str, encoding: Encoding) -> Any: ...
+    def drop(self, block_id: str, encoding: Encoding) -> int: ...
+    def inventory(self) -> list[CopyEntry]: ...
+    def used_bytes(self) -> int: ...
+
+
+class MemoryBackend:
+    """Copies as owned objects in the node's object store, with exact byte accounting."""
+
+    def __init__(self, spec: TierSpec):
+        self.capacity = spec.capacity_bytes or 0
+        self.held: dict[tuple[str, Encoding], _Held] = {}
+        self.used = 0
+
+    def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None:
+        key = (entry.block_id, entry.encoding)
+        old = self.held.get(key)
+        freed = old.entry.nbytes if old else 0
+        if self.used - freed + entry.nbytes > self.capacity:
+            raise CapacityError(
+                f"copy {entry.block_id!r}@{entry.encoding.name} needs {entry.nbytes} bytes; "
+                f"tier holds {self.used} of {self.capacity}"
+            )
+        ref = ray.put(encoded)  # PERF: the one copy of a move: into this actor's own object
+        self.held[key] = _Held(ref, entry)
+        self.used += entry.nbytes - freed
+
+    def handle(self, block_id: str, encoding: Encoding) -> Any:
+        held = self.held.get((block_id, encoding))
+        if held is None:
+            raise UnknownBlockError(f"no copy {block_id!r}@{encoding.name} on this tier")
+        return held.ref
+
+    def drop(self, block_id: str, encoding: Encoding) -> int:
+        held = self.held.pop((block_id, encoding), None)
+        if held is None:
+            return 0
+        self.used -= held.entry.nbytes
+        return held.entry.nbytes
+
+    def inventory(self) -> list[CopyEntry]:
+        return [h.entry for h in self.held.values()]
+
+    def used_bytes(self) -> int:
+        return self.used
+
+
+class StorageBackend:
+    """The durable tier: a :class:`BlockStore` directory. Reads are verified by the store."""
+
+    def __init__(self, spec: TierSpec, root: str):
+        self.tier_id = spec.tier_id
+        self.store_ = BlockStore(root)
+
+    def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None:
+        raise CorruptBlockError(
+            f"storage tier {self.tier_id!r} is written by import only, not by transfers"
+        )
+
+    def handle(self, block_id: str, encoding: Encoding) -> Any:
+        return ray.put(self.store_.read(block_id, encoding))
+
+    def drop(self, block_id: str, encoding: Encoding) -> int:
+        return 0  # the source of truth is never dropped by placement
+
+    def inventory(self) -> list[CopyEntry]:
+        return [
+            CopyEntry(
+                r.block_id,
+                self.tier_id,
+                r.encoding,
+                CopyStatus.READY,
+                epoch=0,
+                nbytes=r.nbytes,
+                checksum=r.content_checksum,
+            )
+            for r in self.store_.copies()
+        ]
+
+    def used_bytes(self) -> int:
+        return sum(r.nbytes for r in self.store_.copies())
+
+
+class TierActor:
+    """Owns one tier instance. Decides nothing: it stores, serves and drops what it is told.
+
+    Thread-safe (Ray runs it with several concurrent calls): one lock guards the accounting.
+    """
+
+    def __init__(self, spec: TierSpec, storage_dir: str | None = None):
+        self.spec_ = spec
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.lock = threading.Lock()
+        self.incarnation = uuid.uuid4().hex
+        self.backend: Backend = (
+            StorageBackend(spec, storage_dir or "weightpool-store")
+            if spec.kind is TierKind.STORAGE
+            else MemoryBackend(spec)
+        )
+
+    def ping(self) -> str:
+        return self.node_id
+
+    def report(self) -> TierReport:
+        with self.lock:
+            return TierReport(
+                self.spec_.tier_id,
+                self.spec_.kind.value,
+                self.node_id,
+                self.spec_.capacity_bytes,
+                self.backend.used_bytes(),
+                len(self.backend.inventory()),
+                self.spec_.emulated,
+                self.incarnation,
+            )
+
+    def inventory(self) -> list[CopyEntry]:
+        with self.lock:
+            return list(self.backend.inventory())
+
+    def export(self, spec: BlockSpec, have: Encoding, want: Encoding) -> list[Any]:
+        """A reference to the block at ``want``, transcoded from the held ``have`` copy if they
+        differ (the source encodes, so the link carries the smaller bytes)."""
+        with self.lock:
+            ref = self.backend.handle(spec.block_id, have)
+        if have == want:
+            return [ref]
+        tensors = decode_block(spec, ray.get(ref))
+        return [ray.put(encode_block(spec, tensors, want))]
+
+    def receive(
+        self, block_id: str, encoding: Encoding, source: list[Any], epoch: int, checksum: str
+    ) -> tuple[CopyEntry, list[Any]]:
+        """Pull the copy from ``source`` (an ``export`` result), verify, and hold it. Returns
+        the copy's record and a reference to its bytes (for leases).
+
+        Raises:
+            CorruptBlockError: the bytes do not match ``checksum`` (when given); nothing stored.
+            CapacityError: the copy does not fit; nothing stored.
+        """
+        encoded: EncodedBlock = ray.get(source[0])
+        if encoded.block_id != block_id or encoded.encoding != encoding:
+            raise CorruptBlockError(
+                f"received {encoded.block_id!r}@{encoded.encoding.name}; expected "
+                f"{block_id!r}@{encoding.name}"
+            )
+        content = encoded.content_checksum()
+        if checksum and content != checksum:
+            raise CorruptBlockError(
+                f"copy {block_id!r}@{encoding.name}: checksum {content}, expected {checksum}"
+            )
+        entry = CopyEntry(
+            block_id,
+            self.spec_.tier_id,
+            encoding,
+            CopyStatus.READY,
+            epoch,
+            encoded.nbytes,
+            content,
+            time.time(),
+        )
+        with self.lock:
+            self.backend.store(encoded, entry)
+            return entry, [self.backend.handle(block_id, encoding)]
+
+    def handle(self, block_id: str, encoding: Encoding) -> list[Any]:
+        with self.lock:
+            return [self.backend.handle(block_id, encoding)]
+
+    def drop(self, block_id: str, encoding: Encoding) -> int:
+        with self.lock:
+            return self.backend.drop(block_id, encoding)
+
+    # -- storage only ---------------------------------------------------------------------------
+
+    def _store(self) -> BlockStore:
+        if not isinstance(self.backend, StorageBackend):
+            raise UnknownBlockError(f"tier {self.spec_.tier_id!r} is not a storage tier")
+        return self.backend.store_
+
+    def import_checkpoint(
+        self, path: str, model: str, encodings: tuple[Encoding, ...] = (FULL,)
+    ) -> list[BlockSpec]:
+        """Import a safetensors checkpoint (file or directory) as ``model``; its specs."""
+        from pool.importer import SafetensorsSource
+
+        with self.lock:
+            result = self._store().import_checkpoint(SafetensorsSource(path), model, encodings)
+        return list(result.specs)
+
+    def import_state_dict(
+        self, state_dict: dict[str, Any], model: str, encodings: tuple[Encoding, ...] = (FULL,)
+    ) -> list[BlockSpec]:
+        from pool.importer import StateDictSource
+
+        with self.lock:
+            result = self._store().import_checkpoint(StateDictSource(state_dict), model, encodings)
+        return list(result.specs)
+
+    def specs(self) -> list[BlockSpec]:
+        with self.lock:
+            return self._store().specs()
+
+    def verify(self) -> list[str]:
+        with self.lock:
+            problems = self._store().verify()
+        return [f"{c.block_id}@{c.encoding.name}: {c.reason}" for c in problems]
+
+    def load_meta(self) -> dict[str, str]:
+        """The pool's placement metadata (model -> home HBM tier), kept beside the catalog."""
+        path = self._store().root / "pool-meta.json"
+        return dict(json.loads(path.read_text())) if path.exists() else {}
+
+    def save_meta(self, meta: dict[str, str]) -> None:
+        path = self._store().root / "pool-meta.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, sort_keys=True))
+        tmp.replace(path)
