@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy._arrays import distinct
+from policy._kernels import stable_argsort
 from policy.config import PolicyConfig
 from policy.plan import Priority
 from policy.snapshot import CXL, HBM, HOST, NONE, Snapshot
@@ -146,9 +147,13 @@ def within_link_budgets(
         # A link takes a few transfers per tick: sort only as many as could fit.
         could_fit = int(min(len(mine), capacity // max(int(nbytes[mine].min()), 1) + 2))
         if could_fit < len(mine):
-            head = np.argpartition(key[mine], could_fit - 1)[:could_fit]
-            mine = mine[head]
-        mine = mine[np.argsort(key[mine], kind="stable")]
+            # PERF: only the ``could_fit`` first in (key, position) order matter: keep every
+            # key up to the ``could_fit``-th smallest (ties included), then sort only those.
+            mine_key = key[mine]
+            kth = np.partition(mine_key, could_fit - 1)[could_fit - 1]
+            if not np.isnan(kth):  # a NaN key sorts last: then every key is kept
+                mine = mine[mine_key <= kth]
+        mine = mine[stable_argsort(key[mine])][:could_fit]
         size = nbytes[mine].astype(np.float64)
         before = np.cumsum(size) - size
         used = busy + before / capacity

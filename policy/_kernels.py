@@ -1,0 +1,158 @@
+"""Compiled (numba) kernels for the few hot loops numpy cannot fuse.
+
+Each kernel is a plain loop over arrays, compiled once per machine (``cache=True`` keeps the
+machine code under ``__pycache__``) and called through a typed wrapper. Results are exactly those
+of the numpy code they replace; the tests compare both where the replaced code still exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar, cast
+
+import numba
+import numpy as np
+
+_F = TypeVar("_F", bound=Callable[..., object])
+
+
+def _jit(fn: _F) -> _F:
+    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+
+
+@_jit
+def _order_ties_by_index(ordered_key: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Within each run of equal keys (NaNs equal to each other), sort ``order`` ascending.
+    Runs longer than 512 are left to the caller; returns their (start, end) pairs."""
+    n = len(ordered_key)
+    long_runs = np.empty(2 * (n // 512 + 1), np.int64)
+    found = 0
+    start = 0
+    while start < n:
+        value = ordered_key[start]
+        end = start + 1
+        if not np.isnan(value):
+            while end < n and ordered_key[end] == value:
+                end += 1
+        else:
+            while end < n and np.isnan(ordered_key[end]):
+                end += 1
+        if end - start > 512:
+            long_runs[found] = start
+            long_runs[found + 1] = end
+            found += 2
+        elif end - start > 16:
+            order[start:end].sort()
+        else:  # insertion sort: short runs are the common case
+            for i in range(start + 1, end):
+                item = order[i]
+                j = i - 1
+                while j >= start and order[j] > item:
+                    order[j + 1] = order[j]
+                    j -= 1
+                order[j + 1] = item
+        start = end
+    return long_runs[:found]
+
+
+def stable_argsort(key: np.ndarray) -> np.ndarray:
+    """``np.argsort(key, kind="stable")``, exactly, at about the cost of the default argsort.
+
+    PERF: numpy's stable sort of 895,000 distinct float64 keys took 119 ms here against 33 ms
+    for its (SIMD) default; the default orders ties arbitrarily, so ties are put back in index
+    order by one compiled pass over the sorted keys (long runs of ties by numpy's sort).
+    """
+    order = np.argsort(key)
+    long_runs = _order_ties_by_index(key[order], order).tolist()
+    for start, end in zip(long_runs[::2], long_runs[1::2], strict=True):
+        order[start:end].sort()
+    return order
+
+
+@_jit
+def hbm_bytes_of_tier(
+    hbm_tier: np.ndarray, hbm_encoding: np.ndarray, nbytes: np.ndarray, tier: int
+) -> int:
+    """Bytes of the HBM copies (``hbm_encoding`` not ``NONE``) of the blocks on ``tier``."""
+    total = 0
+    for row in range(len(hbm_tier)):
+        encoding = hbm_encoding[row]
+        if hbm_tier[row] == tier and encoding != -1:
+            total += nbytes[row, encoding]
+    return total
+
+
+@_jit
+def fit_in_order(
+    order: np.ndarray,
+    rows: np.ndarray,
+    fallback: np.ndarray,
+    hbm_encoding: np.ndarray,
+    nbytes: np.ndarray,
+    room: float,
+) -> np.ndarray:
+    """The two greedy rounds of ``policy.veto._fit`` for one tier, fused (see there): which of
+    ``rows`` (moving to ``fallback``, visited in ``order``) keep an HBM copy."""
+    n = len(rows)
+    fits = np.zeros(n, dtype=np.bool_)
+    cum = 0
+    grown = 0
+    freed = 0
+    for k in range(n):
+        i = order[k]
+        row = rows[i]
+        extra = nbytes[row, fallback[i]] - nbytes[row, hbm_encoding[row]]
+        cum += max(extra, 0)
+        if cum <= room:
+            fits[i] = True
+            grown += max(extra, 0)
+        else:
+            freed += nbytes[row, hbm_encoding[row]]
+    spare = room - float(grown) + float(freed)
+    need = 0
+    for k in range(n):
+        i = order[k]
+        if fits[i]:
+            continue
+        need += nbytes[rows[i], fallback[i]]
+        if need <= spare:
+            fits[i] = True
+    return fits
+
+
+@_jit
+def budget_candidates(
+    cost: np.ndarray,
+    protected: np.ndarray,
+    hbm_encoding: np.ndarray,
+    budget_fallback: np.ndarray,
+    use_probability: np.ndarray,
+    sensitivity: np.ndarray,
+    nbytes: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One round's candidates of the quality budget (``policy.veto``), in one pass: the rows
+    with a cost that are not protected, their current and fallback encodings, the cost each
+    saves, and minus its saving per extra byte (the sort key)."""
+    count = 0
+    for row in range(len(cost)):
+        if cost[row] > 0 and not protected[row]:
+            count += 1
+    rows = np.empty(count, np.int64)
+    current = np.empty(count, np.int64)
+    fallback = np.empty(count, np.int64)
+    saving = np.empty(count, np.float64)
+    key = np.empty(count, np.float64)
+    k = 0
+    for row in range(len(cost)):
+        if cost[row] > 0 and not protected[row]:
+            encoding = hbm_encoding[row]
+            better = budget_fallback[row, encoding]
+            saved = cost[row] - use_probability[row] * sensitivity[row, better]
+            extra = nbytes[row, better] - nbytes[row, encoding]
+            rows[k] = row
+            current[k] = encoding
+            fallback[k] = better
+            saving[k] = saved
+            key[k] = -(saved / max(extra, 1))
+            k += 1
+    return rows, current, fallback, saving, key
