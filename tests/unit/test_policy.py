@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from policy._kernels import stable_argsort
 from policy.builder import BlockRow, PoolShape, build_snapshot, execute_instantly, idle_telemetry
 from policy.config import PolicyConfig
 from policy.plan import Priority, Rule
@@ -445,3 +446,16 @@ def test_a_busy_block_displaces_an_idle_one_with_default_hysteresis() -> None:
     config = PolicyConfig()
     plan, _ = step(snapshot, initial_state(snapshot, config), config)
     assert plan.target_hbm_encoding.tolist() == [NONE, FULL]
+
+
+@pytest.mark.parametrize("distinct", [3, 50, 100_000])
+def test_stable_argsort_orders_ties_by_row_like_numpy_stable_sort(distinct: int) -> None:
+    rng = np.random.default_rng(distinct)
+    key = rng.integers(0, distinct, 20_000).astype(np.float64)
+    key[::5] = np.nan
+    key[1::9] = -0.0
+    key[2::9] = 0.0
+    key[3::13] = -np.inf
+    expected = np.argsort(key, kind="stable")
+    np.testing.assert_array_equal(stable_argsort(key), expected)
+    np.testing.assert_array_equal(stable_argsort(key[:0]), expected[:0])
