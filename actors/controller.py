@@ -72,6 +72,7 @@ class PlacementController:
         self.last_use: dict[str, float] = {}
         self.policy_state: Any = None
         self.last_plan_metrics: Any = None
+        self.last_plan: Any = None
         self.executor = Executor(self, ThreadPoolExecutor(config.transfer_threads))
         self.started_s = time.monotonic()
         self._recover()
@@ -143,7 +144,7 @@ class PlacementController:
                 continue
             self.dead_tiers.discard(tier_id)
             with self.lock:
-                forgotten, adopted = self.registry.reconcile(tier_id, inventory)
+                forgotten, adopted = self.registry.reconcile(tier_id, inventory, self.now())
                 self.incarnations[tier_id] = report.incarnation
                 for c in inventory:
                     if c.block_id in self.registry.specs and c.checksum:
@@ -159,9 +160,10 @@ class PlacementController:
     def _check_tiers(self) -> None:
         """Detect restarted (emptied) and dead tier actors; reconcile the restarted ones."""
         refs = {t: h.report.remote() for t, h in self.handles.items()}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
         for tier_id, ref in refs.items():
             try:
-                report = ray.get(ref, timeout=min(5.0, self.config.call_timeout_s))
+                report = ray.get(ref, timeout=0)
             except Exception as err:
                 if tier_id not in self.dead_tiers:
                     self.dead_tiers.add(tier_id)
@@ -171,7 +173,7 @@ class PlacementController:
             if self.incarnations.get(tier_id) != report.incarnation:
                 inventory = self.call(tier_id, "inventory")
                 with self.lock:
-                    forgotten, _ = self.registry.reconcile(tier_id, inventory)
+                    forgotten, _ = self.registry.reconcile(tier_id, inventory, self.now())
                     self.incarnations[tier_id] = report.incarnation
                     revoked = [
                         lease
@@ -208,7 +210,7 @@ class PlacementController:
         storage = self._storage_id()
         inventory = self.call(storage, "inventory")
         with self.lock:
-            self.registry.reconcile(storage, inventory)
+            self.registry.reconcile(storage, inventory, self.now())
             for c in inventory:
                 if c.block_id in self.registry.specs:
                     self.registry.checksums.setdefault((c.block_id, c.encoding), c.checksum)
@@ -278,6 +280,7 @@ class PlacementController:
                 self.policy_state = initial_state(snapshot, self.config.policy)
             plan, self.policy_state = step(snapshot, self.policy_state, self.config.policy)
             self.last_plan_metrics = plan.metrics
+            self.last_plan = plan
             self.counters["steps"] += 1
         for rejection in plan.rejections:
             self.counters[f"veto:{rejection.rule.value}"] += 1
@@ -463,10 +466,12 @@ class PlacementController:
         return derive_state(local + peers).value
 
     def status(self) -> dict[str, Any]:
-        reports = {}
-        for tier_id, handle in self.handles.items():
+        refs = {t: h.report.remote() for t, h in self.handles.items() if t not in self.dead_tiers}
+        ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
+        reports: dict[str, Any] = dict.fromkeys(self.handles)
+        for tier_id, ref in refs.items():
             try:
-                reports[tier_id] = ray.get(handle.report.remote(), timeout=5.0)
+                reports[tier_id] = ray.get(ref, timeout=0)
             except Exception:
                 reports[tier_id] = None
         with self.lock:
@@ -483,6 +488,24 @@ class PlacementController:
                 "quality_cost": None if metrics is None else metrics.quality_cost,
                 "quality_budget": self.config.policy.quality_budget,
                 "rules": [r.value for r in RULE_CODES],
+            }
+
+    def explain(self, block_id: str) -> dict[str, Any]:
+        """The last step's view of one block: its target and the signals behind it."""
+        with self.lock:
+            plan = self.last_plan
+            if plan is None or block_id not in plan.block_ids:
+                return {}
+            i = plan.block_ids.index(block_id)
+            target = int(plan.target_hbm_encoding[i])
+            return {
+                "target_hbm_encoding": None if target < 0 else plan.encodings[target].name,
+                "target_fallback_level": int(plan.target_fallback_level[i]),
+                "use_probability": float(plan.use_probability[i]),
+                "time_to_next_use_s": float(plan.time_to_next_use_s[i]),
+                "value_density": float(plan.value_density[i]),
+                "demand": block_id in self.demand,
+                "rejections": [str(r) for r in plan.rejections if r.block_id == block_id],
             }
 
     def copies(self, block_id: str) -> list[tuple[str, str, str, int]]:

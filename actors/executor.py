@@ -183,6 +183,7 @@ class Executor:
             current = reg.copy(block_id, dst, encoding)
             if current is None or current.epoch != epoch:
                 return  # the destination failed meanwhile; its copies were forgotten
+            entry.created_s = ctl.now()  # the controller's clock, as the policy reads it
             reg.add_copy(entry)
             reg.checksums.setdefault((block_id, encoding), entry.checksum)
             reg.measured_nbytes[(block_id, encoding)] = entry.nbytes

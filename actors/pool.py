@@ -138,6 +138,7 @@ def start_pool(config: PoolConfig | None = None) -> Pool:
     tiers = plan_tiers(alive_nodes(), config)
     actor_cls = ray.remote(TierActor)
     storage_dir = str(Path(config.storage_dir).resolve())
+    hbm_specs = tuple(t.spec for t in tiers if t.kind is TierKind.HBM)
     handles = []
     for info in tiers:
         handles.append(
@@ -149,7 +150,11 @@ def start_pool(config: PoolConfig | None = None) -> Pool:
                 max_concurrency=16,
                 num_cpus=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False),
-            ).remote(info.spec, storage_dir if info.kind is TierKind.STORAGE else None)
+            ).remote(
+                info.spec,
+                storage_dir if info.kind is TierKind.STORAGE else None,
+                hbm_specs if info.kind is TierKind.STORAGE else (),
+            )
         )
     ray.get([h.ping.remote() for h in handles])
     controller = (

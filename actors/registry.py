@@ -232,7 +232,11 @@ class Registry:
         if measured is not None:
             return measured
         size = encoded_nbytes(self.spec(block_id), encoding.precision)
-        return math.ceil(size * ZSTD_RATIO_ESTIMATE) if encoding.compression is not Compression.NONE else size
+        return (
+            math.ceil(size * ZSTD_RATIO_ESTIMATE)
+            if encoding.compression is not Compression.NONE
+            else size
+        )
 
     # -- snapshots ------------------------------------------------------------------------------
 
@@ -397,7 +401,9 @@ class Registry:
 
     # -- reconciliation -------------------------------------------------------------------------
 
-    def reconcile(self, tier_id: str, inventory: Iterable[CopyEntry]) -> tuple[int, int]:
+    def reconcile(
+        self, tier_id: str, inventory: Iterable[CopyEntry], now_s: float = 0.0
+    ) -> tuple[int, int]:
         """Make the registry's copies on ``tier_id`` equal to the tier's own inventory.
 
         Copies the registry has but the tier does not are forgotten; copies the tier holds of
@@ -413,6 +419,7 @@ class Registry:
         adopted = 0
         for (block_id, encoding), c in held.items():
             if self.copy(block_id, tier_id, encoding) is None:
+                c.created_s = now_s  # adopted copies count as placed now (the dwell restarts)
                 self.add_copy(c)
                 adopted += 1
         return forgotten, adopted

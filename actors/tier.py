@@ -108,9 +108,9 @@ class MemoryBackend:
 class StorageBackend:
     """The durable tier: a :class:`BlockStore` directory. Reads are verified by the store."""
 
-    def __init__(self, spec: TierSpec, root: str):
+    def __init__(self, spec: TierSpec, root: str, check_tiers: tuple[TierSpec, ...] = ()):
         self.tier_id = spec.tier_id
-        self.store_ = BlockStore(root)
+        self.store_ = BlockStore(root, check_tiers)  # imports refuse blocks no HBM tier holds
 
     def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None:
         raise CorruptBlockError(
@@ -147,13 +147,18 @@ class TierActor:
     Thread-safe (Ray runs it with several concurrent calls): one lock guards the accounting.
     """
 
-    def __init__(self, spec: TierSpec, storage_dir: str | None = None):
+    def __init__(
+        self,
+        spec: TierSpec,
+        storage_dir: str | None = None,
+        check_tiers: tuple[TierSpec, ...] = (),
+    ):
         self.spec_ = spec
         self.node_id = ray.get_runtime_context().get_node_id()
         self.lock = threading.Lock()
         self.incarnation = uuid.uuid4().hex
         self.backend: Backend = (
-            StorageBackend(spec, storage_dir or "weightpool-store")
+            StorageBackend(spec, storage_dir or "weightpool-store", check_tiers)
             if spec.kind is TierKind.STORAGE
             else MemoryBackend(spec)
         )

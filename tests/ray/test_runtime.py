@@ -1,0 +1,153 @@
+"""The runtime on a real Ray cluster: tier actors, the controller's loop, leases, telemetry.
+
+Pools here are placed for the driver node's HBM tier; every check reads real bytes back through
+leases and compares them with the checkpoint, bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import ray
+import torch
+
+from actors.client import PoolClient
+from actors.config import ConfigError, load_config
+from pool.errors import DuplicateBlockError, UnknownBlockError
+from tests.ray.helpers import make_pool, reference_tensors, settled, teardown, wait_until
+
+MB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def roomy(ray_cluster, tmp_path_factory, minilm_path):
+    """MiniLM (87 MiB) in a pool whose HBM holds all of it."""
+    pool = make_pool("t-roomy", tmp_path_factory.mktemp("roomy"), hbm_bytes_per_device=128 * MB)
+    pool.load_checkpoint(minilm_path, "minilm")
+    yield pool
+    teardown("t-roomy")
+
+
+def states(pool) -> dict[str, int]:
+    return pool.status()["states"]
+
+
+def test_every_block_reaches_hbm_and_reads_back_bit_exact(roomy, minilm_path):
+    wait_until(lambda: states(roomy) == {"premium": 54} and settled(roomy), what="all premium")
+    with PoolClient(namespace="t-roomy") as client:
+        for module in ("embeddings.word_embeddings", "encoder.layer.3.attention.self.query"):
+            got = client.get(f"minilm/{module}")
+            want = reference_tensors(minilm_path, module)
+            assert set(got) == set(want)
+            for name, tensor in want.items():
+                assert torch.equal(got[name], tensor), (module, name)
+    assert ray.get(roomy.controller.consistency.remote()) == []
+    counters = roomy.status()["counters"]
+    assert counters["bytes:storage->host"] > 0 and counters["bytes:host->hbm"] > 0
+    assert counters.get("lease_violations", 0) == 0
+
+
+def test_a_hit_is_served_in_process_and_counted_by_telemetry(roomy):
+    wait_until(lambda: settled(roomy), what="settled")
+    block = "minilm/encoder.layer.0.output.dense"
+    with PoolClient(namespace="t-roomy", flush_s=0.02) as client:
+        first = client.get(block)
+        before = roomy.status()["counters"]
+        for _ in range(1000):
+            assert client.get(block) is first  # the cached, mapped tensors: no remote call
+        client.flush()
+        wait_until(
+            lambda: (
+                roomy.status()["counters"].get("cache_hits", 0)
+                >= before.get("cache_hits", 0) + 1000
+            ),
+            what="hits reported",
+        )
+        after = roomy.status()["counters"]
+    for key in ("lease_grants_resident", "lease_grants_after_miss", "lease_misses"):
+        assert after.get(key, 0) == before.get(key, 0), key
+
+
+def test_renewal_is_fenced_by_epoch(roomy):
+    block = "minilm/encoder.layer.1.output.dense"
+    with PoolClient(namespace="t-roomy") as client:
+        client.get(block)
+        lease = client.lease_of(block)
+    # A lease unknown to the controller (as after a restart) is adopted only at its copy's epoch.
+    forged = dataclasses.replace(lease, lease_id=10_000_000, epoch=lease.epoch + 999)
+    same = dataclasses.replace(lease, lease_id=10_000_001)
+    renewed = ray.get(roomy.controller.renew.remote([forged, same]))
+    assert renewed[0] is None
+    assert renewed[1] is not None and renewed[1].epoch == lease.epoch
+    ray.get(roomy.controller.release.remote([10_000_001]))
+
+
+def test_bad_input_is_refused_and_changes_nothing(roomy, minilm_path, tmp_path):
+    before = roomy.status()
+    with PoolClient(namespace="t-roomy") as client, pytest.raises(UnknownBlockError, match="nope"):
+        client.acquire(["minilm/encoder.layer.0.output.dense", "minilm/nope"])
+    assert roomy.status()["leases"] == before["leases"]
+    with pytest.raises(DuplicateBlockError, match="minilm"):
+        roomy.load_checkpoint(minilm_path, "minilm")
+    with pytest.raises(UnknownBlockError, match="not an HBM tier"):
+        ray.get(roomy.controller.register_model.remote("other", [], "no/such-tier"))
+    assert roomy.status()["blocks"] == before["blocks"]
+    bad = tmp_path / "pool.yaml"
+    bad.write_text("host_bytes: -5\nnot_a_key: 1\n")
+    with pytest.raises(ConfigError, match=r"host_bytes=-5.*not_a_key=1"):
+        load_config(bad)
+
+
+@pytest.fixture(scope="module")
+def tight(ray_cluster, tmp_path_factory, minilm_path):
+    """MiniLM (87 MiB) in a pool with 56 MiB of HBM: placement must choose."""
+    pool = make_pool("t-tight", tmp_path_factory.mktemp("tight"), hbm_bytes_per_device=56 * MB)
+    pool.load_checkpoint(minilm_path, "minilm")
+    wait_until(lambda: settled(pool) and pool.status()["counters"].get("steps", 0) > 5)
+    yield pool
+    teardown("t-tight")
+
+
+def test_a_miss_becomes_a_demand_promotion(tight, minilm_path):
+    cold = [
+        b
+        for b in (f"minilm/encoder.layer.{i}.intermediate.dense" for i in range(6))
+        if not any(t.endswith("hbm0") for t, *_ in ray.get(tight.controller.copies.remote(b)))
+    ]
+    assert cold, "the tight pool should leave some blocks out of HBM"
+    block = cold[0]
+    before = tight.status()["counters"]
+    with PoolClient(namespace="t-tight") as client:
+        got = client.get(block)
+    want = reference_tensors(minilm_path, block.split("/", 1)[1])
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    after = tight.status()["counters"]
+    assert after["lease_misses"] == before.get("lease_misses", 0) + 1
+    assert after["lease_grants_after_miss"] == before.get("lease_grants_after_miss", 0) + 1
+    executed = ray.get(tight.controller.audit.remote(kind="execute", block_id=block))
+    assert any("hbm0@full" in r.detail for r in executed)
+
+
+def test_capacity_is_never_exceeded_and_leased_copies_stay(tight, minilm_path):
+    resident = [
+        b
+        for b in ray.get(tight.storage().specs.remote())
+        if any("hbm0" in t for t, *_ in ray.get(tight.controller.copies.remote(b.block_id)))
+    ]
+    with PoolClient(namespace="t-tight") as client:
+        client.acquire([s.block_id for s in resident[:4]])
+        epochs = {s.block_id: client.lease_of(s.block_id).epoch for s in resident[:4]}
+        # Pressure: a second model placed for the same device wants the HBM too.
+        tight.load_checkpoint(minilm_path, "minilm2", home=resident[0].block_id and None)
+        wait_until(lambda: tight.status()["counters"].get("steps", 0) > 20, what="steps")
+        wait_until(lambda: settled(tight), what="settled")
+        for block_id, epoch in epochs.items():
+            copies = ray.get(tight.controller.copies.remote(block_id))
+            assert any(t.endswith("hbm0") and e == epoch for t, _, _, e in copies), block_id
+    status = tight.status()
+    for report in status["tiers"].values():
+        if report.capacity_bytes is not None:
+            assert report.used_bytes <= report.capacity_bytes, report
+    assert status["counters"].get("lease_violations", 0) == 0
+    assert ray.get(tight.controller.consistency.remote()) == []
