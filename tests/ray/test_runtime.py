@@ -99,29 +99,38 @@ def test_bad_input_is_refused_and_changes_nothing(roomy, minilm_path, tmp_path):
         load_config(bad)
 
 
+def synthetic_weights(blocks: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """``blocks`` blocks of 1 MiB (random float32), one module each."""
+    generator = torch.Generator().manual_seed(seed)
+    return {f"layers.{i}.weight": torch.randn(512, 512, generator=generator) for i in range(blocks)}
+
+
 @pytest.fixture(scope="module")
-def tight(ray_cluster, tmp_path_factory, minilm_path):
-    """MiniLM (87 MiB) in a pool with 56 MiB of HBM: placement must choose."""
-    pool = make_pool("t-tight", tmp_path_factory.mktemp("tight"), hbm_bytes_per_device=56 * MB)
-    pool.load_checkpoint(minilm_path, "minilm")
+def tight(ray_cluster, tmp_path_factory):
+    """64 blocks of 1 MiB in a pool with 24 MiB of HBM: placement must choose."""
+    pool = make_pool("t-tight", tmp_path_factory.mktemp("tight"), hbm_bytes_per_device=24 * MB)
+    pool.load_state_dict(synthetic_weights(), "syn")
     wait_until(lambda: settled(pool) and pool.status()["counters"].get("steps", 0) > 5)
     yield pool
     teardown("t-tight")
 
 
-def test_a_miss_becomes_a_demand_promotion(tight, minilm_path):
-    cold = [
-        b
-        for b in (f"minilm/encoder.layer.{i}.intermediate.dense" for i in range(6))
-        if not any(t.endswith("hbm0") for t, *_ in ray.get(tight.controller.copies.remote(b)))
-    ]
-    assert cold, "the tight pool should leave some blocks out of HBM"
+def resident(pool, block_id: str) -> bool:
+    return any(
+        "/hbm" in tier and state == "ready"
+        for tier, _, state, _ in ray.get(pool.controller.copies.remote(block_id))
+    )
+
+
+def test_a_miss_becomes_a_demand_promotion(tight):
+    weights = synthetic_weights()
+    cold = [f"syn/layers.{i}" for i in range(64) if not resident(tight, f"syn/layers.{i}")]
+    assert len(cold) >= 32, "24 MiB of HBM cannot hold 64 blocks of 1 MiB"
     block = cold[0]
     before = tight.status()["counters"]
     with PoolClient(namespace="t-tight") as client:
         got = client.get(block)
-    want = reference_tensors(minilm_path, block.split("/", 1)[1])
-    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert torch.equal(got["weight"], weights[block.split("/", 1)[1] + ".weight"])
     after = tight.status()["counters"]
     assert after["lease_misses"] == before.get("lease_misses", 0) + 1
     assert after["lease_grants_after_miss"] == before.get("lease_grants_after_miss", 0) + 1
@@ -129,18 +138,16 @@ def test_a_miss_becomes_a_demand_promotion(tight, minilm_path):
     assert any("hbm0@full" in r.detail for r in executed)
 
 
-def test_capacity_is_never_exceeded_and_leased_copies_stay(tight, minilm_path):
-    resident = [
-        b
-        for b in ray.get(tight.storage().specs.remote())
-        if any("hbm0" in t for t, *_ in ray.get(tight.controller.copies.remote(b.block_id)))
-    ]
+def test_capacity_is_never_exceeded_and_leased_copies_stay(tight):
+    held = [f"syn/layers.{i}" for i in range(64) if resident(tight, f"syn/layers.{i}")][:4]
     with PoolClient(namespace="t-tight") as client:
-        client.acquire([s.block_id for s in resident[:4]])
-        epochs = {s.block_id: client.lease_of(s.block_id).epoch for s in resident[:4]}
+        client.acquire(held)
+        epochs = {b: client.lease_of(b).epoch for b in held}
         # Pressure: a second model placed for the same device wants the HBM too.
-        tight.load_checkpoint(minilm_path, "minilm2", home=resident[0].block_id and None)
-        wait_until(lambda: tight.status()["counters"].get("steps", 0) > 20, what="steps")
+        home = tight.status()["models"]["syn"]
+        tight.load_state_dict(synthetic_weights(seed=1), "syn2", home=home)
+        steps = tight.status()["counters"]["steps"]
+        wait_until(lambda: tight.status()["counters"]["steps"] > steps + 20, what="steps")
         wait_until(lambda: settled(tight), what="settled")
         for block_id, epoch in epochs.items():
             copies = ray.get(tight.controller.copies.remote(block_id))
