@@ -91,18 +91,28 @@ class PoolClient:
             UnknownBlockError: an id is not in the pool (nothing leased).
         """
         start = time.monotonic()
-        results = ray.get(
-            self.controller.acquire.remote(
-                self.holder, list(block_ids), self.device, self.acquire_timeout_s
-            )
-        )
         out: dict[str, dict[str, torch.Tensor]] = {}
         missed: list[Miss] = []
-        for result in results:
-            if isinstance(result, Miss):
-                missed.append(result)
-                continue
-            out[result.lease.block_id] = self._map(result, start)
+        wanted = list(block_ids)
+        for _ in range(3):  # a copy whose owner died is reported, then leased again elsewhere
+            results = ray.get(
+                self.controller.acquire.remote(
+                    self.holder, wanted, self.device, self.acquire_timeout_s
+                )
+            )
+            lost = []
+            for result in results:
+                if isinstance(result, Miss):
+                    missed.append(result)
+                    continue
+                try:
+                    out[result.lease.block_id] = self._map(result, start)
+                except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                    self.controller.copy_lost.remote(result.lease)
+                    lost.append(result.lease.block_id)
+            if not lost:
+                break
+            wanted = lost
         if missed:
             raise LeaseMissError(missed[0])
         with self.lock:
@@ -124,7 +134,7 @@ class PoolClient:
             ids = list(self.cache) if block_ids is None else list(block_ids)
             gone = [self.cache.pop(b) for b in ids if b in self.cache]
         if gone:
-            ray.get(self.controller.release.remote([g.lease.lease_id for g in gone]))
+            ray.get(self.controller.release.remote([g.lease for g in gone]))
 
     def lease_of(self, block_id: str) -> Lease | None:
         entry = self.cache.get(block_id)

@@ -34,7 +34,8 @@ from policy.snapshot import HBM
 from policy.state import initial_state
 from policy.step import step
 from pool.blocks import BlockSpec
-from pool.errors import UnknownBlockError
+from pool.encoding import FULL
+from pool.errors import DuplicateBlockError, UnknownBlockError
 from pool.states import Copy, derive_state
 from pool.states import CopyStatus as PoolCopyStatus
 from pool.tiers import TierKind
@@ -75,7 +76,12 @@ class PlacementController:
         self.last_plan: Any = None
         self.executor = Executor(self, ThreadPoolExecutor(config.transfer_threads))
         self.started_s = time.monotonic()
+        # Holders of leases granted by a previous instance renew within one TTL; until then
+        # every HBM copy counts as pinned (DESIGN section 4: a leased copy is never dropped).
+        self.grace_until_s = 0.0
         self._recover()
+        if self.registry.blocks_in_hbm():  # a restart: HBM copies outlived the last instance
+            self.grace_until_s = self.now() + config.lease_ttl_s
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.loop_thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
@@ -149,7 +155,7 @@ class PlacementController:
                 for c in inventory:
                     if c.block_id in self.registry.specs and c.checksum:
                         self.registry.checksums.setdefault((c.block_id, c.encoding), c.checksum)
-                        self.registry.measured_nbytes[(c.block_id, c.encoding)] = c.nbytes
+                        self.registry.measured(c.block_id, c.encoding, c.nbytes)
             if forgotten or adopted:
                 self.record(
                     "fault" if forgotten else "execute",
@@ -181,7 +187,8 @@ class PlacementController:
                         if lease.tier_id == tier_id
                         and self.registry.copy(lease.block_id, tier_id, lease.encoding) is None
                     ]
-                    self.leases.release([lease.lease_id for lease in revoked])
+                    for lease in revoked:
+                        del self.leases.leases[lease.lease_id]
                 self.record(
                     "fault",
                     "",
@@ -194,26 +201,41 @@ class PlacementController:
     def register_model(self, model: str, specs: list[BlockSpec], home_hbm: str | None) -> str:
         """Register an imported model's blocks, placed for ``home_hbm`` (default: the live HBM
         tier with the most capacity left after the models already placed). Returns the home."""
-        with self.lock:
+        self.check_new_model(model, home_hbm)
+        storage = self._storage_id()
+        inventory = self.call(storage, "inventory")
+        with self.lock:  # the blocks and their storage copies appear to the loop together
             if home_hbm is None:
                 home_hbm = self._least_loaded_hbm()
             self.registry.add_model(model, specs, home_hbm)
-            self.policy_state = None  # the model set changed: the policy's arrays are resized
-            meta = {m: e.home_hbm for m, e in self.registry.models.items()}
-        self.call(self._storage_id(), "save_meta", meta)
-        self._adopt_storage()
-        self.record("execute", "", f"model {model}: {len(specs)} blocks placed for {home_hbm}")
-        self.wake.set()
-        return home_hbm
-
-    def _adopt_storage(self) -> None:
-        storage = self._storage_id()
-        inventory = self.call(storage, "inventory")
-        with self.lock:
             self.registry.reconcile(storage, inventory, self.now())
             for c in inventory:
                 if c.block_id in self.registry.specs:
                     self.registry.checksums.setdefault((c.block_id, c.encoding), c.checksum)
+            self.policy_state = None  # the model set changed: the policy's arrays are resized
+            meta = {m: e.home_hbm for m, e in self.registry.models.items()}
+        self.call(storage, "save_meta", meta)
+        self.record("execute", "", f"model {model}: {len(specs)} blocks placed for {home_hbm}")
+        self.wake.set()
+        return home_hbm
+
+    def check_new_model(self, model: str, home_hbm: str | None) -> None:
+        """Everything ``register_model`` checks before anything is imported (bad input leaves
+        the pool unchanged).
+
+        Raises:
+            DuplicateBlockError: the model is registered already.
+            UnknownBlockError: ``home_hbm`` is not a live HBM tier.
+        """
+        with self.lock:
+            if model in self.registry.models:
+                raise DuplicateBlockError(f"model {model!r} is already registered")
+            hbm = [t.tier_id for t in self.registry.tiers_of(TierKind.HBM)]
+            if home_hbm is not None and (home_hbm not in hbm or home_hbm in self.dead_tiers):
+                raise UnknownBlockError(
+                    f"home tier {home_hbm!r} is not a live HBM tier of this pool; HBM tiers: "
+                    f"{[t for t in hbm if t not in self.dead_tiers]}"
+                )
 
     def _least_loaded_hbm(self) -> str:
         hbm = [t for t in self.registry.tiers_of(TierKind.HBM) if t.tier_id not in self.dead_tiers]
@@ -270,9 +292,12 @@ class PlacementController:
             models = self.registry.model_names()
             tel_positions = self.registry.idle_telemetry(now).layer_time_s.shape[1]
             telemetry = self.telemetry.drain(models, tel_positions, now)
+            leased = self.leases.leased_blocks(now)
+            if now < self.grace_until_s:
+                leased = leased | self.registry.blocks_in_hbm()
             snapshot = self.registry.snapshot(
                 telemetry,
-                leased=self.leases.leased_blocks(now),
+                leased=leased,
                 demand=self.demand,
                 last_use_s=self.last_use,
             )
@@ -396,6 +421,9 @@ class PlacementController:
             ready = [c for c in self.registry.copies_of(block_id) if c.status is CopyStatus.READY]
         order = {TierKind.HBM: 0, TierKind.HOST: 1, TierKind.CXL: 2, TierKind.STORAGE: 3}
         ready.sort(key=lambda c: order[self.registry.tiers[c.tier_id].kind])
+        if not ready:
+            storage = self._storage_id()
+            return Miss(block_id, storage, FULL, "no ready copy yet (being imported or rebuilt)")
         best = ready[0]
         return Miss(block_id, best.tier_id, best.encoding, "not resident in HBM by the deadline")
 
@@ -406,14 +434,14 @@ class PlacementController:
         out: list[Lease | None] = []
         with self.lock:
             for lease in leases:
-                renewed = self.leases.renew(lease.lease_id, now)
-                if renewed is None and lease.lease_id not in self.leases.leases:
+                renewed = self.leases.renew(lease, now)
+                if renewed is None and not self.leases.issued_here(lease.lease_id):
                     copy = self.registry.copy(lease.block_id, lease.tier_id, lease.encoding)
                     if (
                         copy is not None
                         and copy.status is CopyStatus.READY
                         and copy.epoch == lease.epoch
-                        and lease.expires_s >= now - self.config.lease_ttl_s
+                        and lease.lease_id not in self.leases.leases
                     ):
                         renewed = self.leases.adopt(lease, now)
                 out.append(renewed)
@@ -421,9 +449,24 @@ class PlacementController:
                     self.counters["lease_fenced"] += 1
         return out
 
-    def release(self, lease_ids: list[int]) -> int:
+    def copy_lost(self, lease: Lease) -> None:
+        """A holder could not map the copy its lease names (its owner died): forget the copy,
+        revoke the leases on it, and check the tier at once."""
         with self.lock:
-            return self.leases.release(lease_ids)
+            copy = self.registry.copy(lease.block_id, lease.tier_id, lease.encoding)
+            if copy is not None and copy.epoch == lease.epoch:
+                self.registry.remove_copy(lease.block_id, lease.tier_id, lease.encoding)
+                self.executor.handles.pop((lease.block_id, lease.tier_id, lease.encoding), None)
+            revoked = self.leases.revoke_copy(lease.block_id, lease.tier_id, lease.encoding)
+            self.incarnations.pop(lease.tier_id, None)  # the next check reconciles the tier
+        self.record(
+            "fault", lease.block_id, f"copy on {lease.tier_id} lost: {len(revoked)} leases revoked"
+        )
+        self.wake.set()
+
+    def release(self, leases: list[Lease]) -> int:
+        with self.lock:
+            return self.leases.release(leases)
 
     # -- telemetry, queries -----------------------------------------------------------------------
 

@@ -186,7 +186,7 @@ class Executor:
             entry.created_s = ctl.now()  # the controller's clock, as the policy reads it
             reg.add_copy(entry)
             reg.checksums.setdefault((block_id, encoding), entry.checksum)
-            reg.measured_nbytes[(block_id, encoding)] = entry.nbytes
+            reg.measured(block_id, encoding, entry.nbytes)
             self.handles[(block_id, dst, encoding)] = handle[0]
             link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
             ctl.counters[f"bytes:{link}"] += entry.nbytes
@@ -204,7 +204,8 @@ class Executor:
             current = reg.copy(c.block_id, c.tier_id, c.encoding)
             if current is None or current.status is not CopyStatus.READY:
                 return False
-            if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
+            in_grace = ctl.now() < ctl.grace_until_s and reg.tiers[c.tier_id].kind is TierKind.HBM
+            if in_grace or ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
                 ctl.counters["drops_deferred_leased"] += 1
                 return False
             current.status = CopyStatus.EVICTING

@@ -9,6 +9,7 @@ expired, was revoked (its copy's tier died), or names an epoch the copy no longe
 from __future__ import annotations
 
 import itertools
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from pool.encoding import Encoding
 
 @dataclass(frozen=True)
 class Lease:
-    lease_id: int
+    lease_id: str  # "<controller generation>-<n>": unique across controller restarts
     holder: str
     block_id: str
     tier_id: str
@@ -54,14 +55,25 @@ class Miss:
 @dataclass
 class LeaseTable:
     ttl_s: float
-    leases: dict[int, Lease] = field(default_factory=dict)
+    generation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    leases: dict[str, Lease] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def issued_here(self, lease_id: str) -> bool:
+        """The lease was issued by this controller instance (not one before a restart)."""
+        return lease_id.split("-", 1)[0] == self.generation
 
     def grant(
         self, holder: str, block_id: str, tier_id: str, encoding: Encoding, epoch: int, now_s: float
     ) -> Lease:
         lease = Lease(
-            next(self._ids), holder, block_id, tier_id, encoding, epoch, now_s + self.ttl_s
+            f"{self.generation}-{next(self._ids)}",
+            holder,
+            block_id,
+            tier_id,
+            encoding,
+            epoch,
+            now_s + self.ttl_s,
         )
         self.leases[lease.lease_id] = lease
         return lease
@@ -78,14 +90,17 @@ class LeaseTable:
             now_s + self.ttl_s,
         )
         self.leases[lease.lease_id] = renewed
-        self._ids = itertools.count(max(lease.lease_id + 1, next(self._ids)))
         return renewed
 
-    def renew(self, lease_id: int, now_s: float) -> Lease | None:
-        """Extend a live lease; ``None`` if it is unknown or expired (fenced)."""
+    def renew(self, presented: Lease, now_s: float) -> Lease | None:
+        """Extend a live lease; ``None`` (fenced) if it is unknown, expired, or not the lease
+        this table holds under that id (another holder, block, copy or epoch)."""
+        lease_id = presented.lease_id
         lease = self.leases.get(lease_id)
-        if lease is None or lease.expires_s < now_s:
-            self.leases.pop(lease_id, None)
+        same = lease is not None and _same(lease, presented)
+        if lease is None or not same or lease.expires_s < now_s:
+            if lease is not None and same:
+                del self.leases[lease_id]
             return None
         renewed = Lease(
             lease.lease_id,
@@ -99,8 +114,16 @@ class LeaseTable:
         self.leases[lease_id] = renewed
         return renewed
 
-    def release(self, lease_ids: list[int]) -> int:
-        return sum(self.leases.pop(i, None) is not None for i in lease_ids)
+    def release(self, leases: list[Lease]) -> int:
+        """Release the presented leases; one that is not the table's lease under its id (a
+        stale or forged one) is ignored."""
+        gone = 0
+        for presented in leases:
+            stored = self.leases.get(presented.lease_id)
+            if stored is not None and _same(stored, presented):
+                del self.leases[presented.lease_id]
+                gone += 1
+        return gone
 
     def expire(self, now_s: float) -> list[Lease]:
         gone = [lease for lease in self.leases.values() if lease.expires_s < now_s]
@@ -134,3 +157,14 @@ class LeaseTable:
 
     def leased_blocks(self, now_s: float) -> set[str]:
         return {lease.block_id for lease in self.leases.values() if lease.expires_s >= now_s}
+
+
+def _same(a: Lease, b: Lease) -> bool:
+    """The same grant: holder, block, copy and epoch (expiry aside)."""
+    return (a.holder, a.block_id, a.tier_id, a.encoding, a.epoch) == (
+        b.holder,
+        b.block_id,
+        b.tier_id,
+        b.encoding,
+        b.epoch,
+    )

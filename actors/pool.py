@@ -110,6 +110,7 @@ class Pool:
         encodings: tuple[Encoding, ...] = (FULL,),
     ) -> str:
         """Import a safetensors checkpoint into storage and register it; returns its home tier."""
+        ray.get(self.controller.check_new_model.remote(model, home))  # before any import
         specs = ray.get(self.storage().import_checkpoint.remote(str(path), model, encodings))
         return str(ray.get(self.controller.register_model.remote(model, specs, home)))
 
@@ -120,6 +121,7 @@ class Pool:
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
     ) -> str:
+        ray.get(self.controller.check_new_model.remote(model, home))
         specs = ray.get(self.storage().import_state_dict.remote(state_dict, model, encodings))
         return str(ray.get(self.controller.register_model.remote(model, specs, home)))
 

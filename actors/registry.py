@@ -227,6 +227,21 @@ class Registry:
             if c.tier_id == tier_id and c.status is CopyStatus.READY
         ]
 
+    def blocks_in_hbm(self) -> set[str]:
+        return {
+            c.block_id
+            for per in self.copies.values()
+            for c in per.values()
+            if self.tiers[c.tier_id].kind is TierKind.HBM and c.status is CopyStatus.READY
+        }
+
+    def measured(self, block_id: str, encoding: Encoding, nbytes: int) -> None:
+        """Record a copy's actual size; the policy's arrays are rebuilt if it differs from
+        what they assumed (compressed sizes are estimates until measured)."""
+        if self.nbytes(block_id, encoding) != nbytes:
+            self._static = None
+        self.measured_nbytes[(block_id, encoding)] = nbytes
+
     def nbytes(self, block_id: str, encoding: Encoding) -> int:
         measured = self.measured_nbytes.get((block_id, encoding))
         if measured is not None:

@@ -69,18 +69,30 @@ def test_a_hit_is_served_in_process_and_counted_by_telemetry(roomy):
         assert after.get(key, 0) == before.get(key, 0), key
 
 
-def test_renewal_is_fenced_by_epoch(roomy):
+def test_renewal_is_fenced(roomy):
     block = "minilm/encoder.layer.1.output.dense"
+    other = "minilm/encoder.layer.2.output.dense"
     with PoolClient(namespace="t-roomy") as client:
         client.get(block)
-        lease = client.lease_of(block)
-    # A lease unknown to the controller (as after a restart) is adopted only at its copy's epoch.
-    forged = dataclasses.replace(lease, lease_id=10_000_000, epoch=lease.epoch + 999)
-    same = dataclasses.replace(lease, lease_id=10_000_001)
-    renewed = ray.get(roomy.controller.renew.remote([forged, same]))
+        client.get(other)
+        lease, other_lease = client.lease_of(block), client.lease_of(other)
+        # The same id presented for another block (or another epoch) is refused.
+        wrong = dataclasses.replace(other_lease, lease_id=lease.lease_id)
+        stale = dataclasses.replace(lease, epoch=lease.epoch + 1)
+        assert ray.get(roomy.controller.renew.remote([wrong, stale])) == [None, None]
+        assert ray.get(roomy.controller.release.remote([wrong])) == 0
+        (renewed,) = ray.get(roomy.controller.renew.remote([lease]))
+        assert renewed is not None and renewed.lease_id == lease.lease_id
+    # Released by close(): renewing it now is refused, not re-adopted.
+    assert ray.get(roomy.controller.renew.remote([lease])) == [None]
+    # A lease of an earlier controller instance (as after a restart) is adopted only at its
+    # copy's current epoch.
+    earlier = dataclasses.replace(lease, lease_id="0123456789ab-7")
+    forged = dataclasses.replace(earlier, lease_id="0123456789ab-8", epoch=lease.epoch + 999)
+    renewed = ray.get(roomy.controller.renew.remote([forged, earlier]))
     assert renewed[0] is None
     assert renewed[1] is not None and renewed[1].epoch == lease.epoch
-    ray.get(roomy.controller.release.remote([10_000_001]))
+    assert ray.get(roomy.controller.release.remote([renewed[1]])) == 1
 
 
 def test_bad_input_is_refused_and_changes_nothing(roomy, minilm_path, tmp_path):
@@ -90,9 +102,11 @@ def test_bad_input_is_refused_and_changes_nothing(roomy, minilm_path, tmp_path):
     assert roomy.status()["leases"] == before["leases"]
     with pytest.raises(DuplicateBlockError, match="minilm"):
         roomy.load_checkpoint(minilm_path, "minilm")
-    with pytest.raises(UnknownBlockError, match="not an HBM tier"):
-        ray.get(roomy.controller.register_model.remote("other", [], "no/such-tier"))
+    with pytest.raises(UnknownBlockError, match="not a live HBM tier"):
+        roomy.load_checkpoint(minilm_path, "other", home="no/such-tier")
     assert roomy.status()["blocks"] == before["blocks"]
+    specs = ray.get(roomy.storage().specs.remote())
+    assert {s.model for s in specs} == {"minilm"}  # nothing imported for the refused load
     bad = tmp_path / "pool.yaml"
     bad.write_text("host_bytes: -5\nnot_a_key: 1\n")
     with pytest.raises(ConfigError, match=r"host_bytes=-5.*not_a_key=1"):
