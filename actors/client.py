@@ -23,6 +23,7 @@ from actors.leases import Grant, Lease, Miss
 from actors.names import CONTROLLER_NAME
 from actors.telemetry import TelemetryBatch
 from pool.codecs import decode_block
+from pool.encoding import FULL
 from pool.errors import WeightpoolError
 
 
@@ -113,6 +114,9 @@ class PoolClient:
             if not lost:
                 break
             wanted = lost
+        else:
+            block_id = wanted[0]
+            raise LeaseMissError(Miss(block_id, "", FULL, "its copies kept being lost"))
         if missed:
             raise LeaseMissError(missed[0])
         with self.lock:

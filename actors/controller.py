@@ -18,40 +18,32 @@ import threading
 import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import ray
 
 from actors.config import PoolConfig
 from actors.executor import Executor
-from actors.leases import Grant, Lease, LeaseTable, Miss
+from actors.granting import LeaseService
+from actors.leases import LeaseTable
 from actors.names import tier_actor_name
-from actors.registry import CopyStatus, Registry, TierInfo
+from actors.queries import AuditRecord, PoolQueries
+from actors.registry import Registry, TierInfo
 from actors.telemetry import TelemetryBatch, TelemetryBuffer
-from policy.plan import RULE_CODES, STATE_CODES
-from policy.snapshot import HBM
+from policy.plan import REASONS, STATE_CODES
 from policy.state import initial_state
 from policy.step import step
 from pool.blocks import BlockSpec
-from pool.encoding import FULL
 from pool.errors import DuplicateBlockError, UnknownBlockError
-from pool.states import Copy, derive_state
-from pool.states import CopyStatus as PoolCopyStatus
 from pool.tiers import TierKind
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class AuditRecord:
-    time_s: float
-    kind: str  # transition | rejection | fault | lease | execute
-    block_id: str
-    detail: str
+class PlacementController(LeaseService, PoolQueries):
+    """The controller actor (see the module docstring); leases in :mod:`actors.granting`,
+    read-only views in :mod:`actors.queries`."""
 
-
-class PlacementController:
     def __init__(self, config: PoolConfig, tiers: list[TierInfo]):
         self.config = config
         self.lock = threading.RLock()
@@ -67,23 +59,22 @@ class PlacementController:
         self.leases = LeaseTable(config.lease_ttl_s)
         self.audit_log: deque[AuditRecord] = deque(maxlen=config.audit_log_size)
         self.counters: Counter[str] = Counter()
+        self.counter_lock = threading.Lock()
+        self.copies_changed = threading.Condition(self.lock)  # a copy became ready
         self.telemetry = TelemetryBuffer()
         self.demand: dict[str, int] = {}
-        self.ready_events: dict[str, threading.Event] = {}
         self.last_use: dict[str, float] = {}
         self.policy_state: Any = None
-        self.last_plan_metrics: Any = None
         self.last_plan: Any = None
         self.executor = Executor(self, ThreadPoolExecutor(config.transfer_threads))
-        self.started_s = time.monotonic()
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
         # Holders of leases granted by a previous instance renew within one TTL; until then
         # every HBM copy counts as pinned (DESIGN section 4: a leased copy is never dropped).
         self.grace_until_s = 0.0
         self._recover()
         if self.registry.blocks_in_hbm():  # a restart: HBM copies outlived the last instance
             self.grace_until_s = self.now() + config.lease_ttl_s
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
         self.loop_thread = threading.Thread(target=self._loop, name="control-loop", daemon=True)
         self.loop_thread.start()
 
@@ -91,6 +82,16 @@ class PlacementController:
 
     def now(self) -> float:
         return time.monotonic()
+
+    def count(self, key: str, n: int = 1) -> None:
+        """Add to a counter (from any thread: Counter's ``+=`` alone can lose updates)."""
+        if n:
+            with self.counter_lock:
+                self.counters[key] += n
+
+    def counter_values(self) -> dict[str, int]:
+        with self.counter_lock:
+            return dict(self.counters)
 
     def record(self, kind: str, block_id: str, detail: str) -> None:
         self.audit_log.append(AuditRecord(time.time(), kind, block_id, detail))
@@ -112,7 +113,7 @@ class PlacementController:
             gone = self.registry.drop_tier_copies(tier_id)
             revoked = self.leases.revoke_tier(tier_id)
             self.incarnations.pop(tier_id, None)
-            self.counters["tier_faults"] += 1
+        self.count("tier_faults")
         self.record(
             "fault",
             "",
@@ -136,32 +137,7 @@ class PlacementController:
         for model, home in meta.items():
             if model in by_model and home in self.registry.tiers:
                 self.registry.add_model(model, by_model[model], home)
-        self.refresh_inventories()
-
-    def refresh_inventories(self) -> None:
-        """Reconcile the registry with every tier's inventory; mark unreachable tiers dead."""
-        for tier_id in list(self.handles):
-            try:
-                report = self.call(tier_id, "report")
-                inventory = self.call(tier_id, "inventory")
-            except Exception as err:  # a dead or unreachable tier
-                self.dead_tiers.add(tier_id)
-                self.record("fault", "", f"tier {tier_id} unreachable: {type(err).__name__}")
-                continue
-            self.dead_tiers.discard(tier_id)
-            with self.lock:
-                forgotten, adopted = self.registry.reconcile(tier_id, inventory, self.now())
-                self.incarnations[tier_id] = report.incarnation
-                for c in inventory:
-                    if c.block_id in self.registry.specs and c.checksum:
-                        self.registry.checksums.setdefault((c.block_id, c.encoding), c.checksum)
-                        self.registry.measured(c.block_id, c.encoding, c.nbytes)
-            if forgotten or adopted:
-                self.record(
-                    "fault" if forgotten else "execute",
-                    "",
-                    f"tier {tier_id} reconciled: {forgotten} forgotten, {adopted} adopted",
-                )
+        self._check_tiers()  # no tier is known yet: every inventory is reconciled
 
     def _check_tiers(self) -> None:
         """Detect restarted (emptied) and dead tier actors; reconcile the restarted ones."""
@@ -177,24 +153,25 @@ class PlacementController:
                 continue
             self.dead_tiers.discard(tier_id)
             if self.incarnations.get(tier_id) != report.incarnation:
-                inventory = self.call(tier_id, "inventory")
-                with self.lock:
-                    forgotten, _ = self.registry.reconcile(tier_id, inventory, self.now())
-                    self.incarnations[tier_id] = report.incarnation
-                    revoked = [
-                        lease
-                        for lease in list(self.leases.leases.values())
-                        if lease.tier_id == tier_id
-                        and self.registry.copy(lease.block_id, tier_id, lease.encoding) is None
-                    ]
-                    for lease in revoked:
-                        del self.leases.leases[lease.lease_id]
-                self.record(
-                    "fault",
-                    "",
-                    f"tier {tier_id} restarted: {forgotten} copies forgotten, "
-                    f"{len(revoked)} leases revoked",
-                )
+                self._reconcile(tier_id, report.incarnation)
+
+    def _reconcile(self, tier_id: str, incarnation: str) -> None:
+        """Take a (re)started tier's inventory as the truth; revoke leases on copies it lost."""
+        inventory = self.call(tier_id, "inventory")
+        with self.lock:
+            forgotten, adopted = self.registry.reconcile(tier_id, inventory, self.now())
+            restarted = self.incarnations.get(tier_id) is not None
+            self.incarnations[tier_id] = incarnation
+            revoked = sum(
+                len(self.leases.revoke_copy(c.block_id, tier_id, c.encoding)) for c in forgotten
+            )
+        if forgotten or revoked or restarted:
+            self.record(
+                "fault",
+                "",
+                f"tier {tier_id} reconciled: {len(forgotten)} copies forgotten, {adopted} "
+                f"adopted, {revoked} leases revoked",
+            )
 
     # -- models -----------------------------------------------------------------------------------
 
@@ -209,9 +186,6 @@ class PlacementController:
                 home_hbm = self._least_loaded_hbm()
             self.registry.add_model(model, specs, home_hbm)
             self.registry.reconcile(storage, inventory, self.now())
-            for c in inventory:
-                if c.block_id in self.registry.specs:
-                    self.registry.checksums.setdefault((c.block_id, c.encoding), c.checksum)
             self.policy_state = None  # the model set changed: the policy's arrays are resized
             meta = {m: e.home_hbm for m, e in self.registry.models.items()}
         self.call(storage, "save_meta", meta)
@@ -280,7 +254,7 @@ class PlacementController:
                 self.run_step()
             except Exception:  # a failed phase is logged; the loop goes on (STYLE rule 4)
                 log.exception("control step failed")
-                self.counters["step_errors"] += 1
+                self.count("step_errors")
 
     def run_step(self) -> None:
         now = self.now()
@@ -289,9 +263,9 @@ class PlacementController:
                 self.record("lease", lease.block_id, f"lease {lease.lease_id} expired")
             if not self.registry.specs:
                 return
-            models = self.registry.model_names()
-            tel_positions = self.registry.idle_telemetry(now).layer_time_s.shape[1]
-            telemetry = self.telemetry.drain(models, tel_positions, now)
+            telemetry = self.telemetry.drain(
+                self.registry.model_names(), self.registry.positions(), now
+            )
             leased = self.leases.leased_blocks(now)
             if now < self.grace_until_s:
                 leased = leased | self.registry.blocks_in_hbm()
@@ -304,11 +278,10 @@ class PlacementController:
             if self.policy_state is None:
                 self.policy_state = initial_state(snapshot, self.config.policy)
             plan, self.policy_state = step(snapshot, self.policy_state, self.config.policy)
-            self.last_plan_metrics = plan.metrics
             self.last_plan = plan
-            self.counters["steps"] += 1
+        self.count("steps")
         for rejection in plan.rejections:
-            self.counters[f"veto:{rejection.rule.value}"] += 1
+            self.count(f"veto:{rejection.rule.value}")
             self.record("rejection", rejection.block_id, str(rejection))
         rows = plan.transition_rows
         encodings = self.registry.encodings
@@ -320,272 +293,21 @@ class PlacementController:
                 None if target < 0 else encodings[target],
                 int(rows.fallback_level[i]),
                 STATE_CODES[int(rows.to_state[i])].value,
-                int(rows.reason[i]),
+                REASONS[int(rows.reason[i])],
             )
 
     # -- leases -----------------------------------------------------------------------------------
-
-    def acquire(
-        self, holder: str, block_ids: list[str], device: str | None, timeout_s: float = 30.0
-    ) -> list[Grant | Miss]:
-        """Leases on usable copies of ``block_ids`` for ``holder`` running on HBM tier
-        ``device``. A block with no HBM copy becomes a demand promotion; the call waits up to
-        ``timeout_s`` for it, then returns a :class:`Miss` naming the nearest copy."""
-        for block_id in block_ids:
-            self.registry.spec(block_id)  # raises UnknownBlockError, nothing changed
-        results: dict[str, Grant | Miss] = {}
-        deadline = self.now() + timeout_s
-        waiting = list(block_ids)
-        first = True
-        while waiting:
-            still = []
-            for block_id in waiting:
-                grant = self._try_grant(holder, block_id, device)
-                if grant is not None:
-                    results[block_id] = grant
-                    self.counters[
-                        "lease_grants_resident" if first else "lease_grants_after_miss"
-                    ] += 1
-                else:
-                    still.append(block_id)
-            waiting = still
-            if not waiting:
-                break
-            if first:
-                self.counters["lease_misses"] += len(waiting)
-            first = False
-            remaining = deadline - self.now()
-            if remaining <= 0:
-                break
-            events = []
-            with self.lock:
-                for block_id in waiting:
-                    self.demand[block_id] = self.demand.get(block_id, 0) + 1
-                    events.append(self.ready_events.setdefault(block_id, threading.Event()))
-            self.wake.set()
-            events[0].wait(min(remaining, 0.05))
-            with self.lock:
-                for block_id in waiting:
-                    count = self.demand.get(block_id, 0) - 1
-                    if count > 0:
-                        self.demand[block_id] = count
-                    else:
-                        self.demand.pop(block_id, None)
-        for block_id in waiting:
-            results[block_id] = self._nearest(block_id)
-        return [results[b] for b in block_ids]
-
-    def _try_grant(self, holder: str, block_id: str, device: str | None) -> Grant | None:
-        now = self.now()
-        with self.lock:
-            hbm = [
-                c
-                for c in self.registry.copies_of(block_id)
-                if c.status is CopyStatus.READY
-                and self.registry.tiers[c.tier_id].kind is TierKind.HBM
-                and c.tier_id not in self.dead_tiers
-            ]
-            if not hbm:
-                return None
-            hbm.sort(key=lambda c: (c.tier_id != device, c.tier_id))
-            chosen = hbm[0]
-            key = (block_id, chosen.tier_id, chosen.encoding)
-            handle = self.executor.handles.get(key)
-        if handle is None:  # a copy adopted after a restart: ask its tier for the reference
-            try:
-                handle = self.call(chosen.tier_id, "handle", block_id, chosen.encoding)[0]
-            except Exception:
-                return None
-        with self.lock:
-            current = self.registry.copy(*key)
-            if current is None or current.status is not CopyStatus.READY:
-                return None  # dropped or evicting meanwhile: never lease a copy on its way out
-            self.executor.handles[key] = handle
-            lease = self.leases.grant(
-                holder, block_id, chosen.tier_id, chosen.encoding, chosen.epoch, now
-            )
-            self.last_use[block_id] = now
-            spec = self.registry.spec(block_id)
-        self.record("lease", block_id, f"lease {lease.lease_id} to {holder} on {chosen.tier_id}")
-        return Grant(
-            lease,
-            [handle],
-            spec,
-            TierKind.HBM.value,
-            device is not None and chosen.tier_id != device,
-            self.config.lease_ttl_s,
-        )
-
-    def _nearest(self, block_id: str) -> Miss:
-        with self.lock:
-            ready = [c for c in self.registry.copies_of(block_id) if c.status is CopyStatus.READY]
-        order = {TierKind.HBM: 0, TierKind.HOST: 1, TierKind.CXL: 2, TierKind.STORAGE: 3}
-        ready.sort(key=lambda c: order[self.registry.tiers[c.tier_id].kind])
-        if not ready:
-            storage = self._storage_id()
-            return Miss(block_id, storage, FULL, "no ready copy yet (being imported or rebuilt)")
-        best = ready[0]
-        return Miss(block_id, best.tier_id, best.encoding, "not resident in HBM by the deadline")
-
-    def renew(self, leases: list[Lease]) -> list[Lease | None]:
-        """Renew leases; a lease unknown to this controller (granted before a restart) is
-        adopted if its copy still exists at its epoch; otherwise ``None`` (fenced)."""
-        now = self.now()
-        out: list[Lease | None] = []
-        with self.lock:
-            for lease in leases:
-                renewed = self.leases.renew(lease, now)
-                if renewed is None and not self.leases.issued_here(lease.lease_id):
-                    copy = self.registry.copy(lease.block_id, lease.tier_id, lease.encoding)
-                    if (
-                        copy is not None
-                        and copy.status is CopyStatus.READY
-                        and copy.epoch == lease.epoch
-                        and lease.lease_id not in self.leases.leases
-                    ):
-                        renewed = self.leases.adopt(lease, now)
-                out.append(renewed)
-                if renewed is None:
-                    self.counters["lease_fenced"] += 1
-        return out
-
-    def copy_lost(self, lease: Lease) -> None:
-        """A holder could not map the copy its lease names (its owner died): forget the copy,
-        revoke the leases on it, and check the tier at once."""
-        with self.lock:
-            copy = self.registry.copy(lease.block_id, lease.tier_id, lease.encoding)
-            if copy is not None and copy.epoch == lease.epoch:
-                self.registry.remove_copy(lease.block_id, lease.tier_id, lease.encoding)
-                self.executor.handles.pop((lease.block_id, lease.tier_id, lease.encoding), None)
-            revoked = self.leases.revoke_copy(lease.block_id, lease.tier_id, lease.encoding)
-            self.incarnations.pop(lease.tier_id, None)  # the next check reconciles the tier
-        self.record(
-            "fault", lease.block_id, f"copy on {lease.tier_id} lost: {len(revoked)} leases revoked"
-        )
-        self.wake.set()
-
-    def release(self, leases: list[Lease]) -> int:
-        with self.lock:
-            return self.leases.release(leases)
 
     # -- telemetry, queries -----------------------------------------------------------------------
 
     def report_telemetry(self, batch: TelemetryBatch) -> None:
         with self.lock:
             self.telemetry.add(batch)
-            self.counters["cache_hits"] += batch.cache_hits
-            self.counters["cache_misses"] += batch.cache_misses
-            self.counters["stall_us"] += int(batch.stall_s * 1e6)
+        self.count("cache_hits", batch.cache_hits)
+        self.count("cache_misses", batch.cache_misses)
+        self.count("stall_us", int(batch.stall_s * 1e6))
         if batch.routes or batch.positions:
             self.wake.set()
-
-    def block_state(self, block_id: str, device: str | None = None) -> str:
-        with self.lock:
-            copies = [
-                Copy(
-                    c.tier_id,
-                    self.registry.tiers[c.tier_id].kind,
-                    c.encoding,
-                    PoolCopyStatus.IN_FLIGHT
-                    if c.status is CopyStatus.IN_FLIGHT
-                    else PoolCopyStatus.READY,
-                    self.registry.tiers[c.tier_id].spec.device,
-                )
-                for c in self.registry.copies_of(block_id)
-                if self.registry.tiers[c.tier_id].kind is not TierKind.HBM
-                or device is None
-                or c.tier_id == device
-                or c.status is CopyStatus.READY
-            ]
-        home = device or self.registry.home_of(block_id).tier_id
-        local = [c for c in copies if c.tier_kind is not TierKind.HBM or c.tier_id == home]
-        peers = [
-            Copy(c.tier_id, TierKind.HOST, c.encoding, c.status)
-            for c in copies
-            if c.tier_kind is TierKind.HBM
-            and c.tier_id != home
-            and c.status is PoolCopyStatus.READY
-        ]
-        return derive_state(local + peers).value
-
-    def status(self) -> dict[str, Any]:
-        refs = {t: h.report.remote() for t, h in self.handles.items() if t not in self.dead_tiers}
-        ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
-        reports: dict[str, Any] = dict.fromkeys(self.handles)
-        for tier_id, ref in refs.items():
-            try:
-                reports[tier_id] = ray.get(ref, timeout=0)
-            except Exception:
-                reports[tier_id] = None
-        with self.lock:
-            states = Counter(self.block_state(b) for b in self.registry.specs)
-            metrics = self.last_plan_metrics
-            return {
-                "tiers": reports,
-                "dead_tiers": sorted(self.dead_tiers),
-                "blocks": len(self.registry.specs),
-                "models": {m: e.home_hbm for m, e in self.registry.models.items()},
-                "states": dict(states),
-                "leases": len(self.leases.leases),
-                "counters": dict(self.counters),
-                "quality_cost": None if metrics is None else metrics.quality_cost,
-                "quality_budget": self.config.policy.quality_budget,
-                "rules": [r.value for r in RULE_CODES],
-            }
-
-    def explain(self, block_id: str) -> dict[str, Any]:
-        """The last step's view of one block: its target and the signals behind it."""
-        with self.lock:
-            plan = self.last_plan
-            if plan is None or block_id not in plan.block_ids:
-                return {}
-            i = plan.block_ids.index(block_id)
-            target = int(plan.target_hbm_encoding[i])
-            return {
-                "target_hbm_encoding": None if target < 0 else plan.encodings[target].name,
-                "target_fallback_level": int(plan.target_fallback_level[i]),
-                "use_probability": float(plan.use_probability[i]),
-                "time_to_next_use_s": float(plan.time_to_next_use_s[i]),
-                "value_density": float(plan.value_density[i]),
-                "demand": block_id in self.demand,
-                "rejections": [str(r) for r in plan.rejections if r.block_id == block_id],
-            }
-
-    def copies(self, block_id: str) -> list[tuple[str, str, str, int]]:
-        with self.lock:
-            return [
-                (c.tier_id, c.encoding.name, c.status.value, c.epoch)
-                for c in self.registry.copies_of(block_id)
-            ]
-
-    def audit(
-        self, kind: str | None = None, block_id: str | None = None, limit: int = 100
-    ) -> list[AuditRecord]:
-        records = [
-            r
-            for r in list(self.audit_log)
-            if (kind is None or r.kind == kind) and (block_id is None or r.block_id == block_id)
-        ]
-        return records[-limit:]
-
-    def consistency(self) -> list[str]:
-        """Differences between the registry and the tier inventories (empty when they agree)."""
-        problems = []
-        for tier_id in self.handles:
-            if tier_id in self.dead_tiers:
-                continue
-            held = {(c.block_id, c.encoding) for c in self.call(tier_id, "inventory")}
-            with self.lock:
-                known = {
-                    (c.block_id, c.encoding)
-                    for c in self.registry.copies_on(tier_id)
-                    if c.status is not CopyStatus.IN_FLIGHT
-                }
-            for block_id, enc in sorted(held - known, key=str):
-                problems.append(f"{tier_id}: holds {block_id}@{enc.name}, registry does not know")
-            for block_id, enc in sorted(known - held, key=str):
-                problems.append(f"{tier_id}: registry lists {block_id}@{enc.name}, tier lacks it")
-        return problems
 
     def describe(self) -> tuple[PoolConfig, list[TierInfo]]:
         return self.config, list(self.registry.tiers.values())
@@ -597,6 +319,3 @@ class PlacementController:
     def stop(self) -> None:
         self.stopping.set()
         self.wake.set()
-
-
-HBM_LEVEL = HBM  # re-exported for the executor

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.registry import CopyEntry, CopyStatus
-from policy.snapshot import CXL, HOST, STORAGE
+from policy.snapshot import CXL, HOST, LEVEL_KINDS, STORAGE
 from pool.blocks import BlockSpec
 from pool.encoding import FULL, Encoding, Precision
 from pool.tiers import TierKind
@@ -48,7 +48,7 @@ class Executor:
         target: Encoding | None,
         fallback_level: int,
         to_state: str,
-        reason: int,
+        reason: str,
     ) -> bool:
         """Queue a transition unless the block already has one queued or running."""
         with self.lock:
@@ -56,33 +56,34 @@ class Executor:
                 return False
             self.busy.add(block_id)
             self.queued += 1
-        self.pool.submit(self._run, block_id, target, fallback_level, to_state)
+        self.pool.submit(self._run, block_id, target, fallback_level, to_state, reason)
         return True
 
     def _run(
-        self, block_id: str, target: Encoding | None, fallback_level: int, to_state: str
+        self,
+        block_id: str,
+        target: Encoding | None,
+        fallback_level: int,
+        to_state: str,
+        reason: str,
     ) -> None:
         ctl = self.ctl
         try:
             self._apply(block_id, target, fallback_level)
-            ctl.counters[f"transition:{to_state}"] += 1
+            ctl.count(f"transition:{to_state}")
             ctl.record(
                 "transition",
                 block_id,
-                f"-> {to_state} (hbm {target.name if target else 'none'}, fallback level "
-                f"{fallback_level})",
+                f"-> {to_state}: {reason} (hbm {target.name if target else 'none'}, fallback "
+                f"{LEVEL_KINDS[fallback_level].value})",
             )
         except Exception as err:
-            ctl.counters["execute_errors"] += 1
+            ctl.count("execute_errors")
             ctl.record("fault", block_id, f"transition failed: {type(err).__name__}: {err}")
         finally:
             with self.lock:
                 self.busy.discard(block_id)
                 self.queued -= 1
-            event = ctl.ready_events.get(block_id)
-            if event is not None:
-                event.set()
-                event.clear()
 
     # -- one transition ---------------------------------------------------------------------------
 
@@ -98,9 +99,6 @@ class Executor:
                 self._copy(spec, tier.tier_id, FULL)
         if target is not None and not self._has(block_id, home, target):
             self._copy(spec, home, target)
-            event = ctl.ready_events.get(block_id)
-            if event is not None:
-                event.set()
         with ctl.lock:
             stale = [
                 c
@@ -164,19 +162,13 @@ class Executor:
                 ctl.handles[dst].receive.remote(block_id, encoding, exported, epoch, checksum),
                 timeout=ctl.config.call_timeout_s,
             )
-        except BaseException as err:
+        except BaseException:
+            # Which actor failed (source or destination) is not known here: the controller's
+            # health check finds a dead tier within a second and forgets its copies.
             with ctl.lock:
                 current = reg.copy(block_id, dst, encoding)
                 if current is not None and current.epoch == epoch:
                     reg.remove_copy(block_id, dst, encoding)
-            if isinstance(err, ray.exceptions.RayTaskError):
-                cause = err.cause if hasattr(err, "cause") else None
-                if isinstance(cause, (ray.exceptions.RayActorError,)):
-                    ctl.tier_failed(source.tier_id, cause)
-            if isinstance(
-                err, (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
-            ):
-                ctl.tier_failed(dst, err)
             raise
         seconds = time.perf_counter() - start
         with ctl.lock:
@@ -189,8 +181,9 @@ class Executor:
             reg.measured(block_id, encoding, entry.nbytes)
             self.handles[(block_id, dst, encoding)] = handle[0]
             link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
-            ctl.counters[f"bytes:{link}"] += entry.nbytes
-            ctl.counters["transfers"] += 1
+            ctl.copies_changed.notify_all()  # waiting acquires look again
+        ctl.count(f"bytes:{link}", entry.nbytes)
+        ctl.count("transfers")
         ctl.record(
             "execute",
             block_id,
@@ -206,7 +199,7 @@ class Executor:
                 return False
             in_grace = ctl.now() < ctl.grace_until_s and reg.tiers[c.tier_id].kind is TierKind.HBM
             if in_grace or ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
-                ctl.counters["drops_deferred_leased"] += 1
+                ctl.count("drops_deferred_leased")
                 return False
             current.status = CopyStatus.EVICTING
             self.handles.pop((c.block_id, c.tier_id, c.encoding), None)
@@ -215,7 +208,7 @@ class Executor:
         finally:
             with ctl.lock:
                 if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
-                    ctl.counters["lease_violations"] += 1  # an invariant: must stay 0
+                    ctl.count("lease_violations")  # an invariant: must stay 0
                 reg.remove_copy(c.block_id, c.tier_id, c.encoding)
-        ctl.counters["drops"] += 1
+        ctl.count("drops")
         return True

@@ -8,8 +8,10 @@ expired, was revoked (its copy's tier died), or names an epoch the copy no longe
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +33,12 @@ class Lease:
 @dataclass(frozen=True)
 class Grant:
     """What ``acquire`` returns per block: the lease, the copy's bytes as an object-store
-    reference (mapped without copying on the holder's node), the spec to decode them, and where
-    the copy lives (``peer``: an HBM copy on another device than the holder's)."""
+    reference (mapped without copying on the holder's node), the spec to decode them, and whether
+    the copy is a peer (an HBM copy on another device than the holder's)."""
 
     lease: Lease
     handle: list[Any]  # [ObjectRef]: wrapped so that Ray passes the reference, not the value
     spec: BlockSpec
-    tier_kind: str
     peer: bool
     ttl_s: float
 
@@ -80,39 +81,20 @@ class LeaseTable:
 
     def adopt(self, lease: Lease, now_s: float) -> Lease:
         """Take over a lease granted before a controller restart (its epoch was checked)."""
-        renewed = Lease(
-            lease.lease_id,
-            lease.holder,
-            lease.block_id,
-            lease.tier_id,
-            lease.encoding,
-            lease.epoch,
-            now_s + self.ttl_s,
-        )
+        renewed = dataclasses.replace(lease, expires_s=now_s + self.ttl_s)
         self.leases[lease.lease_id] = renewed
         return renewed
 
     def renew(self, presented: Lease, now_s: float) -> Lease | None:
         """Extend a live lease; ``None`` (fenced) if it is unknown, expired, or not the lease
         this table holds under that id (another holder, block, copy or epoch)."""
-        lease_id = presented.lease_id
-        lease = self.leases.get(lease_id)
-        same = lease is not None and _same(lease, presented)
-        if lease is None or not same or lease.expires_s < now_s:
-            if lease is not None and same:
-                del self.leases[lease_id]
+        lease = self.leases.get(presented.lease_id)
+        if lease is None or not _same(lease, presented):
             return None
-        renewed = Lease(
-            lease.lease_id,
-            lease.holder,
-            lease.block_id,
-            lease.tier_id,
-            lease.encoding,
-            lease.epoch,
-            now_s + self.ttl_s,
-        )
-        self.leases[lease_id] = renewed
-        return renewed
+        if lease.expires_s < now_s:
+            del self.leases[lease.lease_id]
+            return None
+        return self.adopt(lease, now_s)
 
     def release(self, leases: list[Lease]) -> int:
         """Release the presented leases; one that is not the table's lease under its id (a
@@ -126,23 +108,18 @@ class LeaseTable:
         return gone
 
     def expire(self, now_s: float) -> list[Lease]:
-        gone = [lease for lease in self.leases.values() if lease.expires_s < now_s]
-        for lease in gone:
-            del self.leases[lease.lease_id]
-        return gone
+        return self._revoke(lambda x: x.expires_s < now_s)
 
     def revoke_copy(self, block_id: str, tier_id: str, encoding: Encoding) -> list[Lease]:
-        gone = [
-            lease
-            for lease in self.leases.values()
-            if (lease.block_id, lease.tier_id, lease.encoding) == (block_id, tier_id, encoding)
-        ]
-        for lease in gone:
-            del self.leases[lease.lease_id]
-        return gone
+        return self._revoke(
+            lambda x: (x.block_id, x.tier_id, x.encoding) == (block_id, tier_id, encoding)
+        )
 
     def revoke_tier(self, tier_id: str) -> list[Lease]:
-        gone = [lease for lease in self.leases.values() if lease.tier_id == tier_id]
+        return self._revoke(lambda x: x.tier_id == tier_id)
+
+    def _revoke(self, which: Callable[[Lease], bool]) -> list[Lease]:
+        gone = [lease for lease in self.leases.values() if which(lease)]
         for lease in gone:
             del self.leases[lease.lease_id]
         return gone

@@ -109,10 +109,9 @@ class Pool:
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
     ) -> str:
-        """Import a safetensors checkpoint into storage and register it; returns its home tier."""
-        ray.get(self.controller.check_new_model.remote(model, home))  # before any import
-        specs = ray.get(self.storage().import_checkpoint.remote(str(path), model, encodings))
-        return str(ray.get(self.controller.register_model.remote(model, specs, home)))
+        """Import a safetensors checkpoint into storage and register it; returns its home tier.
+        A bad ``model`` or ``home`` is refused before anything is imported."""
+        return self._load("import_checkpoint", str(path), model, home, encodings)
 
     def load_state_dict(
         self,
@@ -121,8 +120,19 @@ class Pool:
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
     ) -> str:
+        """Import a state dict into storage and register it; returns its home tier."""
+        return self._load("import_state_dict", state_dict, model, home, encodings)
+
+    def _load(
+        self,
+        method: str,
+        source: Any,
+        model: str,
+        home: str | None,
+        encodings: tuple[Encoding, ...],
+    ) -> str:
         ray.get(self.controller.check_new_model.remote(model, home))
-        specs = ray.get(self.storage().import_state_dict.remote(state_dict, model, encodings))
+        specs = ray.get(getattr(self.storage(), method).remote(source, model, encodings))
         return str(ray.get(self.controller.register_model.remote(model, specs, home)))
 
     def status(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from collections.abc import Iterable, Sequence
@@ -91,22 +92,14 @@ class ModelEntry:
     experts: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Static:
-    """Per-block arrays that change only when blocks are added (kept for the policy's cache)."""
+    """What changes only when blocks or tiers are added, kept across steps (the policy caches
+    its derivations by the identity of these arrays). ``blocks`` holds the per-block arrays that
+    describe blocks; its residency arrays are placeholders each snapshot replaces."""
 
-    block_ids: tuple[str, ...]
-    model: np.ndarray
-    position: np.ndarray
-    kind: np.ndarray
-    expert: np.ndarray
-    nbytes: np.ndarray
-    sensitivity: np.ndarray
-    floor_bits: np.ndarray
-    regenerable: np.ndarray
-    hbm_tier: np.ndarray
-    host_tier: np.ndarray
-    cxl_tier: np.ndarray
+    blocks: BlockArrays
+    encodings: EncodingTable
     tiers: TierArrays
     models: ModelShapes
 
@@ -260,65 +253,88 @@ class Registry:
         n, e = len(ids), len(self.encodings)
         tier_list = list(self.tiers.values())
         tier_index = {t.tier_id: i for i, t in enumerate(tier_list)}
-        model_names = list(self.models)
-        model_index = {m: i for i, m in enumerate(model_names)}
+        model_index = {m: i for i, m in enumerate(self.models)}
         nbytes = np.zeros((n, e), np.int64)
         sensitivity = np.zeros((n, e))
-        arrays: dict[str, list[int]] = {k: [] for k in ("model", "position", "kind", "expert")}
-        floor, hbm_tier, host_tier, cxl_tier = [], [], [], []
+        rows: list[tuple[int, ...]] = []
         for i, block_id in enumerate(ids):
             spec = self.specs[block_id]
             model = self.models[spec.model]
-            arrays["model"].append(model_index[spec.model])
-            arrays["position"].append(min(spec.layer + 1, model.layers + 1))
-            arrays["kind"].append(KIND_CODES[spec.kind])
-            arrays["expert"].append(NONE if spec.expert is None else spec.expert)
-            floor.append(PRECISION_BITS[spec.floor])
-            hbm_tier.append(tier_index[model.home_hbm])
             host = self.warm_tier(block_id, HOST)
             cxl = self.warm_tier(block_id, CXL)
-            host_tier.append(NONE if host is None else tier_index[host.tier_id])
-            cxl_tier.append(NONE if cxl is None else tier_index[cxl.tier_id])
+            rows.append(
+                (
+                    model_index[spec.model],
+                    min(spec.layer + 1, model.layers + 1),
+                    KIND_CODES[spec.kind],
+                    NONE if spec.expert is None else spec.expert,
+                    PRECISION_BITS[spec.floor],
+                    tier_index[model.home_hbm],
+                    NONE if host is None else tier_index[host.tier_id],
+                    NONE if cxl is None else tier_index[cxl.tier_id],
+                )
+            )
             for j, enc in enumerate(self.encodings):
                 nbytes[i, j] = self.nbytes(block_id, enc)
-                if enc.precision is Precision.FULL:
-                    continue
-                known = spec.sensitivity.get(enc.precision)
-                sensitivity[i, j] = np.inf if known is None else known
+                if enc.precision is not Precision.FULL:
+                    known = spec.sensitivity.get(enc.precision)
+                    sensitivity[i, j] = np.inf if known is None else known
+        columns = np.array(rows, np.int64).reshape(n, 8).T
+        none = np.full(n, NONE, np.int64)
+        blocks = BlockArrays(
+            block_ids=ids,
+            model=columns[0].astype(np.int32),
+            position=columns[1].astype(np.int32),
+            kind=columns[2].astype(np.int8),
+            expert=columns[3].astype(np.int32),
+            nbytes=nbytes,
+            sensitivity=sensitivity,
+            floor_bits=columns[4].astype(np.int16),
+            leased=np.zeros(n, bool),
+            demand=np.zeros(n, bool),
+            last_use_s=np.zeros(n),
+            hbm_encoding=none,
+            fallback_level=none,
+            in_flight_encoding=none,
+            placed_at_s=np.zeros(n),
+            regenerable=np.zeros(n, bool),
+            hbm_tier=columns[5].copy(),
+            host_tier=columns[6].copy(),
+            cxl_tier=columns[7].copy(),
+        )
+        decode = np.array(
+            [
+                DEFAULT_DECODE_GBPS[DEFAULT_ENCODINGS.index(e)]
+                if e in DEFAULT_ENCODINGS
+                else (np.inf if e.directly_usable else 4.0)
+                for e in self.encodings
+            ]
+        )
         tiers = TierArrays(
             tuple(t.tier_id for t in tier_list),
             np.array([LEVEL_OF_KIND[t.kind] for t in tier_list], np.int8),
             np.array([t.spec.capacity_bytes or (1 << 62) for t in tier_list], np.int64),
             np.zeros(len(tier_list), np.int64),
         )
-        entries = [self.models[m] for m in model_names]
+        entries = list(self.models.values())
         models = ModelShapes(
             positions=np.array([m.layers + 2 for m in entries], np.int32),
             layers=np.array([m.layers for m in entries], np.int32),
             experts=np.array([m.experts for m in entries], np.int32),
         )
-        return _Static(
-            block_ids=ids,
-            model=np.array(arrays["model"], np.int32),
-            position=np.array(arrays["position"], np.int32),
-            kind=np.array(arrays["kind"], np.int8),
-            expert=np.array(arrays["expert"], np.int32),
-            nbytes=nbytes,
-            sensitivity=sensitivity,
-            floor_bits=np.array(floor, np.int16),
-            regenerable=np.zeros(n, bool),
-            hbm_tier=np.array(hbm_tier, np.int64),
-            host_tier=np.array(host_tier, np.int64),
-            cxl_tier=np.array(cxl_tier, np.int64),
-            tiers=tiers,
-            models=models,
-        )
+        return _Static(blocks, EncodingTable(self.encodings, decode), tiers, models)
+
+    def _current_static(self) -> _Static:
+        if self._static is None:
+            self._static = self._build_static()
+        return self._static
 
     def model_names(self) -> list[str]:
         return list(self.models)
 
-    def index(self, block_id: str) -> int:
-        return self._index[block_id]
+    def positions(self) -> int:
+        """Schedule positions of the longest model (the telemetry arrays' width)."""
+        return max((m.layers + 2 for m in self.models.values()), default=2)
 
     def snapshot(
         self,
@@ -329,18 +345,17 @@ class Registry:
     ) -> Snapshot:
         """The policy's view of the registry now. ``leased`` and ``demand`` name blocks with a
         live lease and with a waiting acquire."""
-        if self._static is None:
-            self._static = self._build_static()
-        st = self._static
-        n = len(st.block_ids)
+        st = self._current_static()
+        b = st.blocks
+        n = b.count
         enc_index = {enc: j for j, enc in enumerate(self.encodings)}
         tier_index = {t: i for i, t in enumerate(st.tiers.tier_ids)}
         hbm = np.full(n, NONE, np.int64)
         in_flight = np.full(n, NONE, np.int64)
         fallback = np.full(n, STORAGE, np.int64)
         placed = np.full(n, -1e9)
-        for i, block_id in enumerate(st.block_ids):
-            home = st.hbm_tier[i]
+        for i, block_id in enumerate(b.block_ids):
+            home = b.hbm_tier[i]
             for c in self.copies[block_id].values():
                 t = tier_index.get(c.tier_id, NONE)
                 if t == home and c.encoding in enc_index:
@@ -350,27 +365,20 @@ class Registry:
                     elif c.status is CopyStatus.IN_FLIGHT:
                         in_flight[i] = enc_index[c.encoding]
                 elif c.status is CopyStatus.READY and c.encoding == FULL:
-                    if t == st.host_tier[i]:
+                    if t == b.host_tier[i]:
                         fallback[i] = HOST
-                    elif t == st.cxl_tier[i] and fallback[i] == STORAGE:
+                    elif t == b.cxl_tier[i] and fallback[i] == STORAGE:
                         fallback[i] = CXL
         leased_mask = np.zeros(n, bool)
-        leased_mask[[self._index[b] for b in leased if b in self._index]] = True
+        leased_mask[[self._index[x] for x in leased if x in self._index]] = True
         demand_mask = np.zeros(n, bool)
-        demand_mask[[self._index[b] for b in demand if b in self._index]] = True
+        demand_mask[[self._index[x] for x in demand if x in self._index]] = True
         last_use = np.zeros(n)
         for block_id, t_s in (last_use_s or {}).items():
             if block_id in self._index:
                 last_use[self._index[block_id]] = t_s
-        blocks = BlockArrays(
-            block_ids=st.block_ids,
-            model=st.model,
-            position=st.position,
-            kind=st.kind,
-            expert=st.expert,
-            nbytes=st.nbytes,
-            sensitivity=st.sensitivity,
-            floor_bits=st.floor_bits,
+        blocks = dataclasses.replace(
+            b,
             leased=leased_mask,
             demand=demand_mask,
             last_use_s=last_use,
@@ -378,61 +386,37 @@ class Registry:
             fallback_level=fallback,
             in_flight_encoding=in_flight,
             placed_at_s=placed,
-            regenerable=st.regenerable,
-            hbm_tier=st.hbm_tier,
-            host_tier=st.host_tier,
-            cxl_tier=st.cxl_tier,
         )
-        decode = np.array(
-            [
-                DEFAULT_DECODE_GBPS[DEFAULT_ENCODINGS.index(e)]
-                if e in DEFAULT_ENCODINGS
-                else (np.inf if e.directly_usable else 4.0)
-                for e in self.encodings
-            ]
-        )
-        snap = Snapshot(
-            EncodingTable(self.encodings, decode),
-            blocks,
-            st.tiers,
-            self.links,
-            st.models,
-            telemetry,
-        )
+        snap = Snapshot(st.encodings, blocks, st.tiers, self.links, st.models, telemetry)
         snap.validate()
         return snap
-
-    def idle_telemetry(self, now_s: float) -> Telemetry:
-        if self._static is None:
-            self._static = self._build_static()
-        m = len(self.models)
-        positions = int(self._static.models.positions.max()) if m else 2
-        return Telemetry(
-            now_s=now_s,
-            layer_time_s=np.full((m, positions), np.nan),
-            current_position=np.full(m, NONE, np.int32),
-            concurrency=np.zeros(m, np.int32),
-        )
 
     # -- reconciliation -------------------------------------------------------------------------
 
     def reconcile(
-        self, tier_id: str, inventory: Iterable[CopyEntry], now_s: float = 0.0
-    ) -> tuple[int, int]:
-        """Make the registry's copies on ``tier_id`` equal to the tier's own inventory.
+        self, tier_id: str, inventory: Iterable[CopyEntry], now_s: float
+    ) -> tuple[list[CopyEntry], int]:
+        """Make the registry's copies on ``tier_id`` equal to the tier's own inventory, and learn
+        the checksums and sizes it reports.
 
-        Copies the registry has but the tier does not are forgotten; copies the tier holds of
-        known blocks are adopted (unknown blocks are ignored: the caller drops them). Returns
-        (forgotten, adopted).
+        Copies the registry has but the tier does not are forgotten (copies in flight to it are
+        kept: their transfer settles them); copies the tier holds of known blocks are adopted,
+        as placed at ``now_s``; copies of blocks the registry does not know are left alone.
+        Returns the forgotten copies and the number adopted.
         """
         held = {(c.block_id, c.encoding): c for c in inventory if c.block_id in self.specs}
-        forgotten = 0
-        for c in self.copies_on(tier_id):
-            if (c.block_id, c.encoding) not in held and c.status is not CopyStatus.IN_FLIGHT:
-                self.remove_copy(c.block_id, c.tier_id, c.encoding)
-                forgotten += 1
+        forgotten = [
+            c
+            for c in self.copies_on(tier_id)
+            if (c.block_id, c.encoding) not in held and c.status is not CopyStatus.IN_FLIGHT
+        ]
+        for c in forgotten:
+            self.remove_copy(c.block_id, c.tier_id, c.encoding)
         adopted = 0
         for (block_id, encoding), c in held.items():
+            if c.checksum:
+                self.checksums.setdefault((block_id, encoding), c.checksum)
+                self.measured(block_id, encoding, c.nbytes)
             if self.copy(block_id, tier_id, encoding) is None:
                 c.created_s = now_s  # adopted copies count as placed now (the dwell restarts)
                 self.add_copy(c)

@@ -31,7 +31,8 @@ from actors.registry import CopyEntry, CopyStatus
 from pool.blocks import BlockSpec
 from pool.codecs import EncodedBlock, decode_block, encode_block
 from pool.encoding import FULL, Encoding
-from pool.errors import CapacityError, CorruptBlockError, UnknownBlockError
+from pool.errors import CapacityError, CorruptBlockError, UnknownBlockError, WeightpoolError
+from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource
 from pool.store import BlockStore
 from pool.tiers import TierKind, TierSpec
 
@@ -58,6 +59,7 @@ class _Held:
 
 class Backend(Protocol):
     def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None: ...
+    def read(self, block_id: str, encoding: Encoding) -> EncodedBlock: ...
     def handle(self, block_id: str, encoding: Encoding) -> Any: ...
     def drop(self, block_id: str, encoding: Encoding) -> int: ...
     def inventory(self) -> list[CopyEntry]: ...
@@ -91,6 +93,10 @@ class MemoryBackend:
             raise UnknownBlockError(f"no copy {block_id!r}@{encoding.name} on this tier")
         return held.ref
 
+    def read(self, block_id: str, encoding: Encoding) -> EncodedBlock:
+        encoded: EncodedBlock = ray.get(self.handle(block_id, encoding))  # a zero-copy view
+        return encoded
+
     def drop(self, block_id: str, encoding: Encoding) -> int:
         held = self.held.pop((block_id, encoding), None)
         if held is None:
@@ -113,12 +119,15 @@ class StorageBackend:
         self.store_ = BlockStore(root, check_tiers)  # imports refuse blocks no HBM tier holds
 
     def store(self, encoded: EncodedBlock, entry: CopyEntry) -> None:
-        raise CorruptBlockError(
+        raise WeightpoolError(
             f"storage tier {self.tier_id!r} is written by import only, not by transfers"
         )
 
+    def read(self, block_id: str, encoding: Encoding) -> EncodedBlock:
+        return self.store_.read(block_id, encoding)  # verified, views of the mapped file
+
     def handle(self, block_id: str, encoding: Encoding) -> Any:
-        return ray.put(self.store_.read(block_id, encoding))
+        return ray.put(self.read(block_id, encoding))
 
     def drop(self, block_id: str, encoding: Encoding) -> int:
         return 0  # the source of truth is never dropped by placement
@@ -187,11 +196,10 @@ class TierActor:
         """A reference to the block at ``want``, transcoded from the held ``have`` copy if they
         differ (the source encodes, so the link carries the smaller bytes)."""
         with self.lock:
-            ref = self.backend.handle(spec.block_id, have)
-        if have == want:
-            return [ref]
-        tensors = decode_block(spec, ray.get(ref))
-        return [ray.put(encode_block(spec, tensors, want))]
+            if have == want:
+                return [self.backend.handle(spec.block_id, have)]
+            held = self.backend.read(spec.block_id, have)
+        return [ray.put(encode_block(spec, decode_block(spec, held), want))]
 
     def receive(
         self, block_id: str, encoding: Encoding, source: list[Any], epoch: int, checksum: str
@@ -247,20 +255,20 @@ class TierActor:
         self, path: str, model: str, encodings: tuple[Encoding, ...] = (FULL,)
     ) -> list[BlockSpec]:
         """Import a safetensors checkpoint (file or directory) as ``model``; its specs."""
-        from pool.importer import SafetensorsSource
-
-        with self.lock:
-            result = self._store().import_checkpoint(SafetensorsSource(path), model, encodings)
-        return list(result.specs)
+        return self._import(SafetensorsSource(path), model, encodings)
 
     def import_state_dict(
         self, state_dict: dict[str, Any], model: str, encodings: tuple[Encoding, ...] = (FULL,)
     ) -> list[BlockSpec]:
-        from pool.importer import StateDictSource
+        """Import a state dict (names to tensors) as ``model``; its specs."""
+        return self._import(StateDictSource(state_dict), model, encodings)
 
+    def _import(
+        self, source: CheckpointSource, model: str, encodings: tuple[Encoding, ...]
+    ) -> list[BlockSpec]:
+        store = self._store()
         with self.lock:
-            result = self._store().import_checkpoint(StateDictSource(state_dict), model, encodings)
-        return list(result.specs)
+            return list(store.import_checkpoint(source, model, encodings).specs)
 
     def specs(self) -> list[BlockSpec]:
         with self.lock:
