@@ -155,6 +155,22 @@ class TransitionArrays:
 
 
 @dataclass(frozen=True)
+class TransferArrays:
+    """One row per transfer: levels and tier indices of both ends, the encoding moved, its
+    bytes, its ``Priority`` and its deadline."""
+
+    block: np.ndarray
+    source_level: np.ndarray
+    destination_level: np.ndarray
+    source_tier: np.ndarray
+    destination_tier: np.ndarray
+    encoding: np.ndarray
+    nbytes: np.ndarray
+    priority: np.ndarray
+    deadline_s: np.ndarray
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the step decided. Array fields are row-aligned per kind of record.
 
@@ -171,16 +187,7 @@ class Plan:
     target_fallback_level: np.ndarray
     # transitions
     transition_rows: TransitionArrays  # one row per transition
-    # transfers
-    transfer_block: np.ndarray
-    transfer_source_level: np.ndarray
-    transfer_destination_level: np.ndarray
-    transfer_source_tier: np.ndarray
-    transfer_destination_tier: np.ndarray
-    transfer_encoding: np.ndarray
-    transfer_nbytes: np.ndarray
-    transfer_priority: np.ndarray
-    transfer_deadline_s: np.ndarray
+    transfer_rows: TransferArrays  # one row per transfer, in priority then deadline order
     # rejections
     rejection_block: np.ndarray
     rejection_rule: np.ndarray  # RULE_CODES index
@@ -237,19 +244,20 @@ class Plan:
     @cached_property
     def transfers(self) -> tuple[Transfer, ...]:
         out = []
-        for row, block in enumerate(self.transfer_block.tolist()):
+        t = self.transfer_rows
+        for row, block in enumerate(t.block.tolist()):
             out.append(
                 Transfer(
                     self.block_ids[block],
                     block,
-                    LEVEL_KINDS[int(self.transfer_source_level[row])],
-                    LEVEL_KINDS[int(self.transfer_destination_level[row])],
-                    self.tier_ids[int(self.transfer_source_tier[row])],
-                    self.tier_ids[int(self.transfer_destination_tier[row])],
-                    self.encodings[int(self.transfer_encoding[row])],
-                    int(self.transfer_nbytes[row]),
-                    Priority(int(self.transfer_priority[row])),
-                    float(self.transfer_deadline_s[row]),
+                    LEVEL_KINDS[int(t.source_level[row])],
+                    LEVEL_KINDS[int(t.destination_level[row])],
+                    self.tier_ids[int(t.source_tier[row])],
+                    self.tier_ids[int(t.destination_tier[row])],
+                    self.encodings[int(t.encoding[row])],
+                    int(t.nbytes[row]),
+                    Priority(int(t.priority[row])),
+                    float(t.deadline_s[row]),
                 )
             )
         return tuple(out)

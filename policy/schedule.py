@@ -52,6 +52,7 @@ from policy.plan import (
     REASON_WARM_UP,
     STATE_CODES,
     Priority,
+    TransferArrays,
     TransitionArrays,
 )
 from policy.predict import Prediction
@@ -85,15 +86,7 @@ def state_codes(
 @dataclass(frozen=True)
 class Schedule:
     transitions: TransitionArrays
-    transfer_block: np.ndarray
-    transfer_source_level: np.ndarray
-    transfer_destination_level: np.ndarray
-    transfer_source_tier: np.ndarray
-    transfer_destination_tier: np.ndarray
-    transfer_encoding: np.ndarray
-    transfer_nbytes: np.ndarray
-    transfer_priority: np.ndarray
-    transfer_deadline_s: np.ndarray
+    transfers: TransferArrays
     cancel_block: np.ndarray
     cancel_encoding: np.ndarray
     deferred: int
@@ -319,15 +312,17 @@ def schedule(
     t_rows = block[moving]
     return Schedule(
         transitions,
-        transfer_block=t_rows,
-        transfer_source_level=src[moving],
-        transfer_destination_level=dst[moving],
-        transfer_source_tier=_tier_at(snapshot, t_rows, src[moving]),
-        transfer_destination_tier=_tier_at(snapshot, t_rows, dst[moving]),
-        transfer_encoding=encoding[moving],
-        transfer_nbytes=nbytes[moving],
-        transfer_priority=cls[moving],
-        transfer_deadline_s=deadline[moving],
+        TransferArrays(
+            block=t_rows,
+            source_level=src[moving],
+            destination_level=dst[moving],
+            source_tier=_tier_at(snapshot, t_rows, src[moving]),
+            destination_tier=_tier_at(snapshot, t_rows, dst[moving]),
+            encoding=encoding[moving],
+            nbytes=nbytes[moving],
+            priority=cls[moving],
+            deadline_s=deadline[moving],
+        ),
         cancel_block=cancelled,
         cancel_encoding=fly[cancelled],
         deferred=deferred,

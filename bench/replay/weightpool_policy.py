@@ -209,17 +209,15 @@ class WeightpoolPolicy:
             block = int(plan.transition_rows.block[row])
             if sim.encoding[block] >= 0 and block not in protected and sim.evictable(block):
                 sim.evict(block)
-        order = np.lexsort((plan.transfer_deadline_s, plan.transfer_priority))
-        for row in order.tolist():
-            if plan.transfer_destination_level[row] != HBM:
-                continue
-            block = int(plan.transfer_block[row])
-            encoding = int(plan.transfer_encoding[row])
+        moves = plan.transfer_rows  # in priority, then deadline, order (the schedule's)
+        for row in np.flatnonzero(moves.destination_level == HBM).tolist():
+            block = int(moves.block[row])
+            encoding = int(moves.encoding[row])
             if sim.encoding[block] >= 0 and sim.encoding[block] != encoding:
                 if block in protected or not sim.evictable(block):
                     continue
                 sim.evict(block)  # a re-encode, carried out as a fetch of the new encoding
-            priority = _PRIORITY[Priority(int(plan.transfer_priority[row]))]
+            priority = _PRIORITY[Priority(int(moves.priority[row]))]
             sim.fetch(self, block, encoding, priority, protected | {block})
 
     # -- simulator hooks ---------------------------------------------------------------------
