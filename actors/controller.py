@@ -49,13 +49,17 @@ class PlacementController(LeaseService, PoolQueries):
         self.lock = threading.RLock()
         self.registry = Registry(encodings=config.parsed_encodings)
         self.handles: dict[str, Any] = {}
+        missing = []
         for info in tiers:
             self.registry.add_tier(info)
-            self.handles[info.tier_id] = ray.get_actor(
-                tier_actor_name(info.tier_id), namespace=config.namespace
-            )
+            try:
+                self.handles[info.tier_id] = ray.get_actor(
+                    tier_actor_name(info.tier_id), namespace=config.namespace
+                )
+            except ValueError:  # its node was removed while this controller was away
+                self.registry.set_dead(info.tier_id, True)
+                missing.append(info.tier_id)
         self.incarnations: dict[str, str] = {}
-        self.dead_tiers: set[str] = set()
         self.leases = LeaseTable(config.lease_ttl_s)
         self.audit_log: deque[AuditRecord] = deque(maxlen=config.audit_log_size)
         self.counters: Counter[str] = Counter()
@@ -72,6 +76,8 @@ class PlacementController(LeaseService, PoolQueries):
         # Holders of leases granted by a previous instance renew within one TTL; until then
         # every HBM copy counts as pinned (DESIGN section 4: a leased copy is never dropped).
         self.grace_until_s = 0.0
+        for tier_id in missing:
+            self.record("fault", "", f"tier {tier_id}: no actor (its node is gone)")
         self._recover()
         if self.registry.blocks_in_hbm():  # a restart: HBM copies outlived the last instance
             self.grace_until_s = self.now() + config.lease_ttl_s
@@ -99,9 +105,12 @@ class PlacementController(LeaseService, PoolQueries):
     def call(self, tier_id: str, method: str, *args: Any) -> Any:
         """A blocking call to a tier actor with the configured timeout; a dead actor is handled
         (its copies forgotten, leases on them revoked) before the error is raised again."""
+        handle = self.handles.get(tier_id)
+        if handle is None:
+            raise ray.exceptions.ActorUnavailableError(f"tier {tier_id} has no actor", None)
         try:
             return ray.get(
-                getattr(self.handles[tier_id], method).remote(*args),
+                getattr(handle, method).remote(*args),
                 timeout=self.config.call_timeout_s,
             )
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as err:
@@ -147,11 +156,13 @@ class PlacementController(LeaseService, PoolQueries):
             try:
                 report = ray.get(ref, timeout=0)
             except Exception as err:
-                if tier_id not in self.dead_tiers:
-                    self.dead_tiers.add(tier_id)
+                with self.lock:
+                    newly_dead = self.registry.set_dead(tier_id, True)
+                if newly_dead:
                     self.tier_failed(tier_id, err)
                 continue
-            self.dead_tiers.discard(tier_id)
+            with self.lock:
+                self.registry.set_dead(tier_id, False)
             if self.incarnations.get(tier_id) != report.incarnation:
                 self._reconcile(tier_id, report.incarnation)
 
@@ -204,15 +215,15 @@ class PlacementController(LeaseService, PoolQueries):
         with self.lock:
             if model in self.registry.models:
                 raise DuplicateBlockError(f"model {model!r} is already registered")
-            hbm = [t.tier_id for t in self.registry.tiers_of(TierKind.HBM)]
-            if home_hbm is not None and (home_hbm not in hbm or home_hbm in self.dead_tiers):
+            hbm = [t.tier_id for t in self.registry.tiers_of(TierKind.HBM, live=True)]
+            if home_hbm is not None and home_hbm not in hbm:
                 raise UnknownBlockError(
-                    f"home tier {home_hbm!r} is not a live HBM tier of this pool; HBM tiers: "
-                    f"{[t for t in hbm if t not in self.dead_tiers]}"
+                    f"home tier {home_hbm!r} is not a live HBM tier of this pool; live HBM "
+                    f"tiers: {hbm}"
                 )
 
     def _least_loaded_hbm(self) -> str:
-        hbm = [t for t in self.registry.tiers_of(TierKind.HBM) if t.tier_id not in self.dead_tiers]
+        hbm = self.registry.tiers_of(TierKind.HBM, live=True)
         if not hbm:
             raise UnknownBlockError("the pool has no live HBM tier")
 
@@ -228,7 +239,7 @@ class PlacementController(LeaseService, PoolQueries):
     def rehome_dead(self) -> None:
         """Models placed for a dead HBM tier are placed for a live one."""
         with self.lock:
-            moved = [m for m in self.registry.models.values() if m.home_hbm in self.dead_tiers]
+            moved = [m for m in self.registry.models.values() if m.home_hbm in self.registry.dead]
             for entry in moved:
                 entry.home_hbm = self._least_loaded_hbm()
                 self.record("fault", "", f"model {entry.name} re-placed for {entry.home_hbm}")

@@ -128,7 +128,7 @@ class Executor:
             for c in reg.copies_of(block_id)
             if c.status is CopyStatus.READY
             and c.tier_id != dst
-            and c.tier_id not in self.ctl.dead_tiers
+            and c.tier_id not in self.ctl.registry.dead
             and (
                 c.encoding == encoding
                 or c.encoding.precision in (encoding.precision, Precision.FULL)

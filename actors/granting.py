@@ -31,7 +31,6 @@ class LeaseService:
     registry: Registry
     leases: LeaseTable
     executor: Executor
-    dead_tiers: set[str]
     demand: dict[str, int]
     last_use: dict[str, float]
     incarnations: dict[str, str]
@@ -127,7 +126,7 @@ class LeaseService:
             for c in self.registry.copies_of(block_id)
             if c.status is CopyStatus.READY
             and self.registry.tiers[c.tier_id].kind is TierKind.HBM
-            and c.tier_id not in self.dead_tiers
+            and c.tier_id not in self.registry.dead
         ]
         return min(hbm, key=lambda c: (c.tier_id != device, c.tier_id), default=None)
 

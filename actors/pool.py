@@ -169,6 +169,7 @@ def start_pool(config: PoolConfig | None = None) -> Pool:
             )
         )
     ray.get([h.ping.remote() for h in handles])
+    (storage,) = [t for t in tiers if t.kind is TierKind.STORAGE]
     controller = (
         ray.remote(PlacementController)
         .options(
@@ -179,6 +180,9 @@ def start_pool(config: PoolConfig | None = None) -> Pool:
             max_task_retries=-1,
             max_concurrency=64,
             num_cpus=0,
+            # Beside the storage tier, whose node holds the pool's durable state; elsewhere
+            # if that node is gone (a restart then finds the dead nodes' tiers missing).
+            scheduling_strategy=NodeAffinitySchedulingStrategy(storage.node_id, soft=True),
         )
         .remote(config, tiers)
     )

@@ -37,7 +37,6 @@ class PoolQueries:
     registry: Registry
     leases: LeaseTable
     handles: dict[str, Any]
-    dead_tiers: set[str]
     demand: dict[str, int]
     audit_log: deque[AuditRecord]
     last_plan: Any
@@ -66,9 +65,11 @@ class PoolQueries:
         return derive_state(copies).value
 
     def status(self) -> dict[str, Any]:
-        refs = {t: h.report.remote() for t, h in self.handles.items() if t not in self.dead_tiers}
+        refs = {
+            t: h.report.remote() for t, h in self.handles.items() if t not in self.registry.dead
+        }
         ray.wait(list(refs.values()), num_returns=len(refs), timeout=5.0)
-        reports: dict[str, Any] = dict.fromkeys(self.handles)
+        reports: dict[str, Any] = dict.fromkeys(self.registry.tiers)
         for tier_id, ref in refs.items():
             try:
                 reports[tier_id] = ray.get(ref, timeout=0)
@@ -79,7 +80,7 @@ class PoolQueries:
             plan = self.last_plan
             return {
                 "tiers": reports,
-                "dead_tiers": sorted(self.dead_tiers),
+                "dead_tiers": sorted(self.registry.dead),
                 "blocks": len(self.registry.specs),
                 "models": {m: e.home_hbm for m, e in self.registry.models.items()},
                 "states": dict(states),
@@ -129,7 +130,7 @@ class PoolQueries:
         """Differences between the registry and the tier inventories (empty when they agree)."""
         problems = []
         for tier_id in self.handles:
-            if tier_id in self.dead_tiers:
+            if tier_id in self.registry.dead:
                 continue
             held = {(c.block_id, c.encoding) for c in self.call(tier_id, "inventory")}
             with self.lock:

@@ -111,6 +111,7 @@ class Registry:
     encodings: tuple[Encoding, ...] = DEFAULT_ENCODINGS
     links: LinkModel = field(default_factory=h100_pcie5_links)
     tiers: dict[str, TierInfo] = field(default_factory=dict)
+    dead: set[str] = field(default_factory=set)  # tiers whose actor is gone or unreachable
     specs: dict[str, BlockSpec] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     copies: dict[str, dict[tuple[str, Encoding], CopyEntry]] = field(default_factory=dict)
@@ -127,11 +128,27 @@ class Registry:
         self.tiers[info.tier_id] = info
         self._static = None
 
-    def tiers_of(self, kind: TierKind, node_id: str | None = None) -> list[TierInfo]:
+    def set_dead(self, tier_id: str, dead: bool) -> bool:
+        """Mark a tier dead (its actor is gone) or alive again; True if that changed. Warm
+        copies are placed on live tiers only, so the policy's arrays follow."""
+        if (tier_id in self.dead) == dead:
+            return False
+        if dead:
+            self.dead.add(tier_id)
+        else:
+            self.dead.discard(tier_id)
+        self._static = None
+        return True
+
+    def tiers_of(
+        self, kind: TierKind, node_id: str | None = None, live: bool = False
+    ) -> list[TierInfo]:
         return [
             t
             for t in self.tiers.values()
-            if t.kind is kind and (node_id is None or t.node_id == node_id)
+            if t.kind is kind
+            and (node_id is None or t.node_id == node_id)
+            and not (live and t.tier_id in self.dead)
         ]
 
     def storage_tier(self) -> TierInfo:
@@ -175,11 +192,11 @@ class Registry:
         return self.tiers[self.models[self.spec(block_id).model].home_hbm]
 
     def warm_tier(self, block_id: str, level: int) -> TierInfo | None:
-        """The HOST or CXL tier a block's warm copy goes to: on its home node, else any."""
+        """The live HOST or CXL tier a block's warm copy goes to: on its home node, else any."""
         kind = TierKind.HOST if level == HOST else TierKind.CXL
         node = self.home_of(block_id).node_id
-        local = self.tiers_of(kind, node)
-        anywhere = self.tiers_of(kind)
+        local = self.tiers_of(kind, node, live=True)
+        anywhere = self.tiers_of(kind, live=True)
         chosen = local or anywhere
         return chosen[0] if chosen else None
 

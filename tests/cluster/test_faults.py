@@ -81,8 +81,14 @@ def test_node_removed(ray_cluster, tmp_path, minilm_path):
             what="the model re-placed on a live device",
         )
         assert read_everything("t-node", pool, minilm_path) == 54
+        assert hbm.tier_id in pool.status()["dead_tiers"]
+        # A controller restarted after the node is gone finds its tiers' actors missing.
+        ray.kill(pool.controller, no_restart=False)
+        wait_until(lambda: _answers(pool), what="the controller back")
         status = pool.status()
         assert hbm.tier_id in status["dead_tiers"]
+        assert status["models"]["minilm"] != hbm.tier_id
+        assert read_everything("t-node", pool, minilm_path) == 54
         healthy(pool)
     finally:
         teardown("t-node")

@@ -126,6 +126,11 @@ def test_snapshot_reads_copies_as_levels_and_keeps_static_arrays():
     assert second.blocks.nbytes is b.nbytes  # the policy's static cache is keyed by identity
     reg.measured("m/layers.0", Encoding.parse("int4+zstd"), 1234)  # not the estimate
     assert reg.snapshot(reg_telemetry(reg)).blocks.nbytes is not b.nbytes
+    # A dead host tier holds no warm copies: the blocks fall back to storage.
+    assert reg.set_dead("n1/host", True) and not reg.set_dead("n1/host", True)
+    after = reg.snapshot(reg_telemetry(reg)).blocks
+    assert after.host_tier.tolist() == [NONE] * 3
+    assert after.fallback_level.tolist() == [STORAGE] * 3
 
 
 def reg_telemetry(reg: Registry):
