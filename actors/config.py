@@ -7,10 +7,18 @@ marks them emulated. A bad key or value is refused with its name and value (pyda
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from policy.builder import DEFAULT_ENCODINGS
 from policy.config import PolicyConfig
@@ -22,6 +30,29 @@ class ConfigError(WeightpoolError):
     """A pool config that cannot be used; the message names the key and the value."""
 
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2}
+_UNITS |= {"mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+_UNITS |= {"t": 1000**4, "tb": 1000**4, "tib": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: Any) -> Any:
+    """``"64GiB"``, ``"1.5 GB"``, ``"512MiB"`` or a plain integer, as bytes. Anything else is
+    handed on unchanged, for pydantic to refuse with the key's name."""
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match and match.group(2).lower() in _UNITS:
+            return round(float(match.group(1)) * _UNITS[match.group(2).lower()])
+        raise ValueError(
+            f"{value!r} is not a size; expected bytes as an integer or a number with a unit "
+            "(B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '64GiB'"
+        )
+    return value
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes)]
+
+
 class PoolConfig(BaseModel):
     """Everything ``start_pool`` needs. Units are in the names."""
 
@@ -31,12 +62,12 @@ class PoolConfig(BaseModel):
     storage_dir: str = Field(
         "weightpool-store", min_length=1, description="directory of the storage tier"
     )
-    hbm_bytes_per_device: int = Field(256 << 20, gt=0, description="HBM capacity per device")
+    hbm_bytes_per_device: Bytes = Field(256 << 20, gt=0, description="HBM capacity per device")
     emulated_devices_per_node: int = Field(
         1, ge=0, le=64, description="CPU-emulated HBM tiers per node that has no GPU"
     )
-    host_bytes: int = Field(1 << 30, gt=0, description="host-memory tier per node")
-    cxl_bytes: int = Field(
+    host_bytes: Bytes = Field(1 << 30, gt=0, description="host-memory tier per node")
+    cxl_bytes: Bytes = Field(
         0, ge=0, description="CXL tier on nodes with a 'weightpool_cxl' resource (0: none)"
     )
     encodings: tuple[str, ...] = Field(

@@ -12,6 +12,7 @@ namespace) and a restarted controller find them by name.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,10 +109,12 @@ class Pool:
         model: str,
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
+        progress: Callable[[int, int], None] | None = None,
     ) -> str:
         """Import a safetensors checkpoint into storage and register it; returns its home tier.
-        A bad ``model`` or ``home`` is refused before anything is imported."""
-        return self._load("import_checkpoint", str(path), model, home, encodings)
+        A bad ``model`` or ``home`` is refused before anything is imported. ``progress(done,
+        total)`` is called in this process as blocks are written (polled, a few times a second)."""
+        return self._load("import_checkpoint", str(path), model, home, encodings, progress)
 
     def load_state_dict(
         self,
@@ -130,9 +133,18 @@ class Pool:
         model: str,
         home: str | None,
         encodings: tuple[Encoding, ...],
+        progress: Callable[[int, int], None] | None = None,
     ) -> str:
         ray.get(self.controller.check_new_model.remote(model, home))
-        specs = ray.get(getattr(self.storage(), method).remote(source, model, encodings))
+        storage = self.storage()
+        ref = getattr(storage, method).remote(source, model, encodings)
+        while progress is not None and not ray.wait([ref], timeout=0.25)[0]:
+            state = ray.get(storage.import_progress.remote())
+            if state is not None and state[0] == model:
+                progress(state[1], state[2])
+        specs = ray.get(ref)
+        if progress is not None:
+            progress(len(specs), len(specs))
         return str(ray.get(self.controller.register_model.remote(model, specs, home)))
 
     def status(self) -> dict[str, Any]:

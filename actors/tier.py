@@ -32,7 +32,7 @@ from pool.blocks import BlockSpec
 from pool.codecs import EncodedBlock, decode_block, encode_block
 from pool.encoding import FULL, Encoding
 from pool.errors import CapacityError, CorruptBlockError, UnknownBlockError, WeightpoolError
-from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource
+from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
 from pool.store import BlockStore
 from pool.tiers import TierKind, TierSpec
 
@@ -166,6 +166,7 @@ class TierActor:
         self.node_id = ray.get_runtime_context().get_node_id()
         self.lock = threading.Lock()
         self.incarnation = uuid.uuid4().hex
+        self.importing: tuple[str, int, int] | None = None  # (model, blocks done, blocks in all)
         self.backend: Backend = (
             StorageBackend(spec, storage_dir or "weightpool-store", check_tiers)
             if spec.kind is TierKind.STORAGE
@@ -267,8 +268,27 @@ class TierActor:
         self, source: CheckpointSource, model: str, encodings: tuple[Encoding, ...]
     ) -> list[BlockSpec]:
         store = self._store()
+        total = len(plan_blocks(source, model))
+        done = 0
+
+        def progress(_spec: BlockSpec) -> None:
+            nonlocal done
+            done += 1
+            self.importing = (model, done, total)
+
         with self.lock:
-            return list(store.import_checkpoint(source, model, encodings).specs)
+            self.importing = (model, 0, total)
+            try:
+                return list(
+                    store.import_checkpoint(source, model, encodings, progress=progress).specs
+                )
+            finally:
+                self.importing = None
+
+    def import_progress(self) -> tuple[str, int, int] | None:
+        """The import under way: (model, blocks written, blocks in all); None when idle. Takes
+        no lock, so it answers while an import runs."""
+        return self.importing
 
     def specs(self) -> list[BlockSpec]:
         with self.lock:

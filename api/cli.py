@@ -84,8 +84,27 @@ def demo(store: Path | None) -> None:
     callback=_encodings,
     help="Comma-separated encodings to store, e.g. full,int8,int4+zstd (full is always stored).",
 )
-def load(checkpoint: Path, model: str, store: Path, encodings: tuple[Encoding, ...]) -> None:
-    """Import a safetensors file or directory into the block store."""
+@click.option(
+    "--address",
+    default=None,
+    help="Import into the pool running on this Ray cluster ('auto' or host:port) instead of "
+    "into --store directly.",
+)
+@click.option("--namespace", default="weightpool", show_default=True, help="The pool's namespace.")
+def load(
+    checkpoint: Path,
+    model: str,
+    store: Path,
+    encodings: tuple[Encoding, ...],
+    address: str | None,
+    namespace: str,
+) -> None:
+    """Import a safetensors file or directory into the block store (or a running pool)."""
+    if address is not None:
+        from api.pool_cmds import load_into_pool
+
+        load_into_pool(checkpoint, model, encodings, address, namespace)
+        return
     from pool.importer import SafetensorsSource, plan_blocks
     from pool.store import BlockStore
 
@@ -126,3 +145,10 @@ def verify(store: Path) -> None:
     click.echo(f"{n - len(problems)} of {n} copies verified")
     if problems:
         sys.exit(1)
+
+
+from api.pool_cmds import start, status, stop  # noqa: E402  (commands on a running pool)
+
+main.add_command(start)
+main.add_command(status)
+main.add_command(stop)
