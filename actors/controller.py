@@ -317,6 +317,8 @@ class PlacementController(LeaseService, PoolQueries):
         self.count("cache_hits", batch.cache_hits)
         self.count("cache_misses", batch.cache_misses)
         self.count("stall_us", int(batch.stall_s * 1e6))
+        self.count("telemetry_layer_times", len(batch.layer_times))
+        self.count("telemetry_routes", len(batch.routes))
         if batch.routes or batch.positions:
             self.wake.set()
 

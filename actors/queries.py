@@ -17,6 +17,8 @@ from actors.config import PoolConfig
 from actors.leases import LeaseTable
 from actors.registry import CopyStatus, Registry
 from policy.plan import RULE_CODES
+from pool.blocks import BlockSpec
+from pool.errors import UnknownBlockError
 from pool.states import Copy, derive_state
 from pool.states import CopyStatus as PoolCopyStatus
 from pool.tiers import TierKind
@@ -108,6 +110,27 @@ class PoolQueries:
                 "demand": block_id in self.demand,
                 "rejections": [str(r) for r in plan.rejections if r.block_id == block_id],
             }
+
+    def model_blocks(self, model: str) -> tuple[str, list[BlockSpec], int]:
+        """A registered model's home HBM tier, its block specs in layer order, and the
+        full-precision bytes of the other models placed for the same tier.
+
+        Raises:
+            UnknownBlockError: no model of that name is registered.
+        """
+        with self.lock:
+            if model not in self.registry.models:
+                raise UnknownBlockError(
+                    f"model {model!r} is not registered; registered: {sorted(self.registry.models)}"
+                )
+            home = self.registry.models[model].home_hbm
+            specs = [s for s in self.registry.specs.values() if s.model == model]
+            others = sum(
+                s.full_nbytes
+                for s in self.registry.specs.values()
+                if s.model != model and self.registry.models[s.model].home_hbm == home
+            )
+            return home, specs, others
 
     def copies(self, block_id: str) -> list[tuple[str, str, str, int]]:
         with self.lock:
