@@ -22,6 +22,7 @@ from typing import Any
 
 import ray
 
+from actors.admin_ops import AdminOps
 from actors.config import PoolConfig
 from actors.executor import Executor
 from actors.granting import LeaseService
@@ -40,9 +41,9 @@ from pool.tiers import TierKind
 log = logging.getLogger(__name__)
 
 
-class PlacementController(LeaseService, PoolQueries):
+class PlacementController(LeaseService, PoolQueries, AdminOps):
     """The controller actor (see the module docstring); leases in :mod:`actors.granting`,
-    read-only views in :mod:`actors.queries`."""
+    read-only views in :mod:`actors.queries`, admin goals and views in :mod:`actors.admin_ops`."""
 
     def __init__(self, config: PoolConfig, tiers: list[TierInfo]):
         self.config = config
@@ -73,6 +74,7 @@ class PlacementController(LeaseService, PoolQueries):
         self.executor = Executor(self, ThreadPoolExecutor(config.transfer_threads))
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.init_goals()
         # Holders of leases granted by a previous instance renew within one TTL; until then
         # every HBM copy counts as pinned (DESIGN section 4: a leased copy is never dropped).
         self.grace_until_s = 0.0
@@ -268,6 +270,8 @@ class PlacementController(LeaseService, PoolQueries):
                 self.count("step_errors")
 
     def run_step(self) -> None:
+        started = time.perf_counter()
+        self.reconcile_goals()  # admin goals (drains) move the world first
         now = self.now()
         with self.lock:
             for lease in self.leases.expire(now):
@@ -286,11 +290,14 @@ class PlacementController(LeaseService, PoolQueries):
                 demand=self.demand,
                 last_use_s=self.last_use,
             )
+            snapshot = self.goal_snapshot(snapshot)  # admin goals (pins) as the step sees them
             if self.policy_state is None:
                 self.policy_state = initial_state(snapshot, self.config.policy)
             plan, self.policy_state = step(snapshot, self.policy_state, self.config.policy)
             self.last_plan = plan
         self.count("steps")
+        for phase, ms in plan.metrics.phase_ms.items():
+            self.count(f"phase_us:{phase}", int(ms * 1e3))
         for rejection in plan.rejections:
             self.count(f"veto:{rejection.rule.value}")
             self.record("rejection", rejection.block_id, str(rejection))
@@ -306,6 +313,7 @@ class PlacementController(LeaseService, PoolQueries):
                 STATE_CODES[int(rows.to_state[i])].value,
                 REASONS[int(rows.reason[i])],
             )
+        self.count("step_us", int((time.perf_counter() - started) * 1e6))
 
     # -- leases -----------------------------------------------------------------------------------
 

@@ -112,6 +112,7 @@ class Registry:
     links: LinkModel = field(default_factory=h100_pcie5_links)
     tiers: dict[str, TierInfo] = field(default_factory=dict)
     dead: set[str] = field(default_factory=set)  # tiers whose actor is gone or unreachable
+    draining: set[str] = field(default_factory=set)  # admin goal: nothing new placed there
     specs: dict[str, BlockSpec] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     copies: dict[str, dict[tuple[str, Encoding], CopyEntry]] = field(default_factory=dict)
@@ -148,7 +149,7 @@ class Registry:
             for t in self.tiers.values()
             if t.kind is kind
             and (node_id is None or t.node_id == node_id)
-            and not (live and t.tier_id in self.dead)
+            and not (live and (t.tier_id in self.dead or t.tier_id in self.draining))
         ]
 
     def storage_tier(self) -> TierInfo:

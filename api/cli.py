@@ -156,3 +156,7 @@ main.add_command(stop)
 from api.calibrate import calibrate  # noqa: E402  (quality calibration on the real model)
 
 main.add_command(calibrate)
+
+from api.admin import admin as admin_command  # noqa: E402  (the admin API server)
+
+main.add_command(admin_command)

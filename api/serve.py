@@ -1,10 +1,15 @@
 """Ray Serve applications of the pool (``k8s/rayservice.yaml`` imports them by these names).
 
+``admin_app``: the admin API (:mod:`api.admin`) as a Serve ingress. The FastAPI app is built on
+each replica when it starts (a builder, not a pickled app), so that the bearer token is read from
+the replica's own ``WEIGHTPOOL_ADMIN_TOKEN`` (a Kubernetes Secret in the manifests) and never
+travels inside a serialized deployment. The pool is found by name in ``WEIGHTPOOL_NAMESPACE``
+(default ``weightpool``). Run it with ``serve.run(admin_app, route_prefix="/admin")`` on a cluster
+where the pool runs, or through the RayService's import path ``api.serve:admin_app``.
+
 ``embed_app``: all-MiniLM-L6-v2 served with its weights leased from the pool: an ``EmbedIngress``
-(HTTP) forwarding to ``EmbedModel`` replicas through a DeploymentHandle. The pool is found by name
-in ``WEIGHTPOOL_NAMESPACE`` (default ``weightpool``). Run it with
-``serve.run(build_embed_app(...), route_prefix="/embed")`` on a cluster where the pool runs, or
-through the RayService's import path ``api.serve:embed_app``.
+(HTTP) forwarding to ``EmbedModel`` replicas through a DeploymentHandle; the pool is found the
+same way. ``build_embed_app(namespace, model_name)`` builds it for tests.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 from typing import Annotated, Any
 
 import ray
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve import Application
@@ -25,6 +31,22 @@ from starlette.responses import JSONResponse
 from pool.errors import WeightpoolError
 
 NAMESPACE_ENV = "WEIGHTPOOL_NAMESPACE"
+
+
+def build_admin_app() -> FastAPI:
+    """The admin app for this replica (token and namespace from its environment)."""
+    from api.admin import create_app
+
+    return create_app(namespace=os.environ.get(NAMESPACE_ENV, "weightpool"))
+
+
+@serve.deployment(name="WeightpoolAdmin", num_replicas=1, ray_actor_options={"num_cpus": 0})
+@serve.ingress(build_admin_app)
+class AdminIngress:
+    """Stateless: every request asks the pool's controller, so replicas may be added freely."""
+
+
+admin_app = AdminIngress.bind()
 
 
 # -- embed_app: a model whose weights the pool serves (issue 6) ----------------------------------
