@@ -9,9 +9,14 @@ they found them; the fuzzing runs last.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +27,7 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors.client import PoolClient
-from api.admin import create_app
+from api.admin import create_app, openapi_spec
 from tests.ray.helpers import make_pool, settled, teardown, wait_until
 
 NS = "t-admin"
@@ -30,6 +35,7 @@ TOKEN = "test-admin-token-4f1c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MB = 1 << 20
 BLOCKS = 32
+WEIGHTPOOL = str(Path(sys.executable).parent / "weightpool")  # the console script
 
 
 @contextlib.contextmanager
@@ -341,6 +347,93 @@ def test_drain_empties_a_tier_and_undrain_reopens_it(pool, api):
     tier = next(t for t in get(api, "/tiers")["tiers"] if t["tier_id"] == home)
     assert (tier["draining"], tier["drain"]) == (False, None)
     assert ray.get(pool.controller.consistency.remote()) == []
+
+
+# -- how it runs: standalone (weightpool admin), as a Serve ingress, without a pool -------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_the_admin_command_serves_a_running_pool_on_loopback(pool, ray_cluster, tmp_path):
+    spec = tmp_path / "openapi.json"
+    written = subprocess.run(
+        [WEIGHTPOOL, "admin", "--openapi", str(spec)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert str(spec) in written.stdout
+    assert json.loads(spec.read_text()) == openapi_spec()
+    port = free_port()
+    env = {**os.environ, "WEIGHTPOOL_ADMIN_TOKEN": TOKEN}
+    command = [WEIGHTPOOL, "admin", "--address", ray_cluster.address]
+    command += ["--namespace", NS, "--port", str(port)]
+    server = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert server.poll() is None, server.stdout.read().decode() if server.stdout else ""
+            with contextlib.suppress(requests.ConnectionError):
+                return requests.get(base + "/health", timeout=10).status_code == 200
+            return False
+
+        wait_until(up, 120, "weightpool admin answering")
+        assert get(base, "/health")["blocks"] == BLOCKS
+        assert requests.delete(f"{base}/blocks/syn/layers.1/pin", timeout=60).status_code == 401
+        unpinned = requests.delete(f"{base}/blocks/syn/layers.1/pin", headers=AUTH, timeout=60)
+        assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def test_the_serve_ingress_reads_its_token_from_the_replicas_environment(pool):
+    from ray import serve
+
+    from api.serve import AdminIngress
+
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        env = {"WEIGHTPOOL_NAMESPACE": NS, "WEIGHTPOOL_ADMIN_TOKEN": TOKEN}
+        options = {"num_cpus": 0, "runtime_env": {"env_vars": env}}
+        app = AdminIngress.options(ray_actor_options=options).bind()
+        serve.run(app, name="weightpool-admin", route_prefix="/admin")
+        base = f"http://127.0.0.1:{port}/admin"
+        assert get(base, "/health")["namespace"] == NS
+        assert {t["tier_id"] for t in get(base, "/tiers")["tiers"]} == {
+            t.tier_id for t in pool.tiers
+        }
+        url = f"{base}/blocks/syn/layers.1/pin"
+        assert (
+            requests.post(url, headers={"Authorization": "Bearer x"}, timeout=60).status_code == 401
+        )
+        assert requests.post(url, headers=AUTH, timeout=60).json()["pinned"] is True
+        assert requests.delete(url, headers=AUTH, timeout=60).json()["pinned"] is False
+        assert "weightpool_up 1.0" in requests.get(base + "/metrics", timeout=60).text
+    finally:
+        serve.shutdown()
+    assert get_goals_now(pool) == ([], [])
+
+
+def get_goals_now(pool) -> tuple[list[Any], list[Any]]:
+    return ray.get(pool.controller.admin_goals.remote())
+
+
+def test_no_pool_is_503_naming_the_namespace(ray_cluster):
+    with serving(create_app("t-admin-nothing-here", token=TOKEN)) as base:
+        for path in ("/health", "/tiers", "/policy", "/blocks/syn/layers.0"):
+            response = requests.get(base + path, timeout=60)
+            assert response.status_code == 503, path
+            assert "t-admin-nothing-here" in response.json()["detail"]
+        assert requests.get(base + "/metrics", timeout=60).text.startswith("# HELP weightpool_up")
+        assert "weightpool_up 0.0" in requests.get(base + "/metrics", timeout=60).text
 
 
 # -- fuzzing the published spec -----------------------------------------------------------------
