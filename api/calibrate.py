@@ -143,9 +143,19 @@ def _print_tables(result: CalibrationResult, checks: tuple[DriftCheck, ...]) -> 
     help="A block's floor admits only precisions at which it alone drifts at most this "
     "(mean 1 - cosine). Default: pool.calibration.DEFAULT_THRESHOLD, 1e-4.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch's intra-op threads (default: torch's own choice). On a machine shared with other "
+    "jobs, 1 avoids threads spinning against each other.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object as the last line.")
-def calibrate(store: Path | None, model: str, threshold: float | None, as_json: bool) -> None:
+def calibrate(
+    store: Path | None, model: str, threshold: float | None, threads: int | None, as_json: bool
+) -> None:
     """Measure each block's output drift per precision on all-MiniLM-L6-v2 and set its floor."""
+    import torch
     from tqdm import tqdm
 
     from api.models import minilm_checkpoint
@@ -153,6 +163,8 @@ def calibrate(store: Path | None, model: str, threshold: float | None, as_json: 
     from pool.importer import SafetensorsSource, plan_blocks
     from pool.store import BlockStore
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         checkpoint = minilm_checkpoint()
         with SafetensorsSource(checkpoint) as source:

@@ -36,6 +36,17 @@ from pool.store import BlockStore
 FULL, FP8, INT8, INT4 = Precision.FULL, Precision.FP8, Precision.INT8, Precision.INT4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread for this module: on the shared 2-core machines two OpenMP threads
+    contending with other processes ran a forward pass 2 to 7 times slower than one (measured);
+    one thread is steady. Restored after the module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def minilm(minilm_path):
     model, tokenizer = load_minilm(minilm_path)
