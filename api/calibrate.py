@@ -61,21 +61,9 @@ def _stored_specs(store: Path, model: str, planned: list[BlockSpec], checkpoint:
 def _report(
     result: CalibrationResult, checks: tuple[DriftCheck, ...], stored: Path | None
 ) -> dict[str, Any]:
-    precisions = [p.value for p in result.precisions]
     return {
         "command": "calibrate",
-        "model": result.model,
-        "threshold": result.threshold,
-        "n_texts": result.n_texts,
-        "precisions": precisions,
-        "blocks": [
-            {
-                "block_id": b.block_id,
-                "sensitivity": {p.value: v for p, v in b.sensitivity.items()},
-                "floor": b.floor.value,
-            }
-            for b in result.blocks
-        ],
+        **result.to_dict(),
         "checks": [
             {
                 "assignment": c.name,
@@ -86,13 +74,6 @@ def _report(
             }
             for c in checks
         ],
-        "timings": {
-            "reference_s": result.timings.reference_s,
-            "measure_s": result.timings.measure_s,
-            "total_s": result.timings.total_s,
-            "forwards": result.timings.forwards,
-            "forward_ms_median": result.timings.forward_ms_median,
-        },
         "stored": None if stored is None else str(stored),
     }
 

@@ -23,6 +23,7 @@ blocks' checkpoint keys name its parameters. No Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import statistics
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -40,13 +41,12 @@ from pool.encoding import PRECISION_BITS, Encoding, Precision, precision_allowed
 from pool.errors import CheckpointError, SpecError
 from pool.reference_model import (
     CALIBRATION_TEXTS,
+    CachedForward,
     Tokenizer,
     cosines,
     drift,
     embed,
     load_minilm,
-    mean_pool,
-    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -145,7 +145,12 @@ class CalibrationTimings:
 
 @dataclass(frozen=True)
 class CalibrationResult:
-    """Sensitivities and floors of a model's blocks (see the module docstring)."""
+    """Sensitivities and floors of a model's blocks (see the module docstring).
+
+    ``blocks`` are in the order of the specs calibrated; ``precisions`` the reduced precisions
+    measured (each block's sensitivity also holds FULL at 0); ``threshold`` the floor rule's;
+    ``texts`` those the drift was measured over. Frozen: equal results compare equal.
+    """
 
     model: str
     blocks: tuple[BlockCalibration, ...]
@@ -194,6 +199,56 @@ class CalibrationResult:
         """Per block, ``(sensitivity, floor)``: what :meth:`BlockStore.update_quality` takes."""
         return {b.block_id: (b.sensitivity, b.floor) for b in self.blocks}
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready form that :meth:`from_dict` reads back to an equal result."""
+        return {
+            "model": self.model,
+            "threshold": self.threshold,
+            "precisions": [p.value for p in self.precisions],
+            "texts": list(self.texts),
+            "blocks": [
+                {
+                    "block_id": b.block_id,
+                    "layer": b.layer,
+                    "sensitivity": {p.value: v for p, v in b.sensitivity.items()},
+                    "floor": b.floor.value,
+                }
+                for b in self.blocks
+            ],
+            "timings": dataclasses.asdict(self.timings),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> CalibrationResult:
+        """Read :meth:`to_dict`'s form (other keys are ignored).
+
+        Raises:
+            SpecError: a field is missing or has a value of the wrong kind (named).
+        """
+        try:
+            blocks = tuple(
+                BlockCalibration(
+                    b["block_id"],
+                    int(b["layer"]),
+                    {Precision(p): float(v) for p, v in b["sensitivity"].items()},
+                    Precision(b["floor"]),
+                )
+                for b in data["blocks"]
+            )
+            return cls(
+                str(data["model"]),
+                blocks,
+                tuple(Precision(p) for p in data["precisions"]),
+                float(data["threshold"]),
+                tuple(str(t) for t in data["texts"]),
+                CalibrationTimings(**data["timings"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise SpecError(
+                f"calibration record is not valid ({type(err).__name__}: {err}); expected the "
+                "form CalibrationResult.to_dict writes"
+            ) from None
+
     def apply(self, store: BlockStore) -> None:
         """Store every block's sensitivities and floor in ``store``'s catalog, all or none.
 
@@ -212,69 +267,6 @@ def choose_floor(sensitivity: Mapping[Precision, float], threshold: float) -> Pr
         if all(sensitivity[p] <= threshold for p in admitted):
             return candidate
     return Precision.FULL
-
-
-class _Runner:
-    """Runs the model over fixed texts, reusing cached encoder-layer inputs.
-
-    # PERF: a block inside encoder layer ``l`` cannot change layers before it, so its drift is
-    # measured by rerunning layers ``l..L-1`` from their cached inputs: 2.3x fewer FLOPs over
-    # MiniLM's blocks. Checked at construction: the rerun from layer 0 must match the full
-    # forward bit for bit, else every measurement runs the whole model.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str]):
-        self.model = model
-        self.batch = tokenize(tokenizer, texts)
-        encoder = getattr(model, "encoder", None)
-        layers = getattr(encoder, "layer", None)
-        self.layers = list(layers) if isinstance(layers, torch.nn.ModuleList) else []
-        self.inputs: list[tuple[tuple[object, ...], dict[str, object]]] = []
-        self.forward_s: list[float] = []
-        hooks = [
-            layer.register_forward_pre_hook(self._capture, with_kwargs=True)
-            for layer in self.layers
-        ]
-        try:
-            self.reference = self.full()
-        finally:
-            for hook in hooks:
-                hook.remove()
-        if self.layers and not torch.equal(self.from_layer(0), self.reference):
-            self.layers = []  # the model does not compose layer by layer: run it whole
-
-    def _capture(
-        self, _module: torch.nn.Module, args: tuple[object, ...], kwargs: dict[str, object]
-    ) -> None:
-        self.inputs.append((args, kwargs))
-
-    def full(self) -> torch.Tensor:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            hidden: torch.Tensor = self.model(**self.batch).last_hidden_state
-            out = mean_pool(hidden, self.batch["attention_mask"])
-        self.forward_s.append(time.perf_counter() - start)
-        return out
-
-    def from_layer(self, index: int) -> torch.Tensor:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            args, kwargs = self.inputs[index]
-            hidden = cast(torch.Tensor, args[0])
-            for layer in self.layers[index:]:
-                out = layer(hidden, *args[1:], **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
-            pooled = mean_pool(hidden, self.batch["attention_mask"])
-        self.forward_s.append(time.perf_counter() - start)
-        return pooled
-
-    def first_layer(self, tensors: Mapping[str, torch.Tensor]) -> int | None:
-        """The encoder layer holding all of ``tensors``, or None (run the whole model)."""
-        for index, layer in enumerate(self.layers):
-            own = {p.data_ptr() for p in layer.parameters()}
-            if all(t.data_ptr() in own for t in tensors.values()):
-                return index
-        return None
 
 
 def calibrate(
@@ -312,7 +304,7 @@ def calibrate(
         raise SpecError(f"specs are of models {models}; expected exactly one model")
     targets = {s.block_id: _model_tensors(model, s) for s in specs}  # checks before any change
     started = time.perf_counter()
-    runner = _Runner(model, tokenizer, texts)
+    runner = CachedForward(model, tokenizer, texts)
     reference_s = time.perf_counter() - started
     blocks = []
     for spec in specs:
