@@ -209,7 +209,7 @@ class CachedForward:
     callers run the whole model. :attr:`forward_s` records every pass's seconds.
 
     # PERF: a MiniLM block in layer ``l`` costs ``6 - l`` layer passes instead of 6: a whole
-    # calibration is 450 layer passes instead of 720.
+    # calibration runs 462 layer passes instead of 726 (counted), 1.6x fewer.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, texts: Sequence[str]):
