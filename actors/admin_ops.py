@@ -229,11 +229,15 @@ class AdminOps(AdminViews):
     # -- the loop's side of goals -----------------------------------------------------------------
 
     def reconcile_goals(self) -> None:
-        """Move the world toward the drain goals (called by the loop before each step, without
-        the lock held): re-place models, drop copies left on drained tiers, note completion."""
-        if not self.drains:
+        """Move the world toward the goals (called by the loop before each step, without the
+        lock held): re-place models, drop copies left on drained tiers; note goals reached."""
+        if not self.drains and not self.pins:
             return
         with self.lock:
+            for block_id, pin in list(self.pins.items()):
+                if pin.reached_s is None and self.pin_satisfied(block_id):
+                    self.pins[block_id] = dataclasses.replace(pin, reached_s=time.time())
+                    self.record("goal", block_id, "pin: resident in HBM at full precision")
             moved = []
             for entry in self.registry.models.values():
                 if entry.home_hbm in self.drains:
@@ -261,16 +265,15 @@ class AdminOps(AdminViews):
                 for g in self.drains.values()
                 if g.done_s is None and not self.registry.copies_on(g.tier_id)
             ]
-            for goal in finished:
+            for goal in finished:  # recorded under the lock: never seen done before it is
                 self.drains[goal.tier_id] = dataclasses.replace(goal, done_s=time.time())
+                self.record("goal", "", f"drain {goal.tier_id}: complete, no copy left")
         for model, old, new in moved:
             self.record("goal", "", f"drain {old}: model {model} re-placed for {new}")
         if moved:
             self.call(self.registry.storage_tier().tier_id, "save_meta", meta)
         for copy in drops:
             self._submit_drop(copy)
-        for goal in finished:
-            self.record("goal", "", f"drain {goal.tier_id}: complete, no copy left")
 
     def _submit_drop(self, copy: CopyEntry) -> None:
         """Drop one copy on the executor's threads, unless its block has a chain queued."""

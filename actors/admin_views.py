@@ -31,13 +31,14 @@ class UnknownIdError(WeightpoolError, LookupError):
 class PinGoal:
     block_id: str
     since_s: float  # wall clock (time.time)
+    reached_s: float | None = None  # when it was first seen to hold
 
 
 @dataclass(frozen=True)
 class DrainGoal:
     tier_id: str
     since_s: float
-    done_s: float | None = None  # when it was first seen complete
+    done_s: float | None = None  # when the loop first saw it complete (and audited it)
 
 
 @dataclass(frozen=True)
@@ -188,9 +189,8 @@ class AdminViews:
             left = self.registry.copies_on(tier_id)
             now = self.now()
             leased = sum(self.leases.pins(c.block_id, tier_id, c.encoding, now) for c in left)
-            return DrainProgress(
-                goal.since_s, len(left), sum(c.nbytes for c in left), leased, not left
-            )
+            done = goal.done_s is not None and not left
+            return DrainProgress(goal.since_s, len(left), sum(c.nbytes for c in left), leased, done)
 
     # -- views ------------------------------------------------------------------------------------
 

@@ -120,13 +120,15 @@ class LeaseService:
         return Grant(lease, [handle], spec, peer, self.config.lease_ttl_s)
 
     def _best_hbm_copy(self, block_id: str, device: str | None) -> CopyEntry | None:
-        """The ready HBM copy to lease: the holder's own device first."""
+        """The ready HBM copy to lease: the holder's own device first; none on a draining tier
+        (an admin goal empties it)."""
         hbm = [
             c
             for c in self.registry.copies_of(block_id)
             if c.status is CopyStatus.READY
             and self.registry.tiers[c.tier_id].kind is TierKind.HBM
             and c.tier_id not in self.registry.dead
+            and c.tier_id not in self.registry.draining
         ]
         return min(hbm, key=lambda c: (c.tier_id != device, c.tier_id), default=None)
 

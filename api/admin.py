@@ -41,6 +41,7 @@ from api.admin_base import (
 from api.metrics import CONTENT_TYPE, metrics_registry, render
 from policy.config import PolicyConfig
 from policy.plan import Rule
+from pool.blocks import BlockKind
 from pool.states import BlockState
 
 DESCRIPTION = (
@@ -98,6 +99,7 @@ def create_app(namespace: str = "weightpool", token: str | None = None) -> FastA
         tier: Annotated[str | None, Query(description="blocks with a copy on this tier")] = None,
         layer: Annotated[int | None, Query(ge=-1, le=1 << 31)] = None,
         model: Annotated[str | None, Query()] = None,
+        kind: Annotated[BlockKind | None, Query()] = None,
     ) -> m.BlockPage:
         """Blocks in registration order, filtered (all filters must hold); 404 for an unknown
         tier or model."""
@@ -107,7 +109,7 @@ def create_app(namespace: str = "weightpool", token: str | None = None) -> FastA
             tier,
             layer,
             model,
-            None,
+            None if kind is None else kind.value,
             offset,
             limit,
         )

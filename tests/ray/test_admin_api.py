@@ -114,6 +114,8 @@ def test_reads_show_tiers_blocks_and_one_block_in_full(pool, api):
     assert (page["total"], page["next_offset"]) == (BLOCKS, None)
     assert [b["block_id"] for b in page["blocks"]] == ["syn/layers.30", "syn/layers.31"]
     assert get(api, "/blocks", limit=5)["next_offset"] == 5
+    assert get(api, "/blocks", kind="dense")["total"] == BLOCKS
+    assert get(api, "/blocks", kind="expert")["total"] == 0
     layer = get(api, "/blocks", layer=3)["blocks"]
     assert [b["block_id"] for b in layer] == ["syn/layers.3"]
     states = pool.status()["states"]
@@ -250,7 +252,8 @@ def test_pin_keeps_a_block_premium_in_hbm_through_pressure(pool, api):
     assert unpinned.status_code == 200 and unpinned.json()["pinned"] is False
     assert get(api, "/goals") == {"pins": [], "drains": []}
     goals = [e["detail"] for e in get(api, "/audit", kind="goal", block=block)["entries"]]
-    assert goals[0].startswith("unpin") and goals[-1].startswith("pin")
+    assert goals[0].startswith("unpin") and goals[-1].startswith("pin: keep in HBM")
+    assert "pin: resident in HBM at full precision" in goals
     policy = [e["detail"] for e in get(api, "/audit", kind="goal")["entries"] if not e["block_id"]]
     assert "policy: hbm_headroom_fraction 0.9 -> 0.05" in policy
     assert "policy: hbm_headroom_fraction 0.05 -> 0.9" in policy
@@ -320,32 +323,57 @@ def test_metrics_parse_and_match_the_controller(pool, api):
 # -- drain --------------------------------------------------------------------------------------
 
 
-def test_drain_empties_a_tier_and_undrain_reopens_it(pool, api):
+def tier_view(api: str, tier_id: str) -> dict[str, Any]:
+    return next(t for t in get(api, "/tiers")["tiers"] if t["tier_id"] == tier_id)
+
+
+def held_blocks(pool, tier_id: str) -> list[str]:
+    return sorted(c.block_id for c in ray.get(pool.tier(tier_id).inventory.remote()))
+
+
+def test_drain_empties_a_tier_a_leased_copy_last_and_undrain_reopens_it(pool, api):
     home = home_of(pool)
     storage = next(t.tier_id for t in pool.tiers if t.kind.value == "storage")
     refused = requests.post(f"{api}/tiers/{storage}/drain", headers=AUTH, timeout=60)
     assert refused.status_code == 409 and "storage" in refused.json()["detail"]
-    assert ray.get(pool.tier(home).inventory.remote()) != []
-    started = requests.post(f"{api}/tiers/{home}/drain", headers=AUTH, timeout=60)
-    assert started.status_code == 200 and started.json()["draining"] is True
+    held = get(api, "/blocks", tier=home)["blocks"][0]["block_id"]
+    with PoolClient(namespace=NS) as client:
+        client.get(held)  # a lease on its copy on `home`, renewed in the background
+        started = requests.post(f"{api}/tiers/{home}/drain", headers=AUTH, timeout=60)
+        assert started.status_code == 200 and started.json()["draining"] is True
 
-    def drained() -> bool:
-        tier = next(t for t in get(api, "/tiers")["tiers"] if t["tier_id"] == home)
-        return tier["drain"]["done"] and ray.get(pool.tier(home).inventory.remote()) == []
+        def only_the_leased_copy_left() -> bool:
+            progress = tier_view(api, home)["drain"]
+            left = (progress["copies_left"], progress["leased_copies_left"], progress["done"])
+            return left == (1, 1, False) and held_blocks(pool, home) == [held]
 
-    wait_until(drained, what="drained")
-    new_home = home_of(pool)
-    assert new_home != home
-    wait_until(lambda: settled(pool) and used_bytes(pool, new_home) > 0, what="re-placed")
-    assert used_bytes(pool, home) == 0
+        wait_until(only_the_leased_copy_left, what="every unleased copy dropped")
+        new_home = home_of(pool)
+        assert new_home != home
+        with PoolClient(namespace=NS) as other:  # a new lease is never on the draining tier
+            other.get(held)
+            assert other.lease_of(held).tier_id == new_home
+    # The first client closed, its lease released: the last copy goes.
+    wait_until(lambda: tier_view(api, home)["drain"]["done"], what="drained")
+    assert held_blocks(pool, home) == [] and used_bytes(pool, home) == 0
     assert get(api, "/blocks", tier=home)["total"] == 0
+    wait_until(lambda: settled(pool) and used_bytes(pool, new_home) > 0, what="re-placed")
     goals = [e["detail"] for e in get(api, "/audit", kind="goal")["entries"]]
     assert f"drain {home}: complete, no copy left" in goals
     assert f"drain {home}: model syn re-placed for {new_home}" in goals
-    stopped = requests.delete(f"{api}/tiers/{home}/drain", headers=AUTH, timeout=60)
-    assert stopped.status_code == 200 and stopped.json()["draining"] is False
-    tier = next(t for t in get(api, "/tiers")["tiers"] if t["tier_id"] == home)
-    assert (tier["draining"], tier["drain"]) == (False, None)
+
+    # The HOST tier of the old home's node: its warm copies are dropped too.
+    node = next(t.node_id for t in pool.tiers if t.tier_id == home)
+    host = next(t.tier_id for t in pool.tiers if t.kind.value == "host" and t.node_id == node)
+    assert requests.post(f"{api}/tiers/{host}/drain", headers=AUTH, timeout=60).ok
+    wait_until(lambda: tier_view(api, host)["drain"]["done"], what="host drained")
+    assert held_blocks(pool, host) == []
+    for tier_id in (home, host):
+        stopped = requests.delete(f"{api}/tiers/{tier_id}/drain", headers=AUTH, timeout=60)
+        assert stopped.status_code == 200 and stopped.json()["draining"] is False
+        view = tier_view(api, tier_id)
+        assert (view["draining"], view["drain"]) == (False, None)
+    wait_until(lambda: settled(pool), what="settled")
     assert ray.get(pool.controller.consistency.remote()) == []
 
 
