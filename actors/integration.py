@@ -15,17 +15,28 @@ of its weights:
 - fused MoE expert tensors (one parameter ``[experts, ...]`` per layer, transformers 5) are
   leased per expert: a hook on the layer's router reads its top-k choice, reports it with
   :meth:`PoolClient.record_route`, and the experts module's pre-hook leases only those experts'
-  blocks and copies them into their slices of a workspace (:mod:`actors.integration_experts`);
+  blocks and copies them into their slices of a workspace (:mod:`actors.integration_binding`);
 - telemetry: the time spent in each layer goes to :meth:`PoolClient.record_layer` when the next
   layer starts, which also tells the controller where the model is (its step then promotes the
   blocks that come next); each forward's batch size is reported as the model's concurrency.
 
-Lease keeping. With ``keep_leases`` the leases stay in the client's cache (renewed in the
-background), so a resident model runs with no remote call at all; without it (streaming, for a
-model larger than its HBM tier) each layer's blocks are leased in one call when the layer starts
-and released in one call when the next layer starts, so that the controller may evict them.
-The default keeps leases when the model and the other models placed for its home HBM tier fit
-in that tier at full precision (less the policy's headroom).
+Lease keeping. Leases kept in the client's cache (renewed in the background) make later uses
+cache hits, but pin their HBM copies: the controller can neither evict nor re-encode them. So
+the managed model keeps at most ``lease_budget_bytes`` of HBM copies leased between uses:
+
+- when the model and the other models placed for its home HBM tier fit there at full precision
+  (less the policy's headroom), the budget is unlimited: every lease is kept, and a resident
+  model runs with no remote call and no accounting at all;
+- otherwise (the default budget is half the room the tier has for this model: its capacity
+  less the headroom and the other models placed there) each layer's blocks are leased in one
+  call when the layer starts, and when the next layer starts the layer's leases are released in
+  one call if the model holds more than its budget. Releasing the layer just used (not the
+  oldest) is right for a cyclic schedule: its next use is the farthest away. Leases kept from
+  the first layers are hits on the next forward; the rest stream through the room left, which
+  the policy fills and re-encodes as it decides;
+- a layer that would not fit beside the kept leases (its blocks counted at the size of their
+  last leased copy, full precision before) makes the model release every other lease first, so
+  that its own leases never stop it from running.
 
 Misses: a block that is not resident in HBM makes the forward wait for its demand promotion, at
 most the client's ``acquire_timeout_s``; past it the forward raises
@@ -57,6 +68,8 @@ from actors.integration_binding import (
     resolve_slots,
 )
 from pool.blocks import BlockSpec
+from pool.codecs import encoded_nbytes
+from pool.encoding import Encoding
 
 __all__ = ["IntegrationError", "ManagedModel", "manage"]
 
@@ -78,7 +91,6 @@ class _ForwardState:
 
     layer: int | None = None
     layer_start_s: float = 0.0
-    held_layer: list[str] = field(default_factory=list)  # streaming: leases of this layer
     materialized: list[tuple[TensorSlot, ...]] = field(default_factory=list)
 
 
@@ -88,12 +100,15 @@ class ManagedModel:
     Attributes:
         model: the managed torch module (call it as before).
         model_name: the pool's name of its checkpoint.
-        keep_leases: whether leases stay cached between uses (see the module docstring).
+        lease_budget_bytes: HBM bytes of leased copies kept between uses (see the module
+            docstring); ``None``: unlimited.
         dense: bindings of whole-tensor blocks, by block id.
         experts: fused MoE expert bindings, by the experts module's path.
         managed_bytes: full-precision bytes of the bound blocks (freed locally).
         local_bytes: bytes of parameters and buffers the pool does not hold (kept locally).
         steps: forwards run so far (the ``step`` of router telemetry).
+        pinned, pinned_bytes: with a budget, the blocks kept leased and their copies' bytes.
+        leased_encoding: with a budget, the encoding of each block's latest lease.
     """
 
     def __init__(
@@ -103,14 +118,21 @@ class ManagedModel:
         model_name: str,
         dense: dict[str, DenseBinding],
         experts: dict[str, FusedExperts],
-        keep_leases: bool,
+        specs: dict[str, BlockSpec],
+        lease_budget_bytes: int | None,
     ):
         self.model = model
         self.client = client
         self.model_name = model_name
         self.dense = dense
         self.experts = experts
-        self.keep_leases = keep_leases
+        self.specs = specs
+        self.lease_budget_bytes = lease_budget_bytes
+        self.room_bytes: int | None = None  # HBM the model may use (manage() sets it)
+        self.pinned: dict[str, int] = {}  # with a budget: block -> bytes of its leased copy
+        self.pinned_bytes = 0
+        self.expected = {b: s.full_nbytes for b, s in specs.items()}  # bytes of a new lease
+        self.leased_encoding: dict[str, Encoding] = {}  # with a budget: of each block's lease
         self.managed_bytes = sum(b.nbytes for b in dense.values()) + sum(
             e.nbytes for e in experts.values()
         )
@@ -129,6 +151,9 @@ class ManagedModel:
         self.lock.acquire()
         self.state = _ForwardState()
         self.steps += 1
+        if self.lease_budget_bytes is not None:  # forget leases the client lost (fenced)
+            for block_id in [b for b in self.pinned if self.client.lease_of(b) is None]:
+                self.pinned_bytes -= self.pinned.pop(block_id)
         batch = _batch_size(args, kwargs)
         if batch is not None:
             self.client.set_concurrency(self.model_name, batch)
@@ -145,23 +170,48 @@ class ManagedModel:
             self.lock.release()
 
     def _enter_layer(self, layer: int | None) -> None:
-        """Telemetry and streaming at a layer boundary (``None``: the forward ended)."""
+        """Telemetry and lease keeping at a layer boundary (``None``: the forward ended)."""
         state = self.state
         if layer == state.layer and layer is not None:
             return
         now = time.perf_counter()
         if state.layer is not None:
             self.client.record_layer(self.model_name, state.layer, now - state.layer_start_s)
-        if state.held_layer:
-            self.client.release(state.held_layer)
-            state.held_layer = []
+            self.after_use(self.by_layer.get(state.layer, []))
         state.layer, state.layer_start_s = layer, now
-        if layer is not None and not self.keep_leases:
-            ids = self.by_layer.get(layer, [])
-            missing = [b for b in ids if self.client.lease_of(b) is None]
-            if missing:
-                self.client.acquire(missing)
-            state.held_layer = list(ids)
+        if layer is not None and self.lease_budget_bytes is not None:
+            self.lease(self.by_layer.get(layer, []))
+
+    def lease(self, block_ids: list[str]) -> None:
+        """With a budget: lease those of ``block_ids`` not leased yet, in one call, and count
+        their copies' bytes. Raises what :meth:`PoolClient.acquire` raises."""
+        missing = [b for b in block_ids if self.client.lease_of(b) is None]
+        if not missing:
+            return
+        need = sum(self.expected[b] for b in missing)
+        if self.room_bytes is not None and self.pinned_bytes + need > self.room_bytes:
+            others = [b for b in self.pinned if b not in block_ids]
+            if others:
+                self.client.release(others)
+                for block_id in others:
+                    self.pinned_bytes -= self.pinned.pop(block_id)
+        self.client.acquire(missing)
+        for block_id in missing:
+            lease = self.client.lease_of(block_id)
+            if lease is not None and block_id not in self.pinned:
+                nbytes = encoded_nbytes(self.specs[block_id], lease.encoding.precision)
+                self.pinned[block_id] = self.expected[block_id] = nbytes
+                self.pinned_bytes += nbytes
+                self.leased_encoding[block_id] = lease.encoding
+
+    def after_use(self, block_ids: list[str]) -> None:
+        """With a budget: release ``block_ids`` (just used) if the model holds more than it."""
+        budget = self.lease_budget_bytes
+        if budget is None or self.pinned_bytes <= budget or not block_ids:
+            return
+        self.client.release(block_ids)
+        for block_id in block_ids:
+            self.pinned_bytes -= self.pinned.pop(block_id, 0)
 
     def _dense_pre(self, binding: DenseBinding) -> Any:
         client, slots, block_id = self.client, binding.slots, binding.block_id
@@ -236,7 +286,7 @@ def manage(
     model_name: str,
     *,
     prefix: str = "",
-    keep_leases: bool | None = None,
+    lease_budget_bytes: int | None = None,
     routers: dict[str, nn.Module] | None = None,
 ) -> ManagedModel:
     """Serve ``model``'s weights from the pool, where its checkpoint is registered as
@@ -248,8 +298,9 @@ def manage(
         client: the pool client the forwards lease through.
         prefix: prepended to the checkpoint keys to find the model's tensors (``"bert."`` for a
             checkpoint saved from ``BertModel`` loaded into ``BertForMaskedLM``).
-        keep_leases: keep leases between uses; ``None`` decides from the model's size and its
-            home HBM tier's capacity.
+        lease_budget_bytes: the most HBM bytes of leased copies kept between uses (0: release
+            every layer after use); ``None`` decides from the model's size and its home HBM
+            tier's capacity (see the module docstring).
         routers: the router module of each fused experts module, by the experts module's path;
             by default its sibling named ``gate`` or ``router``.
 
@@ -272,21 +323,24 @@ def manage(
                 spec.block_id, spec.layer, spec.full_nbytes, module, slots
             )
     experts = bind_fused_experts(model, fused_specs, slots_of, routers or {})
-    if keep_leases is None:
-        keep_leases = _fits_home(client, home, sum(s.full_nbytes for s in specs) + others_bytes)
-    managed = ManagedModel(model, client, model_name, dense, experts, keep_leases)
+    room = _room(client, home, others_bytes)
+    if lease_budget_bytes is None and room is not None:
+        lease_budget_bytes = None if sum(s.full_nbytes for s in specs) <= room else room // 2
+    by_id = {s.block_id: s for s in specs}
+    managed = ManagedModel(model, client, model_name, dense, experts, by_id, lease_budget_bytes)
+    managed.room_bytes = room
     managed.install()
     return managed
 
 
-def _fits_home(client: PoolClient, home: str, nbytes: int) -> bool:
-    """Whether ``nbytes`` (this model and the others placed for its home tier, all at full
-    precision) fit in the home HBM tier less the policy's headroom."""
+def _room(client: PoolClient, home: str, others_bytes: int) -> int | None:
+    """HBM the model may use on its home tier: its capacity less the policy's headroom and the
+    full-precision bytes of the other models placed there (``None``: unbounded)."""
     config, tiers = ray.get(client.controller.describe.remote())
     capacity = next((t.spec.capacity_bytes for t in tiers if t.tier_id == home), None)
     if capacity is None:
-        return True
-    return nbytes <= capacity * (1.0 - config.policy.hbm_headroom_fraction)
+        return None
+    return max(int(capacity * (1.0 - config.policy.hbm_headroom_fraction)) - others_bytes, 0)
 
 
 def _common_path(paths: Iterable[str]) -> str:

@@ -175,9 +175,12 @@ class FusedExperts:
                 )
             client = managed.client
             ids = [self.block_ids[e] for e in chosen]
-            missing = [b for b in ids if client.lease_of(b) is None]
-            if missing:
-                client.acquire(missing)  # one remote call for every expert not leased yet
+            if managed.lease_budget_bytes is None:
+                missing = [b for b in ids if client.lease_of(b) is None]
+                if missing:
+                    client.acquire(missing)  # one remote call for every expert not leased yet
+            else:
+                managed.lease(ids)  # the same, counted against the model's lease budget
             work = self.workspace.ready()
             loaded = self.workspace.loaded
             for expert, block_id in zip(chosen, ids, strict=True):
@@ -200,8 +203,7 @@ class FusedExperts:
             if held and held[-1] is self.slots:
                 held.pop()
             self.pending = None
-            if not managed.keep_leases and self.held:
-                managed.client.release(self.held)
+            managed.after_use(self.held)
             self.held = []
 
         return [

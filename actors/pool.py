@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,12 @@ from actors.controller import PlacementController
 from actors.names import CONTROLLER_NAME, tier_actor_name
 from actors.registry import TierInfo
 from actors.tier import TierActor
-from pool.encoding import FULL, Encoding
+from pool.blocks import BlockSpec
+from pool.codecs import DEFAULT_OPTIONS
+from pool.encoding import FULL, Encoding, Precision
+from pool.errors import UnknownBlockError
+from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
+from pool.store import check_fits
 from pool.tiers import TierKind, TierSpec
 
 
@@ -110,11 +115,21 @@ class Pool:
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
         progress: Callable[[int, int], None] | None = None,
+        calibration: Any = None,
     ) -> str:
         """Import a safetensors checkpoint into storage and register it; returns its home tier.
-        A bad ``model`` or ``home`` is refused before anything is imported. ``progress(done,
-        total)`` is called in this process as blocks are written (polled, a few times a second)."""
-        return self._load("import_checkpoint", str(path), model, home, encodings, progress)
+        A bad ``model``, ``home`` or ``calibration`` is refused before anything is imported.
+        ``progress(done, total)`` is called in this process as blocks are written (polled, a few
+        times a second).
+
+        ``calibration`` (a ``pool.calibration.CalibrationResult`` of this checkpoint under any
+        model name: blocks are matched by module path) sets the blocks' sensitivities and floors
+        in the catalog before they are registered, so the veto applies them from the first step.
+        The checkpoint must then be readable here too (it is planned here to check them)."""
+        planned = None if calibration is None else SafetensorsSource(path)
+        return self._load(
+            "import_checkpoint", str(path), model, home, encodings, progress, calibration, planned
+        )
 
     def load_state_dict(
         self,
@@ -122,9 +137,14 @@ class Pool:
         model: str,
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
+        calibration: Any = None,
     ) -> str:
-        """Import a state dict into storage and register it; returns its home tier."""
-        return self._load("import_state_dict", state_dict, model, home, encodings)
+        """Import a state dict into storage and register it; returns its home tier
+        (``calibration`` as for :meth:`load_checkpoint`)."""
+        planned = None if calibration is None else StateDictSource(state_dict)
+        return self._load(
+            "import_state_dict", state_dict, model, home, encodings, None, calibration, planned
+        )
 
     def _load(
         self,
@@ -134,8 +154,13 @@ class Pool:
         home: str | None,
         encodings: tuple[Encoding, ...],
         progress: Callable[[int, int], None] | None = None,
+        calibration: Any = None,
+        planned: CheckpointSource | None = None,
     ) -> str:
         ray.get(self.controller.check_new_model.remote(model, home))
+        quality = None
+        if calibration is not None and planned is not None:
+            quality = quality_updates(calibration, plan_blocks(planned, model), self.tiers)
         storage = self.storage()
         ref = getattr(storage, method).remote(source, model, encodings)
         while progress is not None and not ray.wait([ref], timeout=0.25)[0]:
@@ -145,10 +170,43 @@ class Pool:
         specs = ray.get(ref)
         if progress is not None:
             progress(len(specs), len(specs))
+        if quality:
+            by_id = {s.block_id: s for s in ray.get(storage.update_quality.remote(quality))}
+            specs = [by_id.get(s.block_id, s) for s in specs]
         return str(ray.get(self.controller.register_model.remote(model, specs, home)))
 
     def status(self) -> dict[str, Any]:
         return dict(ray.get(self.controller.status.remote()))
+
+
+def quality_updates(
+    calibration: Any, planned: list[BlockSpec], tiers: list[TierInfo]
+) -> dict[str, tuple[dict[Precision, float], Precision]]:
+    """The catalog updates giving ``planned`` blocks ``calibration``'s sensitivities and floors,
+    matched by module path (the block id less its model name).
+
+    Raises:
+        UnknownBlockError: the calibration names a block the checkpoint does not have.
+        SpecError: a sensitivity out of contract; CapacityError: a floor no HBM tier can hold.
+    """
+    by_path = {s.block_id.split("/", 1)[1]: s for s in planned}
+    path_of = {b.block_id: b.block_id.split("/", 1)[1] for b in calibration.blocks}
+    unknown = sorted(b for b, path in path_of.items() if path not in by_path)
+    if unknown:
+        raise UnknownBlockError(
+            f"calibration of model {calibration.model!r} names blocks {unknown[:3]} (of "
+            f"{len(unknown)}) that this checkpoint does not have; expected a calibration of it"
+        )
+    updates: dict[str, tuple[dict[Precision, float], Precision]] = {}
+    for block in calibration.blocks:
+        spec = by_path[path_of[block.block_id]]
+        updates[spec.block_id] = (dict(block.sensitivity), block.floor)
+    new_specs = [
+        replace(by_path[b.split("/", 1)[1]], sensitivity=u[0], floor=u[1])
+        for b, u in updates.items()
+    ]
+    check_fits(new_specs, [t.spec for t in tiers], DEFAULT_OPTIONS)
+    return updates
 
 
 def start_pool(config: PoolConfig | None = None) -> Pool:

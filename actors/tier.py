@@ -30,7 +30,7 @@ import ray
 from actors.registry import CopyEntry, CopyStatus
 from pool.blocks import BlockSpec
 from pool.codecs import EncodedBlock, decode_block, encode_block
-from pool.encoding import FULL, Encoding
+from pool.encoding import FULL, Encoding, Precision
 from pool.errors import CapacityError, CorruptBlockError, UnknownBlockError, WeightpoolError
 from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
 from pool.store import BlockStore
@@ -293,6 +293,16 @@ class TierActor:
     def specs(self) -> list[BlockSpec]:
         with self.lock:
             return self._store().specs()
+
+    def update_quality(
+        self, updates: dict[str, tuple[dict[Precision, float], Precision]]
+    ) -> list[BlockSpec]:
+        """Set blocks' sensitivities and floors in the catalog, all or none (see
+        ``BlockStore.update_quality``); their new specs, in the order of ``updates``."""
+        with self.lock:
+            store = self._store()
+            store.update_quality(updates)
+            return [store.spec(block_id) for block_id in updates]
 
     def verify(self) -> list[str]:
         with self.lock:

@@ -106,7 +106,7 @@ class EmbedModel:
         self.managed = manage(model, self.client, model_name)
 
     def embed(self, texts: list[str]) -> dict[str, Any]:
-        from pool.calibration import embed
+        from pool.reference_model import embed
 
         vectors = embed(self.managed.model, self.tokenizer, texts)
         return {"model": self.model_name, "embeddings": vectors.tolist()}

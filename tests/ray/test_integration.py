@@ -2,8 +2,8 @@
 
 One pool, three HBM tiers of 96 MiB (one per node). MiniLM (87 MiB) is loaded three times, each
 placed for its own tier: on the first alone (it fits: outputs bit-exact); on the second beside a
-24 MiB tenant that holds leases on all its blocks (about 67 MiB left: blocks stream through
-leases); on the third calibrated, beside a 48 MiB tenant (demotion is forced; the veto keeps the
+24 MiB tenant that holds leases on all its blocks (about 67 MiB left: the model keeps half of
+that leased and streams the rest through leases); on the third calibrated, beside a 48 MiB tenant (demotion is forced; the veto keeps the
 embeddings within the cosine bound). A small Qwen2-MoE model with random weights shows that only
 the experts its router chose are leased.
 """
@@ -16,7 +16,12 @@ import torch
 
 from actors.client import PoolClient
 from actors.integration import IntegrationError, manage
-from pool.calibration import embed, load_minilm
+from policy.config import PolicyConfig
+from pool.calibration import BlockCalibration, CalibrationResult, CalibrationTimings, calibrate
+from pool.encoding import Encoding, Precision, precision_allowed
+from pool.errors import UnknownBlockError
+from pool.importer import SafetensorsSource, plan_blocks
+from pool.reference_model import CALIBRATION_TEXTS, cosines, embed, load_minilm
 from pool.tiers import TierKind
 from tests.ray.helpers import make_pool, settled, teardown, wait_until
 
@@ -38,10 +43,35 @@ def tenant_weights(mebibytes: int) -> dict[str, torch.Tensor]:
     return {f"t.{i}.weight": torch.randn(512, 512, generator=generator) for i in range(mebibytes)}
 
 
+QUALITY_BUDGET = 2e-4  # predicted drift (mean 1 - cosine): the veto's bound
+# Held out from calibration: the guardrail is checked on texts the sensitivities never saw.
+GUARD_TEXTS = [
+    "The library extended its opening hours during the exam period.",
+    "A strong earthquake struck the coast early on Sunday morning.",
+    "Can you recommend a good book about the history of mathematics?",
+    "The airline cancelled dozens of flights because of the strike.",
+    "Volunteers planted two thousand trees along the river bank.",
+    "Our team will migrate the database to the new servers next month.",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Forwards on one thread: with the cluster's processes on the same two cores, torch's
+    default threads oversubscribe them (calibration took 60 s instead of 3.4 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pool(ray_cluster, tmp_path_factory):
     pool = make_pool(
-        NAMESPACE, tmp_path_factory.mktemp("integration"), hbm_bytes_per_device=96 * MB
+        NAMESPACE,
+        tmp_path_factory.mktemp("integration"),
+        hbm_bytes_per_device=96 * MB,
+        policy=PolicyConfig(tick_s=0.05, quality_budget=QUALITY_BUDGET),
     )
     yield pool
     teardown(NAMESPACE)
@@ -82,7 +112,7 @@ def test_resident_model_is_bit_exact_and_runs_on_cache_hits(pool, minilm_path, r
     before = counters(pool)
     with PoolClient(namespace=NAMESPACE, device=home) as client:
         managed = manage(model, client, "minilm")
-        assert managed.keep_leases  # 87 MiB fit in 96 MiB less the headroom
+        assert managed.lease_budget_bytes is None  # 87 MiB fit in 96 MiB less the headroom
         assert len(managed.dense) == 54 and not managed.experts
         # The model keeps no copy: every managed tensor is a placeholder; what stays local is
         # the token-type-ids buffer the checkpoint does not hold.
@@ -118,10 +148,13 @@ def test_model_larger_than_its_hbm_streams_through_leases(pool, minilm_path, ref
         model = fresh_minilm(minilm_path)
         with PoolClient(namespace=NAMESPACE, device=home) as client:
             managed = manage(model, client, "minilm-s")
-            assert not managed.keep_leases  # 87 MiB cannot stay pinned beside the tenant
+            # 87 MiB cannot stay pinned beside the tenant: half the room left is kept leased.
+            assert managed.lease_budget_bytes == (int(96 * MB * 0.95) - 24 * MB) // 2
             for _ in range(2):
                 assert torch.equal(embed(model, tokenizer, TEXTS), want)
-                assert managed.leased_blocks() == []  # every layer's leases released
+                assert 0 < managed.pinned_bytes <= managed.lease_budget_bytes
+                assert set(managed.leased_blocks()) == set(managed.pinned)
+                assert len(managed.pinned) < 54  # the later layers' leases were released
         after = counters(pool)
     assert after["lease_misses"] > before.get("lease_misses", 0)  # blocks had to be promoted
     assert after.get("lease_violations", 0) == 0
@@ -134,6 +167,42 @@ def test_model_larger_than_its_hbm_streams_through_leases(pool, minilm_path, ref
         ),
         what="layer times reported",
     )
+
+
+def test_guardrail_keeps_the_embeddings_within_the_bound_under_demotion(pool, minilm_path):
+    model, tokenizer = load_minilm(minilm_path)
+    want = embed(model, tokenizer, GUARD_TEXTS)
+    calibration = calibrate(
+        model,
+        tokenizer,
+        plan_blocks(SafetensorsSource(minilm_path), "minilm"),
+        texts=CALIBRATION_TEXTS[:6],
+    )
+    home = hbm_tiers(pool)[2]
+    pool.load_state_dict(tenant_weights(48), "tenant48", home=home)
+    with PoolClient(namespace=NAMESPACE, device=home) as tenant:
+        tenant.acquire([f"tenant48/t.{i}" for i in range(48)])
+        # Calibrated under another name: matched by module path.
+        pool.load_checkpoint(minilm_path, "minilm-c", home=home, calibration=calibration)
+        specs = {s.block_id: s for s in ray.get(pool.controller.model_blocks.remote("minilm-c"))[1]}
+        floors = {b.block_id.replace("minilm/", "minilm-c/"): b.floor for b in calibration.blocks}
+        assert {b: s.floor for b, s in specs.items()} == floors
+        managed_model = fresh_minilm(minilm_path)
+        with PoolClient(namespace=NAMESPACE, device=home) as client:
+            managed = manage(managed_model, client, "minilm-c")
+            for _ in range(3):
+                got = embed(managed_model, tokenizer, GUARD_TEXTS)
+                assert float(cosines(got, want).min()) >= 0.999
+            used = dict(managed.leased_encoding)
+    # 87 MiB in the 43 MiB left: blocks were leased at reduced precisions, none below its floor.
+    reduced = {b for b, e in used.items() if e != Encoding.parse("full")}
+    assert "minilm-c/embeddings.word_embeddings" in reduced  # 47 MiB at full: it cannot fit
+    assert all(precision_allowed(used[b].precision, specs[b].floor) for b in used)
+    status = pool.status()
+    assert status["quality_cost"] <= QUALITY_BUDGET
+    # The drift the calibration predicts for the encodings the forwards actually used.
+    predicted = sum(specs[b].sensitivity[e.precision] for b, e in used.items())
+    assert predicted <= QUALITY_BUDGET
 
 
 def tiny_moe(seed: int = 0):
@@ -218,3 +287,21 @@ def test_a_model_that_does_not_match_is_refused_unchanged(pool, minilm_path):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not model._forward_pre_hooks and not model._forward_hooks
+
+
+def test_a_calibration_of_another_checkpoint_is_refused_before_import(pool, minilm_path):
+    other = CalibrationResult(
+        model="other",
+        blocks=(
+            BlockCalibration("other/no.such.module", 0, {Precision.INT8: 1e-6}, Precision.INT8),
+        ),
+        precisions=(Precision.INT8,),
+        threshold=1e-4,
+        texts=("a",),
+        timings=CalibrationTimings(0.0, 0.0, 0.0, 0, 0.0),
+    )
+    before = {s.block_id for s in ray.get(pool.storage().specs.remote())}
+    with pytest.raises(UnknownBlockError, match=r"names blocks \['other/no\.such\.module'\]"):
+        pool.load_checkpoint(minilm_path, "minilm-x", calibration=other)
+    assert {s.block_id for s in ray.get(pool.storage().specs.remote())} == before
+    assert "minilm-x" not in pool.status()["models"]

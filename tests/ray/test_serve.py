@@ -19,7 +19,7 @@ import ray
 import torch
 
 from api.serve import build_embed_app
-from pool.calibration import embed, load_minilm
+from pool.reference_model import embed, load_minilm
 from tests.ray.helpers import make_pool, settled, teardown, wait_until
 
 MB = 1 << 20
@@ -98,8 +98,7 @@ def test_replicas_keep_answering_across_a_tier_restart(deployed, want):
     before = pool.status()["counters"]
     ray.kill(pool.tier(home), no_restart=False)  # Ray restarts it, empty
     wait_until(
-        lambda: pool.status()["counters"].get("lease_fenced", 0)
-        > before.get("lease_fenced", 0),
+        lambda: pool.status()["counters"].get("lease_fenced", 0) > before.get("lease_fenced", 0),
         what="the replicas' leases on the killed tier fenced",
     )
     for _ in range(4):
