@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,11 +21,10 @@ import pytest
 import ray
 import requests
 import torch
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
 from actors.client import PoolClient
 from api.admin import create_app, openapi_spec
+from tests.ray.admin_helpers import free_port, fuzz, scrape, serving
 from tests.ray.helpers import make_pool, settled, teardown, wait_until
 
 NS = "t-admin"
@@ -36,23 +33,6 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MB = 1 << 20
 BLOCKS = 32
 WEIGHTPOOL = str(Path(sys.executable).parent / "weightpool")  # the console script
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Serve ``app`` with uvicorn on an ephemeral loopback port; its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "uvicorn started")
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -262,18 +242,6 @@ def test_pin_keeps_a_block_premium_in_hbm_through_pressure(pool, api):
 # -- metrics ------------------------------------------------------------------------------------
 
 
-def scrape(api: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """Samples by name, then by their sorted labels."""
-    response = requests.get(api + "/metrics", timeout=60)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(response.text):
-        for s in family.samples:
-            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return samples
-
-
 def test_metrics_parse_and_match_the_controller(pool, api):
     def stable() -> bool:
         nonlocal metrics, before
@@ -380,12 +348,6 @@ def test_drain_empties_a_tier_a_leased_copy_last_and_undrain_reopens_it(pool, ap
 # -- how it runs: standalone (weightpool admin), as a Serve ingress, without a pool -------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_the_admin_command_serves_a_running_pool_on_loopback(pool, ray_cluster, tmp_path):
     spec = tmp_path / "openapi.json"
     written = subprocess.run(
@@ -478,55 +440,6 @@ def state_of(pool, api: str) -> tuple[Any, ...]:
         status["leases"],
         status["models"],
     )
-
-
-def fuzz(api: str, headers: dict[str, str], max_examples: int) -> dict[str, set[int]]:
-    """Every operation of the spec served at ``api``, in both generation modes; returns the
-    status codes seen per operation. A failed check (a 5xx, an undocumented status, a body or content type
-    that the spec does not allow) fails the test with schemathesis' report."""
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import (
-        content_type_conformance,
-        response_schema_conformance,
-        status_code_conformance,
-    )
-
-    checks = [
-        not_a_server_error,
-        status_code_conformance,
-        content_type_conformance,
-        response_schema_conformance,
-    ]
-    schema = schemathesis.openapi.from_url(api + "/openapi.json")
-    seen: dict[str, set[int]] = {}
-    session = requests.Session()
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-
-            @settings(
-                max_examples=max_examples,
-                deadline=None,
-                derandomize=True,
-                database=None,
-                suppress_health_check=list(HealthCheck),
-            )
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def run(case: Any) -> None:
-                response = case.call_and_validate(
-                    base_url=api, session=session, headers=headers, checks=checks, timeout=60
-                )
-                key = f"{case.operation.method.upper()} {case.operation.path}"
-                seen.setdefault(key, set()).add(response.status_code)
-
-            try:
-                run()
-            except Unsatisfiable:  # nothing to make invalid: an operation without parameters
-                assert mode is schemathesis.GenerationMode.NEGATIVE, operation.path
-    return seen
 
 
 def test_fuzzing_without_the_token_finds_no_error_and_changes_nothing(pool, api):
