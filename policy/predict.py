@@ -14,7 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy._arrays import distinct, distinct_first
+from policy._arrays import distinct
+from policy._observe_kernels import (
+    fold_routes,
+    follower_runs,
+    learn_pairs,
+    persist,
+    update_popularity,
+)
+from policy._predict_kernels import block_times, expert_probability, shrunk_popularity, widened
 from policy.config import PolicyConfig
 from policy.snapshot import NONE, Snapshot
 from policy.state import Coactivation, PolicyState, PredictionQuality
@@ -53,54 +61,40 @@ def observe(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> Pre
     step_index = steps - steps.min()  # ticks hold few, consecutive steps
     key = distinct(step_index.astype(np.int64) * size + flat)  # by step, then (m, l, e)
     step_of, flat = np.divmod(key, size)
-    ml = flat // n_experts
-    visit = distinct(step_of * (m * n_layers) + ml)
-    visit_step, visit_ml = np.divmod(visit, m * n_layers)
-    visited_ml, first = distinct_first(visit_ml)
-
-    # Prediction quality: the set predicted for each layer's next visit, against its first visit.
-    first_step = np.full(m * n_layers, -1, np.int64)
-    first_step[visited_ml] = visit_step[first]
-    actual = flat[step_of == first_step[ml]]
-    predicted = state.predicted.reshape(m * n_layers, n_experts)
-    tp = int(state.predicted.reshape(-1)[actual].sum())
-    quality.true_positive = tp
-    quality.false_positive = int(predicted[visited_ml].sum()) - tp
-    quality.false_negative = len(actual) - tp
+    # PERF: compiled passes over the choices (and over the visited layers only); 2 bincounts
+    # over every (model, layer, expert) and ~30 small numpy calls before.
+    visited, visits, chosen, tp, fp, fn = fold_routes(
+        step_of, flat, m * n_layers, n_experts, state.predicted.reshape(-1)
+    )
+    quality.true_positive, quality.false_positive, quality.false_negative = tp, fp, fn
     total = state.quality_total
     total.true_positive += tp
-    total.false_positive += quality.false_positive
-    total.false_negative += quality.false_negative
+    total.false_positive += fp
+    total.false_negative += fn
 
     # Popularity: one decay per visit of a layer, toward the share of visits choosing the expert.
-    visits = np.bincount(visit_ml, minlength=m * n_layers)[visited_ml].astype(float)
-    chosen = np.bincount(flat, minlength=size).reshape(m * n_layers, n_experts)[visited_ml]
     keep = (1 - config.popularity_decay) ** visits
-    popularity = state.popularity.reshape(m * n_layers, n_experts)
-    popularity[visited_ml] = keep[:, None] * popularity[visited_ml] + (1 - keep)[:, None] * (
-        chosen / visits[:, None]
+    update_popularity(
+        state.popularity.reshape(m * n_layers, n_experts),
+        state.layer_visits.reshape(-1),
+        visited,
+        visits,
+        chosen,
+        keep,
     )
-    state.layer_visits.reshape(-1)[visited_ml] += visits
 
     # Persistence and co-activation, step by step (a tick holds few steps).
     last = state.last_selected
-    for s in distinct(step_of):
-        current = flat[step_of == s]
-        current_ml = distinct(current // n_experts)
-        if len(last):
-            revisited = last[np.isin(last // n_experts, current_ml)]
-            if len(revisited):
-                hit = np.isin(revisited, current, assume_unique=True)
-                per_model = n_layers * n_experts
-                seen = np.bincount(revisited // per_model, minlength=m)
-                kept = np.bincount(revisited[hit] // per_model, minlength=m)
-                has = seen > 0
-                state.persistence[has] += config.persistence_decay * (
-                    kept[has] / seen[has] - state.persistence[has]
-                )
-            last = np.union1d(last[~np.isin(last // n_experts, current_ml)], current)
-        else:
-            last = current
+    bounds = np.flatnonzero(np.diff(step_of)) + 1
+    for current in np.split(flat, bounds) if len(bounds) else (flat,):
+        last = persist(
+            last,
+            current,
+            state.persistence,
+            n_experts,
+            n_layers * n_experts,
+            config.persistence_decay,
+        )
         _learn_coactivation(state, current, n_layers, n_experts, config)
     state.last_selected = last
     return quality
@@ -110,28 +104,20 @@ def _learn_coactivation(
     state: PolicyState, current: np.ndarray, n_layers: int, n_experts: int, config: PolicyConfig
 ) -> None:
     """Add one step's (layer l, expert e) -> (layer l + 1, expert f) pairs, per model."""
-    model_of = current // (n_layers * n_experts)
-    for model in distinct(model_of).tolist():
+    per_model = n_layers * n_experts
+    first, last = int(current[0]) // per_model, int(current[-1]) // per_model
+    starts = np.searchsorted(current, np.arange(first, last + 2) * per_model)
+    for model in range(first, last + 1):
         coact = state.coactivation[model]
-        if coact is None:
+        begin, end = starts[model - first], starts[model - first + 1]
+        if coact is None or begin == end:
             continue
-        chosen = current[model_of == model] % (n_layers * n_experts)
-        layer, expert = np.divmod(chosen, n_experts)  # sorted by layer
+        chosen = current[begin:end] - model * per_model  # sorted by layer
+        layer, expert, repeat, ends, offsets, total = follower_runs(
+            chosen, n_layers, n_experts, coact.given.shape[0]
+        )
         coact.scale *= 1 - config.coactivation_decay
         increment = config.coactivation_decay / coact.scale
-        per_layer = np.bincount(layer, minlength=n_layers + 1)
-        offsets = np.cumsum(per_layer) - per_layer
-        followers = per_layer[layer + 1]  # entries at l + 1 that follow each entry at l
-        has_next = layer < coact.given.shape[0]
-        # PERF: within one step and model each (layer, expert) and each pair occurs once, so
-        # fancy-index += is exact; np.add.at took 1 ms a step for 58 layers x 32 experts.
-        coact.given[layer[has_next], expert[has_next]] += increment
-        repeat = np.where(has_next, followers, 0)
-        ends = np.cumsum(repeat)
-        total = int(ends[-1]) if len(ends) else 0
-        if not total:
-            coact.renormalize_if_needed()
-            continue
         # Pair k is (entry src, its within-th follower). PERF: with many concurrent sequences a
         # step has tens of thousands of pairs (58 layers x 32 x 32); a bounded, evenly spread
         # sample with a scaled increment learns the same expectation at a bounded cost.
@@ -142,10 +128,18 @@ def _learn_coactivation(
         else:
             pair = np.arange(total)
             pair_increment = increment
-        src = np.searchsorted(ends, pair, side="right")
-        within = pair - (ends[src] - repeat[src])
-        dst = offsets[layer[src] + 1] + within
-        coact.pairs[layer[src], expert[src], expert[dst]] += pair_increment
+        learn_pairs(
+            coact.pairs,
+            coact.given,
+            layer,
+            expert,
+            repeat,
+            ends,
+            offsets,
+            pair,
+            increment,
+            pair_increment,
+        )
         coact.renormalize_if_needed()
 
 
@@ -162,57 +156,70 @@ def predict(
     now_pos = np.maximum(tel.current_position, 0)
     since = start - start[np.arange(m), now_pos][:, None]
     until = np.where(active[:, None], np.mod(since, period[:, None]), period[:, None])
-    time_to_next = until[blocks.model, blocks.position]
-    probability = np.where(active, 1.0, config.idle_use_probability)[blocks.model]
+    time_to_next, probability = block_times(
+        until, blocks.model, blocks.position, active, config.idle_use_probability
+    )
 
     _, n_layers, n_experts = state.shape
     rows = static.expert_rows
     state.predicted[:] = False
     if len(rows):
-        model, layer, expert = static.expert_model, static.expert_layer, static.expert_index
-        flat = static.expert_flat
+        model, layer, flat = static.expert_model, static.expert_layer, static.expert_flat
         # An average that starts from zero is biased low until it has seen many visits; divide by
-        # the weight it has accumulated so far (as Adam corrects its moment estimates).
-        seen = state.layer_visits[model, layer]
+        # the weight it has accumulated so far (as Adam corrects its moment estimates). Shrink
+        # it toward the layer's mean (the share of its experts chosen per visit), a prior worth
+        # ``prior_visits`` visits, so that a few observations do not read as certainty.
         decay = config.popularity_decay
-        weight = 1.0 - (1.0 - decay) ** seen
-        pop = np.where(
-            seen > 0, state.popularity.reshape(-1)[flat] / np.maximum(weight, 1e-12), 0.0
+        visit_weight = 1.0 - (1.0 - decay) ** state.layer_visits
+        layer_mean = state.popularity.mean(axis=2) / np.maximum(visit_weight, 1e-12)
+        # PERF: compiled passes between numpy's powers (which stay numpy's: see the kernels'
+        # module); 16 numpy passes over every expert before.
+        base, exponent = shrunk_popularity(
+            model,
+            layer,
+            flat,
+            state.layer_visits,
+            visit_weight,
+            layer_mean,
+            state.popularity.reshape(-1),
+            state.observed_concurrency,
+            decay,
+            config.prior_visits,
         )
-        # Shrink toward the layer's mean (the share of its experts chosen per visit), a prior
-        # worth ``prior_visits`` visits, so that a few observations do not read as certainty.
-        layer_mean = state.popularity.mean(axis=2) / np.maximum(
-            1.0 - (1.0 - decay) ** state.layer_visits, 1e-12
-        )
-        evidence = weight / decay  # the effective number of visits behind the average
-        prior = layer_mean[model, layer]
-        pop = (evidence * pop + config.prior_visits * prior) / (evidence + config.prior_visits)
-        pop = np.minimum(pop, 1.0)
-        observed = state.observed_concurrency[model]
-        now = np.maximum(tel.concurrency[model], 1)
-        per_sequence = 1 - (1 - pop) ** (1 / observed)
-        p = 1 - (1 - per_sequence) ** now
+        # One sequence's chance, then widened to the sequences running now.
+        base, exponent = widened(base**exponent, model, tel.concurrency)
+        powered = base**exponent
         chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
         chosen_last[state.last_selected] = True
-        repeat = chosen_last[flat]
-        p = np.where(repeat, np.maximum(p, state.persistence[model]), p)
-        p = _apply_coactivation(p, state, model, layer, expert, tel.current_position, chosen_last)
-        probability[rows] = np.where(active[model], p, config.idle_use_probability * p)
-        state.predicted.reshape(-1)[flat] = probability[rows] >= config.predicted_set_threshold
+        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
+        expert_probability(
+            powered,
+            rows,
+            model,
+            layer,
+            static.expert_index,
+            flat,
+            chosen_last,
+            state.persistence,
+            follow_layer,
+            follow,
+            active,
+            config.idle_use_probability,
+            config.predicted_set_threshold,
+            probability,
+            state.predicted.reshape(-1),
+        )
     return Prediction(time_to_next, probability, period)
 
 
-def _apply_coactivation(
-    p: np.ndarray,
-    state: PolicyState,
-    model: np.ndarray,
-    layer: np.ndarray,
-    expert: np.ndarray,
-    current_position: np.ndarray,
-    chosen_last: np.ndarray,
-) -> np.ndarray:
-    """Raise p for experts at the layer after the current one, from the experts just chosen."""
-    _, n_layers, n_experts = state.shape
+def _coactivation(
+    state: PolicyState, current_position: np.ndarray, chosen_last: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per model, the layer after the current one (-1 for none) and the probability of each of
+    its experts following the experts just chosen at the current layer."""
+    m, n_layers, n_experts = state.shape
+    follow_layer = np.full(m, -1, np.int64)
+    follow = np.zeros((m, n_experts))
     for index, coact in enumerate(state.coactivation):
         now_layer = int(current_position[index]) - 1
         if coact is None or not 0 <= now_layer < coact.given.shape[0]:
@@ -222,10 +229,10 @@ def _apply_coactivation(
         chosen = chosen[coact.given[now_layer, chosen] > 0]  # experts seen before at this layer
         if not len(chosen):
             continue
-        follow = coactivation_probability(coact, now_layer, chosen)
-        rows = (model == index) & (layer == now_layer + 1)
-        p[rows] = np.maximum(p[rows], follow[expert[rows]])
-    return p
+        probability = coactivation_probability(coact, now_layer, chosen)
+        follow_layer[index] = now_layer + 1
+        follow[index, : len(probability)] = probability
+    return follow_layer, follow
 
 
 def coactivation_probability(coact: Coactivation, layer: int, chosen: np.ndarray) -> np.ndarray:

@@ -1,0 +1,204 @@
+"""Compiled kernels of the observe phase (``policy.predict.observe``): router choices folded into
+popularity, persistence and co-activation, with the arithmetic of the numpy code they replaced
+(powers and random draws stay in numpy, between the kernels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policy._select import _jit
+
+
+@_jit
+def fold_routes(
+    step_of: np.ndarray, flat: np.ndarray, n_ml: int, n_experts: int, predicted: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    """Router choices, sorted by (step, flat (model, layer, expert) index) without repeats,
+    counted per layer visited: the layers (flat (model, layer) indices, ascending), the steps
+    visiting each, the choices of each expert there (``[layers, experts]``), and the previous
+    prediction's true positives, false positives and false negatives (each layer's predicted
+    set against its choices at its first visit)."""
+    visits = np.zeros(n_ml, np.int64)
+    first_step = np.full(n_ml, -1, np.int64)
+    last_step = np.full(n_ml, -1, np.int64)
+    for k in range(len(flat)):
+        ml = flat[k] // n_experts
+        if last_step[ml] != step_of[k]:
+            visits[ml] += 1
+            last_step[ml] = step_of[k]
+            if first_step[ml] < 0:
+                first_step[ml] = step_of[k]
+    count = 0
+    for ml in range(n_ml):
+        count += int(visits[ml] > 0)
+    visited = np.empty(count, np.int64)
+    slot = np.full(n_ml, -1, np.int64)
+    count = 0
+    for ml in range(n_ml):
+        if visits[ml] > 0:
+            visited[count] = ml
+            slot[ml] = count
+            count += 1
+    chosen = np.zeros((count, n_experts), np.int64)
+    true_positive = 0
+    used = 0
+    for k in range(len(flat)):
+        ml = flat[k] // n_experts
+        chosen[slot[ml], flat[k] - ml * n_experts] += 1
+        if step_of[k] == first_step[ml]:
+            used += 1
+            true_positive += int(predicted[flat[k]])
+    predicted_count = 0
+    for ml in visited:
+        for e in range(n_experts):
+            predicted_count += int(predicted[ml * n_experts + e])
+    return (
+        visited,
+        visits[visited].astype(np.float64),
+        chosen,
+        true_positive,
+        predicted_count - true_positive,
+        used - true_positive,
+    )
+
+
+@_jit
+def update_popularity(
+    popularity: np.ndarray,
+    layer_visits: np.ndarray,
+    visited: np.ndarray,
+    visits: np.ndarray,
+    chosen: np.ndarray,
+    keep: np.ndarray,
+) -> None:
+    """One decay per visit of a layer, toward the share of its visits choosing each expert
+    (``popularity`` as ``[model * layer, expert]``, ``layer_visits`` flat; in place)."""
+    for v in range(len(visited)):
+        ml = visited[v]
+        for e in range(popularity.shape[1]):
+            share = chosen[v, e] / visits[v]
+            popularity[ml, e] = keep[v] * popularity[ml, e] + (1 - keep[v]) * share
+        layer_visits[ml] += visits[v]
+
+
+@_jit
+def persist(
+    last: np.ndarray,
+    current: np.ndarray,
+    persistence: np.ndarray,
+    n_experts: int,
+    per_model: int,
+    decay: float,
+) -> np.ndarray:
+    """One step of token-to-token persistence: per model, the share of the experts chosen at
+    the last visit of each layer revisited now (``current``, sorted flat indices) that are
+    chosen again, folded into ``persistence`` (in place). Returns the new last choices: those
+    of the layers not revisited, and ``current`` (sorted)."""
+    m = len(persistence)
+    seen = np.zeros(m, np.int64)
+    kept = np.zeros(m, np.int64)
+    # Layers visited now (sorted: ``current`` is).
+    count = 0
+    for k in range(len(current)):
+        if k == 0 or current[k] // n_experts != current[k - 1] // n_experts:
+            count += 1
+    layers = np.empty(count, np.int64)
+    count = 0
+    for k in range(len(current)):
+        if k == 0 or current[k] // n_experts != current[k - 1] // n_experts:
+            layers[count] = current[k] // n_experts
+            count += 1
+    stays = np.empty(len(last), np.bool_)
+    j = 0
+    c = 0
+    for k in range(len(last)):
+        ml = last[k] // n_experts
+        j = np.searchsorted(layers, ml)
+        revisited = j < len(layers) and layers[j] == ml
+        stays[k] = not revisited
+        if revisited:
+            seen[last[k] // per_model] += 1
+            while c < len(current) and current[c] < last[k]:
+                c += 1
+            if c < len(current) and current[c] == last[k]:
+                kept[last[k] // per_model] += 1
+    for i in range(m):
+        if seen[i] > 0:
+            persistence[i] += decay * (kept[i] / seen[i] - persistence[i])
+    # The union of what stays and ``current``: both sorted, merged without repeats.
+    stay = last[stays]
+    merged = np.empty(len(stay) + len(current), np.int64)
+    a = 0
+    b = 0
+    count = 0
+    while a < len(stay) or b < len(current):
+        if b == len(current) or (a < len(stay) and stay[a] < current[b]):
+            value = stay[a]
+            a += 1
+        elif a == len(stay) or current[b] < stay[a]:
+            value = current[b]
+            b += 1
+        else:
+            value = stay[a]
+            a += 1
+            b += 1
+        if count == 0 or merged[count - 1] != value:
+            merged[count] = value
+            count += 1
+    return merged[:count].copy()
+
+
+@_jit
+def follower_runs(
+    chosen: np.ndarray, n_layers: int, n_experts: int, given_layers: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """One model's choices of one step (sorted (layer, expert) indices): their layers and
+    experts, the number of pairs each starts with the choices at the next layer (0 at the last
+    learned layer), the running end of each one's pairs, the first choice of each layer, and
+    the number of pairs."""
+    layer = chosen // n_experts
+    expert = chosen - layer * n_experts
+    per_layer = np.zeros(n_layers + 1, np.int64)
+    for i in range(len(layer)):
+        per_layer[layer[i]] += 1
+    offsets = np.empty(n_layers + 1, np.int64)
+    running = 0
+    for i in range(n_layers + 1):
+        offsets[i] = running
+        running += per_layer[i]
+    repeat = np.empty(len(layer), np.int64)
+    ends = np.empty(len(layer), np.int64)
+    total = 0
+    for i in range(len(layer)):
+        repeat[i] = per_layer[layer[i] + 1] if layer[i] < given_layers else 0
+        total += repeat[i]
+        ends[i] = total
+    return layer, expert, repeat, ends, offsets, total
+
+
+@_jit
+def learn_pairs(
+    pairs: np.ndarray,
+    given: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    repeat: np.ndarray,
+    ends: np.ndarray,
+    offsets: np.ndarray,
+    pair: np.ndarray,
+    increment: float,
+    pair_increment: float,
+) -> None:
+    """Add one step's co-activation: each choice with a next layer to ``given``, and each of
+    the pairs ``pair`` (indices into the step's pairs, ascending) to ``pairs``."""
+    for i in range(len(layer)):
+        if layer[i] < given.shape[0]:
+            given[layer[i], expert[i]] += increment
+    src = 0
+    for k in range(len(pair)):
+        while ends[src] <= pair[k]:  # np.searchsorted(ends, pair, side="right")
+            src += 1
+        within = pair[k] - (ends[src] - repeat[src])
+        dst = offsets[layer[src] + 1] + within
+        pairs[layer[src], expert[src], expert[dst]] += pair_increment

@@ -1,0 +1,117 @@
+"""Compiled kernels of the predict phase (``policy.predict``).
+
+They evaluate the numpy expressions they replaced in the same order of operations. Powers stay
+in numpy (between the kernels): numpy evaluates ``**`` with its own vectorized routine, whose
+last bit can differ from the C library's ``pow`` that compiled code calls, and plans must not
+change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policy._select import _jit
+
+
+@_jit
+def block_times(
+    until: np.ndarray,
+    model: np.ndarray,
+    position: np.ndarray,
+    active: np.ndarray,
+    idle_use_probability: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block: time until its position is next visited, and p(use) before expert evidence
+    (1 for a running model, ``idle_use_probability`` for an idle one)."""
+    n = len(model)
+    time_to_next = np.empty(n)
+    probability = np.empty(n)
+    for r in range(n):
+        time_to_next[r] = until[model[r], position[r]]
+        probability[r] = 1.0 if active[model[r]] else idle_use_probability
+    return time_to_next, probability
+
+
+@_jit
+def shrunk_popularity(
+    model: np.ndarray,
+    layer: np.ndarray,
+    flat: np.ndarray,
+    layer_visits: np.ndarray,
+    visit_weight: np.ndarray,
+    layer_mean: np.ndarray,
+    popularity: np.ndarray,
+    observed_concurrency: np.ndarray,
+    decay: float,
+    prior_visits: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per expert: ``1 - pop`` and ``1 / observed concurrency``, where ``pop`` is its decayed
+    popularity corrected for the weight accumulated so far and shrunk toward its layer's mean
+    (see ``policy.predict.predict``)."""
+    n = len(flat)
+    base = np.empty(n)
+    exponent = np.empty(n)
+    for j in range(n):
+        m, layer_j = model[j], layer[j]
+        weight = visit_weight[m, layer_j]
+        pop = 0.0
+        if layer_visits[m, layer_j] > 0:
+            pop = popularity[flat[j]] / (weight if weight >= 1e-12 or np.isnan(weight) else 1e-12)
+        evidence = weight / decay  # the effective number of visits behind the average
+        pop = (evidence * pop + prior_visits * layer_mean[m, layer_j]) / (evidence + prior_visits)
+        pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN
+        base[j] = 1 - pop
+        exponent[j] = 1 / observed_concurrency[m]
+    return base, exponent
+
+
+@_jit
+def widened(
+    powered: np.ndarray, model: np.ndarray, concurrency: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per expert: ``1 - per_sequence`` (``per_sequence = 1 - powered``) and the concurrency now
+    (at least 1), as the base and exponent of the next power."""
+    n = len(powered)
+    base = np.empty(n)
+    exponent = np.empty(n)
+    for j in range(n):
+        per_sequence = 1 - powered[j]
+        base[j] = 1 - per_sequence
+        exponent[j] = float(max(concurrency[model[j]], 1))
+    return base, exponent
+
+
+@_jit
+def expert_probability(
+    powered: np.ndarray,
+    rows: np.ndarray,
+    model: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    flat: np.ndarray,
+    chosen_last: np.ndarray,
+    persistence: np.ndarray,
+    follow_layer: np.ndarray,
+    follow: np.ndarray,
+    active: np.ndarray,
+    idle_use_probability: float,
+    threshold: float,
+    probability: np.ndarray,
+    predicted: np.ndarray,
+) -> None:
+    """Per expert: p(use) from ``1 - powered``, raised to its model's persistence if it was
+    chosen at its layer's last visit and to its co-activation probability if its layer is the
+    one after the current one (``follow_layer`` per model, -1 for none); written into
+    ``probability`` (damped for an idle model) and the predicted set."""
+    for j in range(len(rows)):
+        m = model[j]
+        p = 1 - powered[j]
+        if chosen_last[flat[j]]:
+            other = persistence[m]
+            p = p if p >= other or np.isnan(p) else other  # np.maximum
+        if layer[j] == follow_layer[m]:
+            other = follow[m, expert[j]]
+            p = p if p >= other or np.isnan(p) else other
+        value = p if active[m] else idle_use_probability * p
+        probability[rows[j]] = value
+        predicted[flat[j]] = value >= threshold

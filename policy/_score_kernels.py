@@ -1,0 +1,288 @@
+"""Compiled kernels of the score phase (``policy.score``): one pass per block array instead of
+a dozen numpy temporaries, and greedy fills by selection (``policy._select``) instead of sorts.
+
+Each kernel evaluates exactly the expressions of the numpy code it replaced, in the same order
+of operations, so results are identical bit for bit (no fused multiply-adds: numba compiles
+without fast-math). Byte counts are summed as integers (exact in any order).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from policy._select import _jit, take_by_density
+from policy.snapshot import CXL, HOST, NONE, STORAGE
+
+
+@_jit
+def score_rows(
+    fallback_level: np.ndarray,
+    model: np.ndarray,
+    hbm_encoding: np.ndarray,
+    leased: np.ndarray,
+    placed_at_s: np.ndarray,
+    use_probability: np.ndarray,
+    time_to_next_use_s: np.ndarray,
+    period_s: np.ndarray,
+    recovery_by_level: np.ndarray,
+    preferred_by_level: np.ndarray,
+    unit_density_by_level: np.ndarray,
+    inverse_imminence_s: float,
+    horizon_s: float,
+    now_s: float,
+    min_dwell_s: float,
+    out_used: np.ndarray,
+    out_recovery_s: np.ndarray,
+    out_preferred: np.ndarray,
+    out_preferred_density: np.ndarray,
+    out_imminence: np.ndarray,
+    out_pinned: np.ndarray,
+) -> None:
+    """Per block: recovery time from its fallback copy, imminence, uses within the horizon,
+    its densest HBM encoding and that density (quality weight 0), and whether it is pinned."""
+    for r in range(len(fallback_level)):
+        level = fallback_level[r]
+        p = use_probability[r]
+        t_next = time_to_next_use_s[r]
+        imminence = 1.0 / (1.0 + t_next * inverse_imminence_s)
+        ahead = horizon_s - t_next
+        if not ahead >= 0.0 and not np.isnan(ahead):  # np.maximum(ahead, 0.0)
+            ahead = 0.0
+        used = p * imminence + p * ahead / period_s[model[r]]
+        out_used[r] = used
+        out_recovery_s[r] = recovery_by_level[level, r]
+        out_preferred[r] = preferred_by_level[level, r]
+        out_preferred_density[r] = used * unit_density_by_level[level, r]
+        out_imminence[r] = imminence
+        out_pinned[r] = hbm_encoding[r] != NONE and (
+            leased[r] or (now_s - placed_at_s[r]) < min_dwell_s
+        )
+
+
+@_jit
+def weighted_preference(
+    used: np.ndarray,
+    recovery_s: np.ndarray,
+    decode_s: np.ndarray,
+    use_probability: np.ndarray,
+    sensitivity: np.ndarray,
+    nbytes: np.ndarray,
+    allowed: np.ndarray,
+    quality_weight_s: float,
+    out_preferred: np.ndarray,
+    out_preferred_density: np.ndarray,
+) -> None:
+    """The densest allowed HBM encoding per block when quality is weighed into the value
+    (``np.argmax`` semantics: the first maximum, or the first NaN)."""
+    for r in range(len(used)):
+        base = used[r] * recovery_s[r]
+        weighted_p = quality_weight_s * use_probability[r]
+        best = 0
+        best_density = 0.0
+        for e in range(nbytes.shape[1]):
+            value = base - used[r] * decode_s[r, e]
+            value -= weighted_p * sensitivity[r, e]
+            density = value / nbytes[r, e] if allowed[r, e] else -np.inf
+            better = density > best_density or np.isnan(density)
+            if e == 0 or (not np.isnan(best_density) and better):
+                best = e
+                best_density = density
+        out_preferred[r] = best
+        out_preferred_density[r] = best_density
+
+
+@_jit
+def choose_hbm(
+    hbm_tier: np.ndarray,
+    hbm_encoding: np.ndarray,
+    fallback_level: np.ndarray,
+    placed_at_s: np.ndarray,
+    demand: np.ndarray,
+    pinned: np.ndarray,
+    nbytes: np.ndarray,
+    preferred: np.ndarray,
+    preferred_density: np.ndarray,
+    penalty_by_level: np.ndarray,
+    hbm_tiers: np.ndarray,
+    budget_bytes: np.ndarray,
+    now_s: float,
+    min_dwell_s: float,
+    rounds: int,
+) -> np.ndarray:
+    """Target HBM encoding per block before the veto (``policy.score.choose_targets``)."""
+    n = len(hbm_tier)
+    hbm = np.full(n, NONE, np.int64)
+    pinned_bytes = np.zeros(len(budget_bytes), np.int64)
+    eligible = np.empty(n, np.bool_)
+    for r in range(n):
+        resident = hbm_encoding[r] != NONE
+        recently_left = not resident and (now_s - placed_at_s[r]) < min_dwell_s
+        eligible[r] = not pinned[r] and (not recently_left or demand[r])
+        if pinned[r]:
+            hbm[r] = hbm_encoding[r]
+            pinned_bytes[hbm_tier[r]] += nbytes[r, hbm_encoding[r]]
+    for tier in hbm_tiers:
+        room = budget_bytes[tier] - float(pinned_bytes[tier])
+        count = 0
+        full_total = 0
+        for r in range(n):
+            if eligible[r] and hbm_tier[r] == tier:
+                count += 1
+                full_total += nbytes[r, 0]
+        if full_total <= room:  # all fit at full precision: no trade-off
+            for r in range(n):
+                if eligible[r] and hbm_tier[r] == tier:
+                    hbm[r] = 0
+            continue
+        rows = np.empty(count, np.int64)
+        density = np.empty(count, np.float64)
+        size = np.empty(count, np.int64)
+        k = 0
+        for r in range(n):
+            if eligible[r] and hbm_tier[r] == tier:
+                rows[k] = r
+                penalty = 0.0 if hbm_encoding[r] != NONE else penalty_by_level[fallback_level[r]]
+                density[k] = np.inf if demand[r] else preferred_density[r] - penalty
+                size[k] = nbytes[r, preferred[r]]
+                k += 1
+        taken = take_by_density(density, size, room, rounds)
+        for k in range(count):
+            if taken[k]:
+                hbm[rows[k]] = preferred[rows[k]]
+    return hbm
+
+
+@_jit
+def chosen_density(
+    hbm: np.ndarray,
+    used: np.ndarray,
+    recovery_s: np.ndarray,
+    decode_s: np.ndarray,
+    use_probability: np.ndarray,
+    sensitivity: np.ndarray,
+    nbytes: np.ndarray,
+    quality_weight_s: float,
+) -> np.ndarray:
+    """Value per byte of each block's target HBM encoding (0 for blocks not in HBM)."""
+    out = np.zeros(len(hbm))
+    for r in range(len(hbm)):
+        e = hbm[r]
+        if e == NONE:
+            continue
+        value = used[r] * (recovery_s[r] - decode_s[r, e])
+        if quality_weight_s:
+            value -= quality_weight_s * (use_probability[r] * sensitivity[r, e])
+        out[r] = value / nbytes[r, e]
+    return out
+
+
+@_jit
+def choose_fallback(
+    fallback_level: np.ndarray,
+    leased: np.ndarray,
+    regenerable: np.ndarray,
+    full_bytes: np.ndarray,
+    imminence: np.ndarray,
+    host_tier: np.ndarray,
+    cxl_tier: np.ndarray,
+    host_tiers: np.ndarray,
+    cxl_tiers: np.ndarray,
+    per_byte_s: np.ndarray,
+    latency_s: np.ndarray,
+    copy_cost: np.ndarray,
+    usable_bytes: np.ndarray,
+    rounds: int,
+) -> np.ndarray:
+    """Fallback level per block: host, then CXL, by the value of a faster fallback copy
+    (``policy.score._choose_fallback``); ``copy_cost`` per level, ``*_tiers`` the tiers of
+    each level that hold blocks."""
+    n = len(fallback_level)
+    fallback = np.full(n, STORAGE, np.int64)
+    keep = np.empty(n, np.bool_)
+    for r in range(n):
+        keep[r] = leased[r] and fallback_level[r] != STORAGE
+        if keep[r]:
+            fallback[r] = fallback_level[r]
+    for level in (HOST, CXL):
+        tiers = host_tiers if level == HOST else cxl_tiers
+        tier_of = host_tier if level == HOST else cxl_tier
+        saved_rate = per_byte_s[STORAGE] - per_byte_s[level]
+        saved_latency = latency_s[STORAGE] - latency_s[level]
+        for tier in tiers:
+            pinned_bytes = 0
+            count = 0
+            for r in range(n):
+                if tier_of[r] != tier:
+                    continue
+                if keep[r] and fallback[r] == level:
+                    pinned_bytes += full_bytes[r]
+                if not keep[r] and not regenerable[r] and fallback[r] == STORAGE:
+                    count += 1
+            room = usable_bytes[tier] - float(pinned_bytes)
+            rows = np.empty(count, np.int64)
+            value = np.empty(count, np.float64)
+            size = np.empty(count, np.int64)
+            k = 0
+            for r in range(n):
+                if tier_of[r] != tier or keep[r] or regenerable[r] or fallback[r] != STORAGE:
+                    continue
+                rows[k] = r
+                saved = saved_rate + saved_latency / float(full_bytes[r])
+                cost = 0.0 if fallback_level[r] == level else copy_cost[level]
+                value[k] = imminence[r] * saved - cost
+                size[k] = full_bytes[r]
+                k += 1
+            taken = take_by_density(value, size, room, rounds)
+            for k in range(count):
+                if taken[k]:
+                    fallback[rows[k]] = level
+    return fallback
+
+
+@_jit
+def refine_precision(
+    hbm: np.ndarray,
+    hbm_tier: np.ndarray,
+    leased: np.ndarray,
+    nbytes: np.ndarray,
+    sensitivity: np.ndarray,
+    decode_s: np.ndarray,
+    use_probability: np.ndarray,
+    imminence: np.ndarray,
+    hbm_tiers: np.ndarray,
+    budget_bytes: np.ndarray,
+    rounds: int,
+) -> None:
+    """Upgrade blocks to full precision with the HBM left after the veto, in place
+    (``policy.score.refine``)."""
+    n = len(hbm)
+    for tier in hbm_tiers:
+        held = 0
+        count = 0
+        for r in range(n):
+            if hbm_tier[r] == tier and hbm[r] != NONE:
+                held += nbytes[r, hbm[r]]
+                if hbm[r] != 0 and not leased[r]:
+                    count += 1
+        room = budget_bytes[tier] - float(held)
+        if room <= 0 or count == 0:
+            continue
+        rows = np.empty(count, np.int64)
+        gain = np.empty(count, np.float64)
+        extra = np.empty(count, np.int64)
+        k = 0
+        for r in range(n):
+            e = hbm[r]
+            if hbm_tier[r] == tier and e > 0 and not leased[r]:  # in HBM, not at full
+                p = use_probability[r]
+                more = nbytes[r, 0] - nbytes[r, e]
+                quality_gain = p * sensitivity[r, e]
+                decode_gain = p * imminence[r] * decode_s[r, e]
+                rows[k] = r
+                gain[k] = (quality_gain + decode_gain) / float(max(more, 1))
+                extra[k] = max(more, 0)
+                k += 1
+        taken = take_by_density(gain, extra, room, rounds)
+        for k in range(count):
+            if taken[k]:
+                hbm[rows[k]] = 0

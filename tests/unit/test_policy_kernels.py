@@ -1,0 +1,172 @@
+"""The control step's compiled kernels against the sorting code they replaced.
+
+The kernels pick greedy prefixes by selection instead of sorting; each test runs the sorting
+version (kept here as the reference) on random inputs with ties, NaN, infinities and zero sizes
+and asserts identical results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from policy._action_kernels import link_budgets
+from policy._kernels import stable_argsort
+from policy._veto_kernels import budget_choice, fit_rows
+from policy.score import take_by_density
+
+
+def reference_take_by_density(density, nbytes, budget, rounds=8):
+    """The numpy greedy of ``policy.score.take_by_density`` before it was compiled."""
+    taken = np.zeros(len(density), dtype=bool)
+    if nbytes.sum() <= budget:
+        taken[:] = True
+        return taken
+    if budget <= 0:
+        return taken
+    order = np.flatnonzero(nbytes <= budget)
+    order = order[np.argsort(-density[order], kind="stable")]
+    left = float(budget)
+    for _ in range(rounds):
+        order = order[nbytes[order] <= left]
+        if not len(order):
+            break
+        cum = np.cumsum(nbytes[order])
+        count = int((cum <= left).sum())
+        taken[order[:count]] = True
+        left -= float(cum[count - 1]) if count else 0.0
+        order = order[count + 1 :]
+    return taken
+
+
+def values(draw, n, distinct):
+    """Floats with many ties, some NaN and infinities."""
+    pool = [float(x) for x in draw(st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=distinct))]
+    pool += [np.nan, np.inf, -np.inf, 0.0, -0.0]
+    weights = [1.0] * (len(pool) - 5) + [0.05] * 5
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    return rng.choice(pool, n, p=np.array(weights) / sum(weights))
+
+
+@st.composite
+def greedy_inputs(draw):
+    n = draw(st.integers(0, 400))
+    density = values(draw, n, draw(st.integers(1, 60)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    low = draw(st.sampled_from([0, 1]))
+    nbytes = rng.integers(low, draw(st.integers(2, 1000)), n).astype(np.int64)
+    budget = float(rng.uniform(-10, max(int(nbytes.sum()), 1) * 1.1))
+    return density, nbytes, budget, draw(st.integers(1, 9))
+
+
+@settings(max_examples=300, deadline=None)
+@given(greedy_inputs())
+def test_take_by_density_is_the_sorting_greedy(inputs) -> None:
+    density, nbytes, budget, rounds = inputs
+    expected = reference_take_by_density(density, nbytes, budget, rounds)
+    np.testing.assert_array_equal(take_by_density(density, nbytes, budget, rounds), expected)
+
+
+def test_take_by_density_at_scale_with_long_runs_of_ties() -> None:
+    rng = np.random.default_rng(5)
+    density = np.round(rng.lognormal(size=200_000), 2)  # runs of thousands of equal values
+    nbytes = rng.choice([100, 50, 27, 23, 7], 200_000).astype(np.int64) * 1000
+    for fraction in (0.001, 0.3, 0.999):
+        budget = float(nbytes.sum() * fraction)
+        expected = reference_take_by_density(density, nbytes, budget)
+        np.testing.assert_array_equal(take_by_density(density, nbytes, budget), expected)
+
+
+def reference_budget_choice(key, saving, target):
+    order = stable_argsort(key)
+    count = int(np.searchsorted(np.cumsum(saving[order]), target)) + 1
+    chosen = np.zeros(len(key), dtype=bool)
+    chosen[order[:count]] = True
+    return chosen
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 40), st.floats(0, 1.2), st.integers(0, 2**32 - 1))
+def test_budget_choice_is_the_sorted_running_sum_or_says_it_cannot_tell(
+    n, distinct, share, seed
+) -> None:
+    rng = np.random.default_rng(seed)
+    key = -rng.integers(1, distinct + 1, n) / 7.0  # ties
+    saving = rng.exponential(1e-3, n) * rng.integers(0, 2, n)  # zeros too
+    target = float(saving.sum() * share)
+    chosen, certain = budget_choice(key, saving, target)
+    if certain:
+        np.testing.assert_array_equal(chosen, reference_budget_choice(key, saving, target))
+
+
+def test_budget_choice_defers_to_the_sort_when_rounding_could_decide() -> None:
+    key = np.array([-3.0, -2.0, -1.0])
+    saving = np.array([0.1, 0.2, 0.3])
+    exact = float(np.cumsum(saving)[1])  # the target is a running sum itself: a tie
+    assert not budget_choice(key, saving, exact)[1]
+    chosen, certain = budget_choice(key, saving, exact * 0.9)
+    assert certain
+    assert chosen.tolist() == [True, True, False]
+    assert not budget_choice(key, np.array([0.1, np.nan, 0.3]), 0.2)[1]
+
+
+def reference_fit(rows, fallback, then, hbm, nbytes, density, room):
+    """``policy.veto._fit`` for one tier, as the sorting code did it (``rows`` in the order
+    that breaks ties)."""
+    sequence = np.lexsort((np.arange(len(rows)), then, -density[rows]))
+    fits = np.zeros(len(rows), dtype=bool)
+    cum, grown, freed = 0, 0, 0
+    for i in sequence:
+        extra = int(nbytes[rows[i], fallback[i]] - nbytes[rows[i], hbm[rows[i]]])
+        cum += max(extra, 0)
+        if cum <= room:
+            fits[i] = True
+            grown += max(extra, 0)
+        else:
+            freed += int(nbytes[rows[i], hbm[rows[i]]])
+    spare = room - float(grown) + float(freed)
+    need = 0
+    for i in sequence:
+        if not fits[i]:
+            need += int(nbytes[rows[i], fallback[i]])
+            if need <= spare:
+                fits[i] = True
+    return np.where(fits, fallback, -1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 200), st.integers(1, 20), st.floats(0, 1.5), st.integers(0, 2**32 - 1))
+def test_fit_rows_is_the_ordered_two_round_greedy(n, distinct, share, seed) -> None:
+    rng = np.random.default_rng(seed)
+    blocks = n + 10
+    nbytes = np.sort(rng.integers(1, 100, (blocks, 5)), axis=1)[:, ::-1].astype(np.int64)
+    hbm = rng.integers(-1, 5, blocks).astype(np.int64)
+    rows = np.flatnonzero(hbm != -1)
+    fallback = rng.integers(0, 5, len(rows)).astype(np.int64)
+    density = rng.integers(0, distinct, blocks) / 3.0
+    then = rng.integers(0, distinct, len(rows)) / 5.0
+    used = int(nbytes[rows, hbm[rows]].sum())
+    budget = np.array([used * share])
+    placed = fit_rows(
+        rows, fallback, then, True, hbm, np.zeros(blocks, np.int64), nbytes, density, budget
+    )
+    room = budget[0] - used
+    expected = reference_fit(rows, fallback, then, hbm, nbytes, density, room)
+    np.testing.assert_array_equal(placed, expected)
+
+
+def test_link_budgets_issue_the_most_urgent_first_within_the_budget() -> None:
+    # One link (storage -> HBM, index 3 -> 0) of 10 bytes a tick; four transfers of 4 bytes.
+    gbps = np.zeros((4, 4))
+    gbps[3, 0] = 1e-8  # 10 bytes per 1 s tick
+    src = np.full(5, 3)
+    dst = np.array([0, 0, 0, 0, 1])  # the last goes elsewhere: a link with no bandwidth
+    cls = np.array([2, 1, 1, 3, 1], np.int8)
+    deadline = np.array([5.0, 9.0, 8.0, 1.0, 0.0])
+    size = np.full(5, 4, np.int64)
+    issued = link_budgets(
+        src, dst, cls, deadline, size, np.arange(5), gbps, np.zeros((4, 4)), 1.0, 0.5, 0.0
+    )
+    # Class first, then deadline: 2 (class 1, t=8), then 1 (class 1, t=9); 0 no longer fits.
+    assert issued.tolist() == [False, True, True, False, False]
