@@ -29,12 +29,50 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("weightpool-demo-report"),
+    show_default=True,
+    help="Where the report (report.md, report.json, occupancy.png) is written.",
+)
+@click.option(
+    "--hbm-mib",
+    type=click.IntRange(min=16),
+    default=96,
+    show_default=True,
+    help="The emulated HBM device's capacity (the two models need 245 MiB).",
+)
+@click.option(
+    "--storage-only",
+    is_flag=True,
+    help="Only round-trip MiniLM through the storage tier (no Ray): encodings, sizes, errors.",
+)
+@click.option(
     "--store",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Keep the demo's block store here (default: a temporary directory, removed after).",
+    help="With --storage-only: keep the block store here (default: a temporary directory).",
 )
-def demo(store: Path | None) -> None:
+def demo(out: Path, hbm_mib: int, storage_only: bool, store: Path | None) -> None:
+    """The main job: two real models served through a pool smaller than them, and a report."""
+    if storage_only:
+        _storage_demo(store)
+        return
+    from api.main_job import MainJobConfig, render, run_main_job
+
+    def bar(**kwargs: object) -> tqdm:  # type: ignore[type-arg]
+        return tqdm(leave=False, **kwargs)  # type: ignore[call-overload]
+
+    try:
+        report = run_main_job(out, MainJobConfig(hbm_mib=hbm_mib), say=click.echo, bar=bar)
+    except RuntimeError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo("")
+    click.echo("\n".join(render(report)))
+    click.echo(f"\nreport written to {out}/report.md (plot: {out}/occupancy.png)")
+
+
+def _storage_demo(store: Path | None) -> None:
     """Round-trip a real model (all-MiniLM-L6-v2) through the storage tier and report."""
     from api.demo import run_storage_demo
     from api.models import minilm_checkpoint

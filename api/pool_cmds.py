@@ -140,7 +140,7 @@ def start(
     if address is not None:
         _connect_ray(address)
     else:
-        ray.init(log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", log_to_driver=False, logging_level="ERROR")  # a new Ray
     pool = start_pool(config)
     click.echo(f"pool running in namespace {config.namespace!r} ({len(pool.tiers)} tiers)")
     click.echo("\n".join(status_rows(pool.status())))

@@ -57,7 +57,7 @@ def test_load_refuses_bad_input_and_imports_nothing(tmp_path) -> None:
 
 
 def test_demo_round_trips_the_real_model() -> None:
-    result = CliRunner().invoke(main, ["demo"])
+    result = CliRunner().invoke(main, ["demo", "--storage-only"])
     assert result.exit_code == 0, result.output
     assert "all-MiniLM-L6-v2: 54 blocks, 86.6 MiB" in result.output
     assert "full-precision copies bit-exact to the checkpoint: True" in result.output
