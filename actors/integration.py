@@ -7,9 +7,11 @@ of its weights:
 - every pool block of the model is bound to the model's parameters and buffers by its checkpoint
   keys (``prefix`` + ``TensorSpec.source``); the local tensors are replaced by ``meta``
   placeholders (shape and dtype kept, no storage), so the model holds no second copy;
-- a forward pre-hook on the block's module (the smallest module holding all its tensors) puts the
-  leased tensors in place just before the module runs, and a forward hook puts the placeholders
-  back after: between uses the module holds no reference to pool memory. Leased tensors come from
+- a forward pre-hook puts the leased tensors in place just before their module runs, and a
+  forward hook puts the placeholders back after: between uses the model holds no reference to
+  pool memory. The module is, by default (``granularity="layer"``), the smallest one holding all
+  of a layer's blocks (an encoder layer: one hook pair per layer, not per linear), else the
+  block's own (the smallest module holding its tensors). Leased tensors come from
   :meth:`PoolClient.get`: a block this client already leases is a dictionary lookup in-process
   (no remote call, no decode, no copy); a miss is one remote ``acquire``;
 - fused MoE expert tensors (one parameter ``[experts, ...]`` per layer, transformers 5) are
@@ -51,7 +53,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,10 +62,14 @@ from torch import nn
 
 from actors.client import PoolClient
 from actors.integration_binding import (
+    DenseBinding,
     FusedExperts,
+    HookGroup,
     IntegrationError,
     TensorSlot,
     bind_fused_experts,
+    common_path,
+    hook_groups,
     resolve_slots,
 )
 from pool.blocks import BlockSpec
@@ -72,17 +77,6 @@ from pool.codecs import encoded_nbytes
 from pool.encoding import Encoding
 
 __all__ = ["IntegrationError", "ManagedModel", "manage"]
-
-
-@dataclass
-class DenseBinding:
-    """One block whose tensors are whole parameters or buffers of the model."""
-
-    block_id: str
-    layer: int
-    nbytes: int
-    module: nn.Module
-    slots: tuple[TensorSlot, ...]
 
 
 @dataclass
@@ -103,6 +97,7 @@ class ManagedModel:
         lease_budget_bytes: HBM bytes of leased copies kept between uses (see the module
             docstring); ``None``: unlimited.
         dense: bindings of whole-tensor blocks, by block id.
+        groups: the modules whose hooks put the dense blocks in place (``granularity``).
         experts: fused MoE expert bindings, by the experts module's path.
         managed_bytes: full-precision bytes of the bound blocks (freed locally).
         local_bytes: bytes of parameters and buffers the pool does not hold (kept locally).
@@ -117,6 +112,7 @@ class ManagedModel:
         client: PoolClient,
         model_name: str,
         dense: dict[str, DenseBinding],
+        groups: list[HookGroup],
         experts: dict[str, FusedExperts],
         specs: dict[str, BlockSpec],
         lease_budget_bytes: int | None,
@@ -125,6 +121,7 @@ class ManagedModel:
         self.client = client
         self.model_name = model_name
         self.dense = dense
+        self.groups = groups
         self.experts = experts
         self.specs = specs
         self.lease_budget_bytes = lease_budget_bytes
@@ -213,23 +210,24 @@ class ManagedModel:
         for block_id in block_ids:
             self.pinned_bytes -= self.pinned.pop(block_id, 0)
 
-    def _dense_pre(self, binding: DenseBinding) -> Any:
-        client, slots, block_id = self.client, binding.slots, binding.block_id
+    def _group_pre(self, group: HookGroup) -> Any:
+        client, layer, blocks, every = self.client, group.layer, group.blocks, group.slots
 
         def pre(_module: nn.Module, _args: tuple[Any, ...]) -> None:
-            if self.state.layer != binding.layer:
-                self._enter_layer(binding.layer)
-            tensors = client.get(block_id)
-            # PERF: a plain tensor in the owner's table, not a new nn.Parameter: wrapping each
-            # leased tensor on every call cost ~3 us per tensor, 0.3 ms per MiniLM forward.
-            for slot in slots:
-                slot.table[slot.attr] = tensors[slot.tensor_name]
-            self.state.materialized.append(slots)
+            if self.state.layer != layer:
+                self._enter_layer(layer)
+            for block_id, slots in blocks:
+                tensors = client.get(block_id)
+                # PERF: a plain tensor in the owner's table, not a new nn.Parameter: wrapping
+                # each leased tensor on every call cost ~3 us a tensor, 0.3 ms a MiniLM forward.
+                for slot in slots:
+                    slot.table[slot.attr] = tensors[slot.tensor_name]
+            self.state.materialized.append(every)
 
         return pre
 
-    def _dense_post(self, binding: DenseBinding) -> Any:
-        slots = binding.slots
+    def _group_post(self, group: HookGroup) -> Any:
+        slots = group.slots
 
         def post(_module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
             _put_placeholders(slots)
@@ -248,10 +246,10 @@ class ManagedModel:
         model = self.model
         self.handles.append(model.register_forward_pre_hook(self._root_pre, with_kwargs=True))
         self.handles.append(model.register_forward_hook(self._root_post, always_call=True))
-        for binding in self.dense.values():
-            _put_placeholders(binding.slots)
-            self.handles.append(binding.module.register_forward_pre_hook(self._dense_pre(binding)))
-            self.handles.append(binding.module.register_forward_hook(self._dense_post(binding)))
+        for group in self.groups:
+            _put_placeholders(group.slots)
+            self.handles.append(group.module.register_forward_pre_hook(self._group_pre(group)))
+            self.handles.append(group.module.register_forward_hook(self._group_post(group)))
         for fused in self.experts.values():
             self.handles.extend(fused.install(self))
         self.local_bytes = sum(
@@ -288,6 +286,7 @@ def manage(
     prefix: str = "",
     lease_budget_bytes: int | None = None,
     routers: dict[str, nn.Module] | None = None,
+    granularity: str = "layer",
 ) -> ManagedModel:
     """Serve ``model``'s weights from the pool, where its checkpoint is registered as
     ``model_name`` (see the module docstring for what changes and when).
@@ -303,12 +302,20 @@ def manage(
             tier's capacity (see the module docstring).
         routers: the router module of each fused experts module, by the experts module's path;
             by default its sibling named ``gate`` or ``router``.
+        granularity: ``"block"``: each dense block is put in place by its own module's hooks;
+            ``"layer"``: a layer's dense blocks together, by the hooks of the smallest module
+            holding them (an encoder layer), where that module holds no other layer's blocks
+            and is not the root (else per block). Same leases and telemetry; far fewer hooks
+            (see the README's overhead figures).
 
     Raises:
         UnknownBlockError: ``model_name`` is not registered in the pool.
         IntegrationError: a block names a tensor the model lacks, or one whose shape or dtype
-            differs, or a fused experts module has no router; the model is left unchanged.
+            differs, or a fused experts module has no router, or ``granularity`` is unknown;
+            the model is left unchanged.
     """
+    if granularity not in ("block", "layer"):
+        raise IntegrationError(f"granularity {granularity!r}; expected 'block' or 'layer'")
     home, specs, others_bytes = ray.get(client.controller.model_blocks.remote(model_name))
     slots_of = resolve_slots(model, specs, prefix)  # raises before anything changes
     dense: dict[str, DenseBinding] = {}
@@ -318,16 +325,19 @@ def manage(
         if any(s.fused for s in slots):
             fused_specs.setdefault(slots[0].owner_path, []).append(spec)
         else:
-            module = model.get_submodule(_common_path(s.owner_path for s in slots))
+            path = common_path(s.owner_path for s in slots)
             dense[spec.block_id] = DenseBinding(
-                spec.block_id, spec.layer, spec.full_nbytes, module, slots
+                spec.block_id, spec.layer, spec.full_nbytes, path, slots
             )
     experts = bind_fused_experts(model, fused_specs, slots_of, routers or {})
     room = _room(client, home, others_bytes)
     if lease_budget_bytes is None and room is not None:
         lease_budget_bytes = None if sum(s.full_nbytes for s in specs) <= room else room // 2
     by_id = {s.block_id: s for s in specs}
-    managed = ManagedModel(model, client, model_name, dense, experts, by_id, lease_budget_bytes)
+    groups = hook_groups(model, dense, granularity)
+    managed = ManagedModel(
+        model, client, model_name, dense, groups, experts, by_id, lease_budget_bytes
+    )
     managed.room_bytes = room
     managed.install()
     return managed
@@ -341,17 +351,6 @@ def _room(client: PoolClient, home: str, others_bytes: int) -> int | None:
     if capacity is None:
         return None
     return max(int(capacity * (1.0 - config.policy.hbm_headroom_fraction)) - others_bytes, 0)
-
-
-def _common_path(paths: Iterable[str]) -> str:
-    """The deepest module path containing every one of ``paths`` ("" is the root)."""
-    split = [p.split(".") if p else [] for p in paths]
-    common: list[str] = []
-    for parts in zip(*split, strict=False):
-        if any(p != parts[0] for p in parts):
-            break
-        common.append(parts[0])
-    return ".".join(common)
 
 
 def _put_placeholders(slots: tuple[TensorSlot, ...]) -> None:

@@ -4,6 +4,8 @@ Part of :mod:`actors.integration` (see its docstring for the contract of ``manag
 
 - :func:`resolve_slots`: each block tensor's place in the model (the owner module's parameter or
   buffer table and the attribute name), checked against the pool's spec before anything changes;
+- :func:`hook_groups`: which module's hooks put which dense blocks in place (a block's own
+  module, or a whole layer's smallest enclosing module);
 - :class:`FusedExperts`: a transformers 5 experts module whose parameters hold every expert of a
   layer (``gate_up_proj[experts, ...]``). Its router's forward hook reads the top-k choice; the
   experts' pre-hook leases only the chosen experts' blocks and copies each into its slice of a
@@ -118,6 +120,68 @@ def resolve_slots(
             f"the model does not match the pool's blocks: {'; '.join(problems[:5])}{more}"
         )
     return out
+
+
+@dataclass
+class DenseBinding:
+    """One block whose tensors are whole parameters or buffers of the model; ``path`` is the
+    smallest module holding them all."""
+
+    block_id: str
+    layer: int
+    nbytes: int
+    path: str
+    slots: tuple[TensorSlot, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class HookGroup:
+    """Dense blocks put in place by one module's pre-hook and dropped by its forward hook: one
+    block at its own module, or a whole layer at the smallest module holding it."""
+
+    module: nn.Module
+    path: str
+    layer: int
+    blocks: tuple[tuple[str, tuple[TensorSlot, ...]], ...]  # block id, its slots
+    slots: tuple[TensorSlot, ...]  # every slot of the group
+
+
+def hook_groups(
+    model: nn.Module, dense: dict[str, DenseBinding], granularity: str
+) -> list[HookGroup]:
+    """The hook modules of the dense blocks (see ``manage``'s ``granularity``)."""
+    by_layer: dict[int, list[DenseBinding]] = {}
+    for binding in dense.values():
+        by_layer.setdefault(binding.layer, []).append(binding)
+    groups = []
+    for layer, bindings in by_layer.items():
+        if granularity == "layer":
+            path = common_path(b.path for b in bindings)
+            foreign = any(b.layer != layer and under(b.path, path) for b in dense.values())
+            if path and not foreign:
+                blocks = tuple((b.block_id, b.slots) for b in bindings)
+                every = tuple(s for b in bindings for s in b.slots)
+                groups.append(HookGroup(model.get_submodule(path), path, layer, blocks, every))
+                continue
+        for b in bindings:
+            module = model.get_submodule(b.path)
+            groups.append(HookGroup(module, b.path, layer, ((b.block_id, b.slots),), b.slots))
+    return groups
+
+
+def under(path: str, root: str) -> bool:
+    return not root or path == root or path.startswith(root + ".")
+
+
+def common_path(paths: Iterable[str]) -> str:
+    """The deepest module path containing every one of ``paths`` ("" is the root)."""
+    split = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):
+        if any(p != parts[0] for p in parts):
+            break
+        common.append(parts[0])
+    return ".".join(common)
 
 
 @dataclass(eq=False)

@@ -116,7 +116,7 @@ def main() -> None:
         "--quality-budget", type=float, default=2e-4, help="the veto's bound on predicted drift"
     )
     args = parser.parse_args()
-    resident_n, budget_n, calibration_texts = (60, 12, 8) if args.quick else (300, 40, 32)
+    resident_n, budget_n, calibration_texts = (100, 12, 8) if args.quick else (400, 40, 32)
     torch.set_num_threads(args.threads)
 
     checkpoint = minilm_checkpoint()

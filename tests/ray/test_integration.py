@@ -114,6 +114,12 @@ def test_resident_model_is_bit_exact_and_runs_on_cache_hits(pool, minilm_path, r
         managed = manage(model, client, "minilm")
         assert managed.lease_budget_bytes is None  # 87 MiB fit in 96 MiB less the headroom
         assert len(managed.dense) == 54 and not managed.experts
+        # One hook pair per layer: embeddings, six encoder layers, the pooler.
+        assert [g.path for g in managed.groups] == [
+            "embeddings",
+            *(f"encoder.layer.{i}" for i in range(6)),
+            "pooler.dense",
+        ]
         # The model keeps no copy: every managed tensor is a placeholder; what stays local is
         # the token-type-ids buffer the checkpoint does not hold.
         assert managed.local_bytes == 512 * 8
@@ -147,7 +153,8 @@ def test_model_larger_than_its_hbm_streams_through_leases(pool, minilm_path, ref
         before = counters(pool)
         model = fresh_minilm(minilm_path)
         with PoolClient(namespace=NAMESPACE, device=home) as client:
-            managed = manage(model, client, "minilm-s")
+            managed = manage(model, client, "minilm-s", granularity="block")
+            assert len(managed.groups) == 54  # one hook pair per block
             # 87 MiB cannot stay pinned beside the tenant: half the room left is kept leased.
             assert managed.lease_budget_bytes == (int(96 * MB * 0.95) - 24 * MB) // 2
             for _ in range(2):
