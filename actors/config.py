@@ -80,6 +80,9 @@ class PoolConfig(BaseModel):
     call_timeout_s: float = Field(
         60.0, gt=0, description="a call to a tier actor that takes longer fails (nothing hangs)"
     )
+    node_scan_s: float = Field(
+        5.0, gt=0, description="how often the controller looks for nodes that joined (their tiers)"
+    )
     policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig(tick_s=0.05))
 
     @field_validator("encodings")

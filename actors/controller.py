@@ -31,6 +31,7 @@ from actors.names import tier_actor_name
 from actors.queries import AuditRecord, PoolQueries
 from actors.registry import Registry, TierInfo
 from actors.telemetry import TelemetryBatch, TelemetryBuffer
+from actors.topology import alive_nodes, create_tier_actor, plan_tiers
 from policy.plan import REASONS, STATE_CODES
 from policy.state import initial_state
 from policy.step import step
@@ -254,12 +255,44 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
 
     # -- the control loop -------------------------------------------------------------------------
 
+    def adopt_new_nodes(self) -> list[str]:
+        """Tiers for the nodes that joined since the pool (or this controller) started, by the
+        rule of :func:`actors.topology.plan_tiers`: their actors are created (or found, after a
+        controller restart) and registered; the next health check reconciles their inventories.
+        Never adds a storage tier. Returns the new tier ids."""
+        planned = [
+            t for t in plan_tiers(alive_nodes(), self.config) if t.kind is not TierKind.STORAGE
+        ]
+        with self.lock:
+            new = [t for t in planned if t.tier_id not in self.registry.tiers]
+        added = []
+        for info in new:
+            try:
+                handle = create_tier_actor(info, self.config, ())
+                ray.get(handle.ping.remote(), timeout=self.config.call_timeout_s)
+            except Exception as err:  # the node went away again, or is not ready: next scan
+                self.record("fault", "", f"tier {info.tier_id} for a new node: {err}")
+                continue
+            with self.lock:
+                self.registry.add_tier(info)
+                self.handles[info.tier_id] = handle
+                self.policy_state = None  # the tier set changed: the policy's arrays are resized
+            added.append(info.tier_id)
+            self.count("tiers_added")
+            self.record("execute", "", f"tier {info.tier_id} added: node {info.node_id[:8]} joined")
+        if added:
+            self.wake.set()
+        return added
+
     def _loop(self) -> None:
-        last_check = 0.0
+        last_check = last_scan = 0.0
         while not self.stopping.is_set():
             self.wake.wait(self.config.policy.tick_s)
             self.wake.clear()
             try:
+                if self.now() - last_scan > self.config.node_scan_s:
+                    last_scan = self.now()
+                    self.adopt_new_nodes()
                 if self.now() - last_check > 1.0:
                     self._check_tiers()
                     self.rehome_dead()

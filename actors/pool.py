@@ -1,19 +1,15 @@
 """Start, find and stop a pool on a Ray cluster: tier actors on every node, one controller.
 
-Tier actors are pinned to their node with Ray's node-affinity scheduling (``soft=False``); which
-nodes host which tiers comes from the nodes' Ray resources: a node with a ``weightpool_host``
-resource gets a HOST tier (every node does when no node declares one), ``weightpool_cxl`` a CXL
-tier (when ``cxl_bytes`` > 0), ``GPU`` or, without GPUs, ``emulated_devices_per_node`` HBM tiers;
-the STORAGE tier goes to the first node with ``weightpool_storage`` (else the driver's node).
-Every actor is named and detached in the pool's namespace, so Ray Serve replicas (in Serve's own
-namespace) and a restarted controller find them by name.
+Which node hosts which tier is :mod:`actors.topology`'s rule. Every actor is named and detached in
+the pool's namespace, so Ray Serve replicas (in Serve's own namespace) and a restarted controller
+find them by name; nodes that join later get their tiers from the controller.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,73 +20,14 @@ from actors.config import PoolConfig
 from actors.controller import PlacementController
 from actors.names import CONTROLLER_NAME, tier_actor_name
 from actors.registry import TierInfo
-from actors.tier import TierActor
+from actors.topology import alive_nodes, create_tier_actor, plan_tiers
 from pool.blocks import BlockSpec
 from pool.codecs import DEFAULT_OPTIONS
 from pool.encoding import FULL, Encoding, Precision
 from pool.errors import UnknownBlockError
 from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
 from pool.store import check_fits
-from pool.tiers import TierKind, TierSpec
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    node_id: str
-    resources: dict[str, float]
-    is_driver: bool
-
-
-def alive_nodes() -> list[NodeInfo]:
-    here = ray.get_runtime_context().get_node_id()
-    return [
-        NodeInfo(n["NodeID"], dict(n["Resources"]), n["NodeID"] == here)
-        for n in ray.nodes()
-        if n["Alive"]
-    ]
-
-
-def plan_tiers(nodes: list[NodeInfo], config: PoolConfig) -> list[TierInfo]:
-    """The tier instances for ``nodes`` (pure: tested without a cluster). Tier ids are
-    ``<node id prefix>/<kind><index>``, stable for a node across controller restarts."""
-    tiers: list[TierInfo] = []
-    declared_host = any(n.resources.get("weightpool_host") for n in nodes)
-    for node in sorted(nodes, key=lambda n: (not n.is_driver, n.node_id)):
-        prefix = node.node_id[:8]
-        gpus = int(node.resources.get("GPU", 0))
-        devices = gpus or config.emulated_devices_per_node
-        for d in range(devices):
-            spec = TierSpec(
-                tier_id=f"{prefix}/hbm{d}",
-                kind=TierKind.HBM,
-                capacity_bytes=config.hbm_bytes_per_device,
-                node=node.node_id,
-                device=d,
-                emulated=gpus == 0,
-            )
-            tiers.append(TierInfo(spec, node.node_id))
-        if node.resources.get("weightpool_host") or not declared_host:
-            spec = TierSpec(
-                tier_id=f"{prefix}/host",
-                kind=TierKind.HOST,
-                capacity_bytes=config.host_bytes,
-                node=node.node_id,
-            )
-            tiers.append(TierInfo(spec, node.node_id))
-        if config.cxl_bytes and node.resources.get("weightpool_cxl"):
-            spec = TierSpec(
-                tier_id=f"{prefix}/cxl",
-                kind=TierKind.CXL,
-                capacity_bytes=config.cxl_bytes,
-                node=node.node_id,
-                emulated=True,  # bound to a CPU-less NUMA node: not yet (see the README)
-            )
-            tiers.append(TierInfo(spec, node.node_id))
-    storage_nodes = [n for n in nodes if n.resources.get("weightpool_storage")]
-    home = storage_nodes[0] if storage_nodes else next(n for n in nodes if n.is_driver)
-    spec = TierSpec(tier_id=f"{home.node_id[:8]}/storage", kind=TierKind.STORAGE, node=home.node_id)
-    tiers.append(TierInfo(spec, home.node_id))
-    return tiers
+from pool.tiers import TierKind
 
 
 class Pool:
@@ -218,26 +155,9 @@ def start_pool(config: PoolConfig | None = None) -> Pool:
     except ValueError:
         pass
     tiers = plan_tiers(alive_nodes(), config)
-    actor_cls = ray.remote(TierActor)
-    storage_dir = str(Path(config.storage_dir).resolve())
+    config = config.model_copy(update={"storage_dir": str(Path(config.storage_dir).resolve())})
     hbm_specs = tuple(t.spec for t in tiers if t.kind is TierKind.HBM)
-    handles = []
-    for info in tiers:
-        handles.append(
-            actor_cls.options(
-                name=tier_actor_name(info.tier_id),
-                namespace=config.namespace,
-                lifetime="detached",
-                max_restarts=-1,
-                max_concurrency=16,
-                num_cpus=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False),
-            ).remote(
-                info.spec,
-                storage_dir if info.kind is TierKind.STORAGE else None,
-                hbm_specs if info.kind is TierKind.STORAGE else (),
-            )
-        )
+    handles = [create_tier_actor(info, config, hbm_specs) for info in tiers]
     ray.get([h.ping.remote() for h in handles])
     (storage,) = [t for t in tiers if t.kind is TierKind.STORAGE]
     controller = (

@@ -41,7 +41,7 @@ class MainJobConfig:
     hbm_mib: int = 96  # the one emulated device; the two models need 245 MiB at full precision
     host_mib: int = 512
     embed_requests: int = 24  # batches of 8 texts through MiniLM, per phase that uses it
-    moe_steps: int = 24  # forwards of 4 sequences x 16 tokens through the MoE model, per phase
+    moe_requests: int = 8  # generations (2 sequences, 8-token prompt, 8 tokens decoded)
     quality_budget: float = 0.02
     seed: int = 0
 
@@ -73,7 +73,7 @@ class MainJobReport:
     moe_logits_cosine_min: float
     moe_top1_agreement: float
     calibration_s: float
-    floors: dict[str, int]
+    floors: dict[str, dict[str, int]]  # model -> floor precision -> blocks
     admin_url: str
     plot: str | None
     wall_s: float
@@ -137,6 +137,31 @@ def build_moe(seed: int) -> torch.nn.Module:
     model = OlmoeForCausalLM(config)
     model.eval().requires_grad_(False)
     return model
+
+
+VOCAB = 4096
+DECODE_TOKENS = 8
+
+
+def _generate(
+    model: torch.nn.Module, prompt: torch.Tensor, tokens: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill ``prompt`` then decode ``DECODE_TOKENS`` steps with a KV cache, feeding
+    ``tokens`` (teacher forcing) or, when None, the greedy choice. Returns the tokens fed
+    ``[batch, steps]`` and the logits of every step ``[batch, steps, vocab]``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    chosen, logits = [], []
+    with torch.inference_mode():
+        step_logits = model(prompt, cache=cache, use_cache=True).logits[:, -1]
+        for step in range(DECODE_TOKENS):
+            logits.append(step_logits)
+            token = step_logits.argmax(-1) if tokens is None else tokens[:, step]
+            chosen.append(token)
+            out = model(token[:, None], cache=cache, use_cache=True)
+            step_logits = out.logits[:, -1]
+    return torch.stack(chosen, 1), torch.stack(logits, 1)
 
 
 def _serve_admin(namespace: str, token: str) -> tuple[Any, str]:
@@ -278,42 +303,63 @@ class _Workload:
         from actors.client import PoolClient
         from actors.integration import manage
         from api.models import minilm_checkpoint
-        from pool.calibration import calibrate
-        from pool.importer import SafetensorsSource, plan_blocks
+        from pool.calibration import OutputForward, calibrate
+        from pool.importer import SafetensorsSource, StateDictSource, plan_blocks
         from pool.reference_model import CALIBRATION_TEXTS, load_minilm
 
         checkpoint = minilm_checkpoint()
         reference, tokenizer = load_minilm(checkpoint)
         specs = plan_blocks(SafetensorsSource(checkpoint), "minilm")
-        with self.bar(total=len(specs), desc="calibrate MiniLM", unit="block") as progress:
-            calibration = calibrate(
-                reference, tokenizer, specs, progress=lambda _s: progress.update(1)
-            )
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # Ray's workers share the cores; spinning threads slow it down
+        try:
+            with self.bar(total=len(specs), desc="calibrate MiniLM", unit="block") as progress:
+                calibration = calibrate(
+                    reference, tokenizer, specs, progress=lambda _s: progress.update(1)
+                )
+            moe_reference = build_moe(self.config.seed)
+            moe_specs = plan_blocks(StateDictSource(moe_reference), "moe")
+            generator = torch.Generator().manual_seed(self.config.seed)
+            probe = torch.randint(2, VOCAB, (8, 8), generator=generator)
+            outputs = OutputForward(lambda m=moe_reference: m(probe).logits[:, -1])
+            with self.bar(total=len(moe_specs), desc="calibrate MoE", unit="block") as progress:
+                moe_calibration = calibrate(
+                    moe_reference,
+                    tokenizer,
+                    moe_specs,
+                    progress=lambda _s: progress.update(1),
+                    outputs=outputs,
+                )
+        finally:
+            torch.set_num_threads(threads)
         self.texts = [CALIBRATION_TEXTS[i : i + 8] for i in range(0, len(CALIBRATION_TEXTS), 8)]
         self.embed_reference = [self._embed(reference, tokenizer, b) for b in self.texts]
         self.tokenizer = tokenizer
 
-        moe_reference = build_moe(self.config.seed)
-        generator = torch.Generator().manual_seed(self.config.seed)
-        self.prompts = [torch.randint(2, 4096, (4, 16), generator=generator) for _ in range(6)]
-        with torch.inference_mode():
-            self.moe_reference = [moe_reference(p).logits[:, -1] for p in self.prompts]
+        # Requests to the MoE model: 2 sequences, an 8-token prompt, then DECODE_TOKENS tokens
+        # one at a time with a KV cache; the unmanaged model's greedy continuation is the
+        # reference, fed to the managed model too (teacher forcing) so logits compare step by step.
+        self.prompts = [torch.randint(2, VOCAB, (2, 8), generator=generator) for _ in range(4)]
+        self.moe_reference = [_generate(moe_reference, p) for p in self.prompts]
         moe_state = {k: v.clone() for k, v in moe_reference.state_dict().items()}
         model_bytes = {
             "minilm": sum(s.full_nbytes for s in specs),
             "moe": sum(v.numel() * v.element_size() for v in moe_state.values()),
         }
-        self.say("loading MiniLM (calibrated) and the MoE model into the pool")
+        self.say("loading MiniLM and the MoE model (both calibrated) into the pool")
         self.pool.load_checkpoint(
             checkpoint, "minilm", encodings=DEMO_ENCODINGS, calibration=calibration
         )
-        self.pool.load_state_dict(moe_state, "moe", encodings=DEMO_ENCODINGS)
+        self.pool.load_state_dict(
+            moe_state, "moe", encodings=DEMO_ENCODINGS, calibration=moe_calibration
+        )
+        self.calibrations = (calibration, moe_calibration)
         del moe_reference, moe_state
 
         with PoolClient(namespace=NAMESPACE) as client:
             minilm = manage(load_minilm(checkpoint)[0], client, "minilm")
             moe = manage(build_moe(self.config.seed), client, "moe")
-            n_embed, n_moe = self.config.embed_requests, self.config.moe_steps
+            n_embed, n_moe = self.config.embed_requests, self.config.moe_requests
             self._phase("MiniLM alone", n_embed, lambda i: self._embed_step(minilm.model, i))
             self._phase("MoE alone", n_moe, lambda i: self._moe_step(moe.model, i))
             self._phase(
@@ -341,12 +387,11 @@ class _Workload:
 
     def _moe_step(self, model: Any, i: int) -> None:
         k = i % len(self.prompts)
-        with torch.inference_mode():
-            logits = model(self.prompts[k]).logits[:, -1]
-        want = self.moe_reference[k]
-        cos = torch.nn.functional.cosine_similarity(logits.double(), want.double(), dim=1)
-        self.moe_cosines.extend(cos.tolist())
-        self.moe_top1.extend((logits.argmax(1) == want.argmax(1)).double().tolist())
+        tokens, want = self.moe_reference[k]
+        got = _generate(model, self.prompts[k], tokens)[1]
+        cos = torch.nn.functional.cosine_similarity(got.double(), want.double(), dim=-1)
+        self.moe_cosines.extend(cos.flatten().tolist())
+        self.moe_top1.extend((got.argmax(-1) == want.argmax(-1)).double().flatten().tolist())
 
     def _phase(self, name: str, n: int, step: Callable[[int], None]) -> None:
         start = time.monotonic()
@@ -370,10 +415,11 @@ class _Workload:
         time.sleep(0.2)  # the client's last telemetry batch
         metrics = _scrape(admin_url + "/metrics")
         status = ray.get(self.pool.controller.status.remote())
-        floors: dict[str, int] = {}
-        for precision in calibration.floors().values():
-            key = f"{precision.value} ({PRECISION_BITS[precision]} bits)"
-            floors[key] = floors.get(key, 0) + 1
+        floors: dict[str, dict[str, int]] = {}
+        for result in self.calibrations:
+            counts = floors.setdefault(result.model, {})
+            for precision in sorted(result.floors().values(), key=PRECISION_BITS.get):
+                counts[precision.value] = counts.get(precision.value, 0) + 1
         return MainJobReport(
             hbm_bytes=self.config.hbm_mib * MIB,
             model_bytes=model_bytes,
@@ -394,7 +440,7 @@ class _Workload:
             embed_cosine_mean=sum(self.embed_cosines) / len(self.embed_cosines),
             moe_logits_cosine_min=min(self.moe_cosines),
             moe_top1_agreement=sum(self.moe_top1) / len(self.moe_top1),
-            calibration_s=calibration.timings.total_s,
+            calibration_s=sum(r.timings.total_s for r in self.calibrations),
             floors=floors,
             admin_url=admin_url,
             plot=None,
@@ -434,8 +480,11 @@ def render(report: MainJobReport) -> list[str]:
         ),
         "- block states at the end: "
         + ", ".join(f"{k} {v}" for k, v in sorted(report.final_states.items())),
-        f"- MiniLM calibration: {report.calibration_s:.1f} s; floors: "
-        + ", ".join(f"{k} {v}" for k, v in sorted(report.floors.items())),
+        f"- calibration of both models: {report.calibration_s:.1f} s; precision floors: "
+        + "; ".join(
+            f"{model}: " + ", ".join(f"{p} {n}" for p, n in counts.items())
+            for model, counts in report.floors.items()
+        ),
         "",
         "Output quality against the unmanaged models:",
         "",

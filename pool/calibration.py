@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -259,6 +259,41 @@ class CalibrationResult:
         store.update_quality(self.quality_updates())
 
 
+class _Runner(Protocol):
+    reference: torch.Tensor
+    forward_s: list[float]
+
+    def full(self) -> torch.Tensor: ...
+
+    def from_layer(self, index: int) -> torch.Tensor: ...
+
+    def first_layer(self, tensors: Mapping[str, torch.Tensor]) -> int | None: ...
+
+
+class OutputForward:
+    """Drift measured on any model's outputs: ``forward()`` returns ``[rows, features]`` (e.g.
+    a causal LM's next-token logits for fixed prompts), compared row by row by cosine like the
+    sentence embeddings. Every measurement reruns ``forward`` whole."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor]):
+        self.forward = forward
+        self.forward_s: list[float] = []
+        self.reference = self.full()
+
+    def full(self) -> torch.Tensor:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = self.forward().detach().float()
+        self.forward_s.append(time.perf_counter() - start)
+        return out
+
+    def from_layer(self, index: int) -> torch.Tensor:
+        return self.full()
+
+    def first_layer(self, tensors: Mapping[str, torch.Tensor]) -> int | None:
+        return None
+
+
 def choose_floor(sensitivity: Mapping[Precision, float], threshold: float) -> Precision:
     """The floor rule of the module docstring, over the precisions in ``sensitivity``."""
     order = sorted(sensitivity, key=lambda p: (PRECISION_BITS[p], sensitivity[p]))
@@ -278,8 +313,14 @@ def calibrate(
     threshold: float = DEFAULT_THRESHOLD,
     options: CodecOptions = DEFAULT_OPTIONS,
     progress: Callable[[BlockSpec], None] | None = None,
+    outputs: OutputForward | None = None,
 ) -> CalibrationResult:
     """Measure every block of ``specs`` at every precision of ``precisions``, one block at a time.
+
+    The drift is measured on the sentence embeddings of ``texts`` (``tokenizer`` and ``texts``
+    are used), or, with ``outputs``, on the rows its function returns (any model: for a causal
+    LM, e.g. the next-token logits of fixed prompts; ``tokenizer`` and ``texts`` are then only
+    recorded).
 
     The model's weights are changed in place during the call and restored bit for bit before it
     returns (or raises). Deterministic for a given model, texts and thread count. A block whose
@@ -304,7 +345,7 @@ def calibrate(
         raise SpecError(f"specs are of models {models}; expected exactly one model")
     targets = {s.block_id: _model_tensors(model, s) for s in specs}  # checks before any change
     started = time.perf_counter()
-    runner = CachedForward(model, tokenizer, texts)
+    runner: _Runner = CachedForward(model, tokenizer, texts) if outputs is None else outputs
     reference_s = time.perf_counter() - started
     blocks = []
     for spec in specs:

@@ -71,3 +71,36 @@ def test_blocks_are_placed_across_nodes_and_read_as_peers(spread, minilm_path):
     full = sum(spec.full_nbytes for spec in ray.get(pool.storage().specs.remote()))
     assert counters["bytes:storage->host"] == full  # each block warmed once, across nodes
     assert ray.get(pool.controller.consistency.remote()) == []
+
+
+def test_a_node_that_joins_later_gets_its_tiers(ray_cluster, tmp_path, minilm_path):
+    """KubeRay starts the pool on the head before the GPU workers are up: a node that joins a
+    running pool gets its tiers (same rule, same ids) and models can be placed on it."""
+    pool = make_pool("t-join", tmp_path, hbm_bytes_per_device=128 * MB, node_scan_s=0.5)
+    joined = ray_cluster.add_node(
+        num_cpus=1, object_store_memory=200 << 20, resources={"weightpool_host": 1}
+    )
+    ray_cluster.wait_for_nodes()
+    try:
+        prefix = joined.node_id[:8]
+        new = {f"{prefix}/hbm0", f"{prefix}/host"}
+        wait_until(
+            lambda: new <= {t for t, r in pool.status()["tiers"].items() if r is not None},
+            what="the joined node's tiers",
+        )
+        for tier_id in new:
+            assert ray.get(pool.tier(tier_id).ping.remote()) == joined.node_id
+        assert pool.load_checkpoint(minilm_path, "late", home=f"{prefix}/hbm0") == f"{prefix}/hbm0"
+        wait_until(
+            lambda: pool.status()["states"] == {"premium": 54} and settled(pool),
+            what="the model resident on the joined node's device",
+        )
+        assert pool.status()["tiers"][f"{prefix}/hbm0"].used_bytes > 80 * MB
+        with PoolClient(namespace="t-join", device=f"{prefix}/hbm0") as client:
+            got = client.get("late/encoder.layer.2.output.dense")
+        want = reference_tensors(minilm_path, "encoder.layer.2.output.dense")
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        assert ray.get(pool.controller.consistency.remote()) == []
+    finally:
+        teardown("t-join")
+        ray_cluster.remove_node(joined)

@@ -7,7 +7,7 @@ import pytest
 
 from actors.config import PoolConfig
 from actors.leases import LeaseTable
-from actors.pool import NodeInfo, plan_tiers
+from actors.topology import NodeInfo, plan_tiers
 from actors.registry import CopyEntry, CopyStatus, Registry, TierInfo
 from policy.snapshot import HOST, NONE, STORAGE
 from pool.blocks import BlockSpec, TensorSpec
