@@ -40,7 +40,7 @@ class MainJobConfig:
 
     hbm_mib: int = 96  # the one emulated device; the two models need 245 MiB at full precision
     host_mib: int = 512
-    embed_requests: int = 24  # batches of 8 texts through MiniLM, per phase that uses it
+    embed_requests: int = 16  # batches of 8 texts through MiniLM, per phase that uses it
     moe_requests: int = 8  # generations (2 sequences, 8-token prompt, 8 tokens decoded)
     quality_budget: float = 0.02
     seed: int = 0
@@ -243,13 +243,14 @@ def run_main_job(
             f"admin API at {admin_url}/docs"
         )
         with OccupancySampler(pool.controller, period_s=0.25) as sampler:
-            report = _Workload(pool, config, say, bar or _no_bar, sampler.start_s).run(admin_url)
+            workload = _Workload(pool, config, say, bar or _no_bar, sampler.start_s)
+            report = workload.run(admin_url)
         report.plot = str(
             plot_occupancy(
                 sampler.series,
                 out_dir / "occupancy.png",
                 f"weightpool demo: {config.hbm_mib} MiB of emulated HBM for MiniLM + an MoE model",
-                [(p.start_s, p.name) for p in report.phases],
+                sorted(workload.marks),
             )
         )
     finally:
@@ -295,6 +296,7 @@ class _Workload:
     ):
         self.pool, self.config, self.say, self.bar, self.t0 = pool, config, say, bar, t0
         self.phases: list[PhaseFigures] = []
+        self.marks: list[tuple[float, str]] = []  # (seconds since the pool started, what began)
         self.embed_cosines: list[float] = []
         self.moe_cosines: list[float] = []
         self.moe_top1: list[float] = []
@@ -310,6 +312,7 @@ class _Workload:
         checkpoint = minilm_checkpoint()
         reference, tokenizer = load_minilm(checkpoint)
         specs = plan_blocks(SafetensorsSource(checkpoint), "minilm")
+        self.marks.append((time.monotonic() - self.t0, "calibrate"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # Ray's workers share the cores; spinning threads slow it down
         try:
@@ -347,6 +350,7 @@ class _Workload:
             "moe": sum(v.numel() * v.element_size() for v in moe_state.values()),
         }
         self.say("loading MiniLM and the MoE model (both calibrated) into the pool")
+        self.marks.append((time.monotonic() - self.t0, "load"))
         self.pool.load_checkpoint(
             checkpoint, "minilm", encodings=DEMO_ENCODINGS, calibration=calibration
         )
@@ -404,6 +408,7 @@ class _Workload:
                 progress.update(1)
         seconds = time.monotonic() - start
         self.phases.append(PhaseFigures(name, start - self.t0, seconds, n, _median_ms(latencies)))
+        self.marks.append((start - self.t0, name))
 
     def _report(
         self, admin_url: str, calibration: Any, model_bytes: dict[str, int]
