@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _inline, _jit, _sorted_subset, boundary, order_keys, split_at
+from policy._select import _MAX as _MAX_KEY
+from policy._select import _inline, _jit
 from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE
 
 # Action kinds, and priority classes (the values of ``policy.plan.Priority``).
@@ -65,7 +66,7 @@ def actions(
     target_fallback: np.ndarray,
     time_to_next_use_s: np.ndarray,
     nbytes: np.ndarray,
-    decode_s: np.ndarray,
+    decode_rate: np.ndarray,
     regenerable: np.ndarray,
     demand: np.ndarray,
     quality_bound: np.ndarray,
@@ -173,7 +174,8 @@ def actions(
                     gbps = link_gbps[fc, HBM]
                     seconds = moved / (gbps * 1e9) if gbps > 0 else np.inf
                     move_s = link_latency_s[fc, HBM] + seconds
-                move_s = move_s + decode_s[r, t]
+                rate = decode_rate[t]  # policy.static.Static.decode_s, row by row
+                move_s = move_s + (float(nbytes[r, 0]) / rate if rate > 0 else 0.0)
                 if demand[r]:
                     cls[a] = DEMAND
                 elif refetch[r]:
@@ -230,64 +232,129 @@ def link_budgets(
     cls: np.ndarray,
     deadline: np.ndarray,
     size: np.ndarray,
-    subset: np.ndarray,
+    kind: np.ndarray,
+    fits: np.ndarray,
+    only_fits: bool,
     link_gbps: np.ndarray,
     busy_fraction: np.ndarray,
     tick_s: float,
     demotion_busy_fraction: float,
     now_s: float,
 ) -> np.ndarray:
-    """Mask of the transfers of ``subset`` (ascending action indices) issued this tick: per
-    link, in class then deadline order (then index), each gets ``gbps * tick_s`` bytes less
-    what transfers in flight already use; a demotion only up to ``demotion_busy_fraction``;
-    the first on an idle link always goes."""
+    """Mask of the transfers issued this tick, among the actions on a link (``kind`` below
+    ``EVICT``; those that ``fits`` too when ``only_fits``): per link, in class then deadline
+    order (then index), each gets ``gbps * tick_s`` bytes less what transfers in flight already
+    use; a demotion only up to ``demotion_busy_fraction``; the first on an idle link always
+    goes."""
     issued = np.zeros(len(src), np.bool_)
-    m = len(subset)
-    key = np.empty(m, np.float64)  # by position in ``subset``: ties go to the lower index
+    m = 0
+    for a in range(len(src)):
+        m += int(kind[a] < EVICT and (fits[a] or not only_fits))
+    subset = np.empty(m, np.int64)
+    m = 0
+    for a in range(len(src)):
+        if kind[a] < EVICT and (fits[a] or not only_fits):
+            subset[m] = a
+            m += 1
+    # Per link (source * 4 + destination): its transfers and the smallest of them.
+    count = np.zeros(16, np.int64)
+    smallest = np.full(16, np.iinfo(np.int64).max, np.int64)
+    for item in subset:
+        code = src[item] * 4 + dst[item]
+        count[code] += 1
+        smallest[code] = min(smallest[code], size[item])
+    # A link takes a few transfers per tick: only as many as could fit are ordered, kept in a
+    # small sorted buffer per link while the candidates stream past.
+    could_fit = np.zeros(16, np.int64)
+    capacity = np.zeros(16, np.float64)
+    for code in range(16):
+        capacity[code] = link_gbps[code // 4, code % 4] * 1e9 * tick_s
+        if count[code] and capacity[code] > 0:
+            could_fit[code] = int(
+                min(float(count[code]), capacity[code] // max(smallest[code], 1) + 2)
+            )
+    starts = np.zeros(17, np.int64)
+    for code in range(16):
+        starts[code + 1] = starts[code] + could_fit[code]
+    best = np.empty(starts[16], np.int64)  # per link: positions in ``subset``, in order
+    best_key = np.empty(starts[16], np.int64)
+    held = np.zeros(16, np.int64)
+    bits = np.empty(1, np.float64)
+    as_int = bits.view(np.int64)
     for j in range(m):
         a = subset[j]
+        code = src[a] * 4 + dst[a]
+        k = could_fit[code]
+        if k == 0:
+            continue
         ahead = deadline[a] - now_s  # np.clip(ahead, -1e11, 1e11), NaN kept
         if ahead < -1e11:
             ahead = -1e11
         elif ahead > 1e11:
             ahead = 1e11
-        key[j] = cls[a] * 1e12 + ahead
-    keys = order_keys(key, False)
-    ones = np.ones(m)
-    first = np.zeros(m, np.bool_)
+        bits[0] = cls[a] * 1e12 + ahead + 0.0
+        key = as_int[0]
+        if np.isnan(bits[0]):
+            key = _MAX_KEY
+        elif key < 0:
+            key ^= _MAX_KEY
+        base = starts[code]
+        n_held = held[code]
+        if n_held == k and key >= best_key[base + k - 1]:
+            continue  # not better than the last kept (ties: the later position loses)
+        slot = base + min(n_held, k - 1)
+        while slot > base and best_key[slot - 1] > key:
+            best_key[slot] = best_key[slot - 1]
+            best[slot] = best[slot - 1]
+            slot -= 1
+        best_key[slot] = key
+        best[slot] = j
+        held[code] = min(n_held + 1, k)
     for code in range(16):
-        source, destination = code // 4, code % 4
-        count = 0
-        smallest = np.iinfo(np.int64).max
-        for a in subset:
-            if src[a] == source and dst[a] == destination:
-                count += 1
-                smallest = min(smallest, size[a])
-        capacity = link_gbps[source, destination] * 1e9 * tick_s
-        if count == 0 or capacity <= 0:
+        if could_fit[code] == 0:
             continue
-        mine = np.empty(count, np.int64)
-        count = 0
-        for j in range(m):
-            if src[subset[j]] == source and dst[subset[j]] == destination:
-                mine[count] = j
-                count += 1
-        # A link takes a few transfers per tick: only as many as could fit are ordered.
-        could_fit = int(min(float(count), capacity // max(smallest, 1) + 2))
-        if could_fit < count:
-            pivot, _ = boundary(keys, keys, False, ones, could_fit - 0.5, mine)
-            split_at(keys, keys, False, mine, pivot, first)
-            mine = mine[first[mine]]
-        mine = _sorted_subset(keys, keys, False, mine)
-        busy = busy_fraction[source, destination]
+        busy = busy_fraction[code // 4, code % 4]
         before = 0.0
-        for item in mine:
-            a = subset[item]
+        for slot in range(starts[code], starts[code] + held[code]):
+            a = subset[best[slot]]
             moved = float(size[a])
-            used = busy + before / capacity
-            used_after = busy + (before + moved) / capacity
+            used = busy + before / capacity[code]
+            used_after = busy + (before + moved) / capacity[code]
             limit = demotion_busy_fraction if cls[a] == DEMOTION else 1.0
             first_on_idle = before == 0 and busy < limit
             issued[a] = (used < limit and used_after <= limit) or first_on_idle
             before += moved
     return issued
+
+
+@_jit
+def resolve(
+    kind: np.ndarray,
+    issued_on_links: np.ndarray,
+    spilled: np.ndarray,
+    required_up: np.ndarray,
+    held: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """What the tick does: drops need no link; a required upgrade its link cannot carry this
+    tick becomes an eviction too (the low-precision copy must not keep serving); held actions
+    wait. Returns the mask of actions done, their kinds (spills as evictions), the mask of
+    transfers started, and how many transfers wait for a later tick. ``spilled`` is updated in
+    place."""
+    n = len(kind)
+    issued = np.empty(n, np.bool_)
+    kinds = kind.copy()
+    moving = np.zeros(n, np.bool_)
+    deferred = 0
+    for a in range(n):
+        on_link = kind[a] < EVICT
+        done = (not on_link) or issued_on_links[a]
+        if required_up[a] and not done and not held[a]:
+            spilled[a] = True
+        if on_link and not done and not spilled[a]:
+            deferred += 1
+        done = done or spilled[a]
+        if spilled[a]:
+            kinds[a] = EVICT  # fetched again, smaller, later
+        issued[a] = done and not held[a]
+        moving[a] = issued[a] and on_link and not spilled[a]
+    return issued, kinds, moving, deferred

@@ -71,6 +71,7 @@ def admit(
     shrink: np.ndarray,
     required_up: np.ndarray,
     held: np.ndarray,
+    within_reach: np.ndarray,
     occupancy: np.ndarray,
     usable: np.ndarray,
     hbm_encoding: np.ndarray,
@@ -80,24 +81,36 @@ def admit(
     nbytes: np.ndarray,
     max_transitions: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Capacity admission (``policy.admission.admit``, whose contract this keeps): the mask of
-    actions that fit and the mask of shrinks (or required upgrades) turned into evictions.
-    ``occupancy`` (per tier, after this tick's drops) is updated in place."""
+    """Capacity admission: a copy may be started only if its tier holds it alongside everything
+    that exists during the tick (``occupancy``: ready copies, copies in flight, the old copy of
+    a block being re-encoded, after this tick's drops and cancellations; updated in place). Most
+    urgent first; the rest wait, and at most ``max_transitions`` copies start. Only the copies
+    ``within_reach`` of their link in a few ticks are considered, and the shrinks and required
+    upgrades; ``held`` ones wait. A shrink (a smaller copy of a block in HBM) that finds no
+    room, while another copy waits for room in its tier, becomes an eviction instead: the block
+    is fetched again, smaller, on a later tick. So does an upgrade the veto requires that finds
+    no room: the block must not keep serving below its floor or past the quality budget while
+    it waits.
+
+    Returns the mask of actions that fit and the mask of shrinks turned into evictions.
+    """
     n = len(block)
     fits = np.zeros(n, np.bool_)
     spilled = np.zeros(n, np.bool_)
+    waits = np.empty(n, np.bool_)  # held, or out of its link's reach
     count = 0
     for a in range(n):
+        waits[a] = held[a] or not (within_reach[a] or shrink[a] or required_up[a])
         if kind[a] >= EVICT:
             fits[a] = True
-        elif not held[a]:
+        elif not waits[a]:
             count += 1
     fill = np.empty(count, np.int64)
     tier = np.empty(count, np.int64)
     fill_size = np.empty(count, np.int64)
     count = 0
     for a in range(n):
-        if kind[a] < EVICT and not held[a]:
+        if kind[a] < EVICT and not waits[a]:
             r = block[a]
             fill[count] = a
             if dst[a] == HBM:
@@ -111,13 +124,14 @@ def admit(
     _fit_prefix(fill, tier, fill_size, cls, deadline, occupancy, usable, first)
     waiting = np.zeros(len(occupancy), np.bool_)  # tiers where a copy waits for room
     for k in range(count):
-        if not first[k] and not shrink[fill[k]] and tier[k] != NONE:
+        if not first[k] and not (shrink[fill[k]] and not held[fill[k]]) and tier[k] != NONE:
             waiting[tier[k]] = True
     spill = np.zeros(count, np.bool_)
     for k in range(count):
         a = fill[k]
         if not first[k]:
-            spill[k] = (shrink[a] and waiting[hbm_tier[block[a]]]) or required_up[a]
+            shrinks = shrink[a] and not held[a]
+            spill[k] = (shrinks and waiting[hbm_tier[block[a]]]) or required_up[a]
     if spill.any():  # shrinks lacking room become evictions; the waiting copies get the bytes
         for k in range(count):
             r = block[fill[k]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _jit, take_by_density
+from policy._select import _jit, key_bits, take_by_keys
 from policy.snapshot import CXL, HOST, NONE, STORAGE
 
 
@@ -109,43 +109,47 @@ def choose_hbm(
     min_dwell_s: float,
     rounds: int,
 ) -> np.ndarray:
-    """Target HBM encoding per block before the veto (``policy.score.choose_targets``)."""
+    """Target HBM encoding per block before the veto (``policy.score.choose_targets``): pinned
+    blocks keep theirs; each tier's eligible blocks fill what is left of its budget by value
+    density (less the hysteresis penalty of a block not resident; a waiting lease first), all
+    at full precision when they fit so."""
     n = len(hbm_tier)
     hbm = np.full(n, NONE, np.int64)
     pinned_bytes = np.zeros(len(budget_bytes), np.int64)
-    eligible = np.empty(n, np.bool_)
-    for r in range(n):
-        resident = hbm_encoding[r] != NONE
-        recently_left = not resident and (now_s - placed_at_s[r]) < min_dwell_s
-        eligible[r] = not pinned[r] and (not recently_left or demand[r])
-        if pinned[r]:
-            hbm[r] = hbm_encoding[r]
-            pinned_bytes[hbm_tier[r]] += nbytes[r, hbm_encoding[r]]
+    one_tier = len(hbm_tiers) == 1
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
     for tier in hbm_tiers:
-        room = budget_bytes[tier] - float(pinned_bytes[tier])
+        # PERF: one pass builds the candidates (with their order keys) of a lone tier.
+        rows = np.empty(n, np.int64)
+        keys = np.empty(n, np.int64)
+        size = np.empty(n, np.int64)
         count = 0
         full_total = 0
         for r in range(n):
-            if eligible[r] and hbm_tier[r] == tier:
-                count += 1
-                full_total += nbytes[r, 0]
+            if pinned[r]:
+                if one_tier or tier == hbm_tiers[0]:  # once
+                    hbm[r] = hbm_encoding[r]
+                    pinned_bytes[hbm_tier[r]] += nbytes[r, hbm_encoding[r]]
+                continue
+            if hbm_tier[r] != tier:
+                continue
+            resident = hbm_encoding[r] != NONE
+            if not resident and not demand[r] and (now_s - placed_at_s[r]) < min_dwell_s:
+                continue  # it left recently: not eligible
+            rows[count] = r
+            penalty = 0.0 if resident else penalty_by_level[fallback_level[r]]
+            density = np.inf if demand[r] else preferred_density[r] - penalty
+            keys[count] = key_bits(-density, scratch, bits)
+            size[count] = nbytes[r, preferred[r]]
+            full_total += nbytes[r, 0]
+            count += 1
+        room = budget_bytes[tier] - float(pinned_bytes[tier])
         if full_total <= room:  # all fit at full precision: no trade-off
-            for r in range(n):
-                if eligible[r] and hbm_tier[r] == tier:
-                    hbm[r] = 0
+            for k in range(count):
+                hbm[rows[k]] = 0
             continue
-        rows = np.empty(count, np.int64)
-        density = np.empty(count, np.float64)
-        size = np.empty(count, np.int64)
-        k = 0
-        for r in range(n):
-            if eligible[r] and hbm_tier[r] == tier:
-                rows[k] = r
-                penalty = 0.0 if hbm_encoding[r] != NONE else penalty_by_level[fallback_level[r]]
-                density[k] = np.inf if demand[r] else preferred_density[r] - penalty
-                size[k] = nbytes[r, preferred[r]]
-                k += 1
-        taken = take_by_density(density, size, room, rounds)
+        taken = take_by_keys(keys[:count], size[:count], room, rounds)
         for k in range(count):
             if taken[k]:
                 hbm[rows[k]] = preferred[rows[k]]
@@ -157,7 +161,7 @@ def chosen_density(
     hbm: np.ndarray,
     used: np.ndarray,
     recovery_s: np.ndarray,
-    decode_s: np.ndarray,
+    decode_rate: np.ndarray,
     use_probability: np.ndarray,
     sensitivity: np.ndarray,
     nbytes: np.ndarray,
@@ -169,7 +173,9 @@ def chosen_density(
         e = hbm[r]
         if e == NONE:
             continue
-        value = used[r] * (recovery_s[r] - decode_s[r, e])
+        rate = decode_rate[e]  # policy.static.Static.decode_s, row by row
+        decode_s = float(nbytes[r, 0]) / rate if rate > 0 else 0.0
+        value = used[r] * (recovery_s[r] - decode_s)
         if quality_weight_s:
             value -= quality_weight_s * (use_probability[r] * sensitivity[r, e])
         out[r] = value / nbytes[r, e]
@@ -199,6 +205,8 @@ def choose_fallback(
     n = len(fallback_level)
     fallback = np.full(n, STORAGE, np.int64)
     keep = np.empty(n, np.bool_)
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
     for r in range(n):
         keep[r] = leased[r] and fallback_level[r] != STORAGE
         if keep[r]:
@@ -209,30 +217,29 @@ def choose_fallback(
         saved_rate = per_byte_s[STORAGE] - per_byte_s[level]
         saved_latency = latency_s[STORAGE] - latency_s[level]
         for tier in tiers:
+            # PERF: one pass builds the candidates (with their order keys).
             pinned_bytes = 0
             count = 0
+            rows = np.empty(n, np.int64)
+            keys = np.empty(n, np.int64)
+            size = np.empty(n, np.int64)
             for r in range(n):
                 if tier_of[r] != tier:
                     continue
-                if keep[r] and fallback[r] == level:
-                    pinned_bytes += full_bytes[r]
-                if not keep[r] and not regenerable[r] and fallback[r] == STORAGE:
-                    count += 1
-            room = usable_bytes[tier] - float(pinned_bytes)
-            rows = np.empty(count, np.int64)
-            value = np.empty(count, np.float64)
-            size = np.empty(count, np.int64)
-            k = 0
-            for r in range(n):
-                if tier_of[r] != tier or keep[r] or regenerable[r] or fallback[r] != STORAGE:
+                if keep[r]:
+                    if fallback[r] == level:
+                        pinned_bytes += full_bytes[r]
                     continue
-                rows[k] = r
+                if regenerable[r] or fallback[r] != STORAGE:
+                    continue
+                rows[count] = r
                 saved = saved_rate + saved_latency / float(full_bytes[r])
                 cost = 0.0 if fallback_level[r] == level else copy_cost[level]
-                value[k] = imminence[r] * saved - cost
-                size[k] = full_bytes[r]
-                k += 1
-            taken = take_by_density(value, size, room, rounds)
+                keys[count] = key_bits(-(imminence[r] * saved - cost), scratch, bits)
+                size[count] = full_bytes[r]
+                count += 1
+            room = usable_bytes[tier] - float(pinned_bytes)
+            taken = take_by_keys(keys[:count], size[:count], room, rounds)
             for k in range(count):
                 if taken[k]:
                     fallback[rows[k]] = level
@@ -246,43 +253,53 @@ def refine_precision(
     leased: np.ndarray,
     nbytes: np.ndarray,
     sensitivity: np.ndarray,
-    decode_s: np.ndarray,
+    decode_rate: np.ndarray,
     use_probability: np.ndarray,
     imminence: np.ndarray,
     hbm_tiers: np.ndarray,
     budget_bytes: np.ndarray,
     rounds: int,
-) -> None:
+) -> np.ndarray:
     """Upgrade blocks to full precision with the HBM left after the veto, in place
-    (``policy.score.refine``)."""
+    (``policy.score.refine``); returns the blocks upgraded."""
     n = len(hbm)
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
+    upgraded = np.empty(n, np.int64)
+    n_upgraded = 0
     for tier in hbm_tiers:
+        # PERF: one pass: the bytes held, and the candidates with their order keys (built
+        # before knowing whether there is room; the rare tier without room wastes them).
         held = 0
         count = 0
+        rows = np.empty(n, np.int64)
+        keys = np.empty(n, np.int64)
+        extra = np.empty(n, np.int64)
         for r in range(n):
-            if hbm_tier[r] == tier and hbm[r] != NONE:
-                held += nbytes[r, hbm[r]]
-                if hbm[r] != 0 and not leased[r]:
-                    count += 1
+            e = hbm[r]
+            if hbm_tier[r] != tier or e == NONE:
+                continue
+            held += nbytes[r, e]
+            if e == 0 or leased[r]:
+                continue
+            p = use_probability[r]
+            more = nbytes[r, 0] - nbytes[r, e]
+            quality_gain = p * sensitivity[r, e]
+            rate = decode_rate[e]  # policy.static.Static.decode_s, row by row
+            decode_s = float(nbytes[r, 0]) / rate if rate > 0 else 0.0
+            decode_gain = p * imminence[r] * decode_s
+            gain = (quality_gain + decode_gain) / float(max(more, 1))
+            rows[count] = r
+            keys[count] = key_bits(-gain, scratch, bits)
+            extra[count] = max(more, 0)
+            count += 1
         room = budget_bytes[tier] - float(held)
         if room <= 0 or count == 0:
             continue
-        rows = np.empty(count, np.int64)
-        gain = np.empty(count, np.float64)
-        extra = np.empty(count, np.int64)
-        k = 0
-        for r in range(n):
-            e = hbm[r]
-            if hbm_tier[r] == tier and e > 0 and not leased[r]:  # in HBM, not at full
-                p = use_probability[r]
-                more = nbytes[r, 0] - nbytes[r, e]
-                quality_gain = p * sensitivity[r, e]
-                decode_gain = p * imminence[r] * decode_s[r, e]
-                rows[k] = r
-                gain[k] = (quality_gain + decode_gain) / float(max(more, 1))
-                extra[k] = max(more, 0)
-                k += 1
-        taken = take_by_density(gain, extra, room, rounds)
+        taken = take_by_keys(keys[:count], extra[:count], room, rounds)
         for k in range(count):
             if taken[k]:
                 hbm[rows[k]] = 0
+                upgraded[n_upgraded] = rows[k]
+                n_upgraded += 1
+    return upgraded[:n_upgraded].copy()

@@ -25,6 +25,7 @@ _F = TypeVar("_F", bound=Callable[..., object])
 
 _DIGIT_BITS = 11  # 2,048 buckets a level: a 16 KiB histogram, well inside the L1 cache
 _SMALL = 24  # subsets this small are finished by insertion sort
+_SAMPLE = 64  # keys sampled to place a level's buckets
 _MAX = 0x7FFFFFFFFFFFFFFF
 
 
@@ -59,6 +60,17 @@ def order_keys(values: np.ndarray, negate: bool) -> np.ndarray:
 
 
 @_inline
+def key_bits(value: float, scratch: np.ndarray, bits: np.ndarray) -> int:
+    """``order_keys`` of one value, through a one-element float array ``scratch`` and its
+    ``int64`` view ``bits`` (reused by the caller's loop)."""
+    scratch[0] = value + 0.0
+    if np.isnan(value):
+        return _MAX
+    key = int(bits[0])
+    return key ^ _MAX if key < 0 else key
+
+
+@_inline
 def _less(key_i: int, then_i: int, i: int, key_j: int, then_j: int, j: int) -> bool:
     """(key, then, position) order. Scalars only: see ``_inline``."""
     if key_i != key_j:
@@ -66,6 +78,16 @@ def _less(key_i: int, then_i: int, i: int, key_j: int, then_j: int, j: int) -> b
     if then_i != then_j:
         return then_i < then_j
     return i < j
+
+
+@_inline
+def _bucket(key: int, lo: int, hi: int, shift: np.uint64, top: int) -> int:
+    """0 below ``lo``, ``top`` above ``hi``, else 1 + the key's offset from ``lo`` shifted."""
+    if key < lo:
+        return 0
+    if key > hi:
+        return top
+    return 1 + int((np.uint64(key) - np.uint64(lo)) >> shift)
 
 
 @_jit
@@ -97,6 +119,16 @@ def _sorted_subset(
 
 
 @_jit
+def _span(keys: np.ndarray, items: np.ndarray) -> tuple[int, int]:
+    low = keys[items[0]]
+    high = low
+    for i in items:
+        low = min(low, keys[i])
+        high = max(high, keys[i])
+    return low, high
+
+
+@_jit
 def boundary(
     primary: np.ndarray,
     secondary: np.ndarray,
@@ -106,95 +138,116 @@ def boundary(
     subset: np.ndarray,
 ) -> tuple[int, float]:
     """The first item of ``subset`` (ascending positions), in the total order, at which the
-    running weight passes ``limit``: its position and the weight of the items before it; or
-    ``-1`` and the whole subset's weight when everything fits.
+    running weight passes ``limit`` (is no longer ``<= limit``): its position and the weight of
+    the items before it; or ``-1`` and the whole subset's weight when everything fits.
 
-    Weights are summed per histogram bucket, not in order: exact for integer weights (below
-    2**53), within rounding for float ones.
+    Weights (``>= 0``) are summed per histogram bucket, not in order: exact for integer weights
+    (below 2**53), within rounding for float ones. Each level buckets the keys by their leading
+    differing bits and keeps the bucket where the running weight passes the limit; among equal
+    keys, the second key (when used) is selected on the same way, then positions are in order.
     """
     before = 0.0
     m = len(subset)
     if m == 0:
         return -1, before
+    if not limit >= 0.0:  # the first item already passes
+        return _sorted_subset(primary, secondary, use_secondary, subset)[0], before
     current = subset
-    low = primary[subset[0]]
-    high = low
-    for i in subset:
-        low = min(low, primary[i])
-        high = max(high, primary[i])
-    totals = np.empty(1 << _DIGIT_BITS, np.float64)
+    owned = False  # ``current`` is the caller's until narrowed once
+    keys = primary
+    on_secondary = False
+    low, high = _span(keys, current)
+    # PERF: two tables (even and odd items) in the weights' own type: skewed keys hit one
+    # bucket again and again, and each add then waits for the last (a float add twice as long).
+    totals = np.empty((2, (1 << _DIGIT_BITS) + 2), weight.dtype)
     while True:
+        if low == high and use_secondary and not on_secondary:
+            keys = secondary  # every primary key ties: the second key decides
+            on_secondary = True
+            low, high = _span(keys, current[:m])
+            continue
         if m <= _SMALL or low == high:
-            ordered = _sorted_subset(primary, secondary, use_secondary, current[:m])
+            ordered = current[:m]  # ascending positions: in order if every key ties
+            if low != high:
+                ordered = _sorted_subset(primary, secondary, use_secondary, ordered)
             for i in ordered:
-                if before + weight[i] > limit:
+                if not before + weight[i] <= limit:
                     return i, before
                 before += weight[i]
             return -1, before
-        span = np.uint64(high) - np.uint64(low)
+        # Buckets over the keys of a strided sample less its outer sixteenths (so that a few
+        # outliers do not crowd everything else into one bucket), plus one below and one above.
+        # Before each level the running weight is <= limit, so the bucket where it passes the
+        # limit has a positive weight: it is not empty.
+        step = max(m // _SAMPLE, 1)
+        sample = np.sort(keys[current[:m:step]])
+        trim = len(sample) // 16
+        lo, hi = sample[trim], sample[len(sample) - 1 - trim]
+        span = np.uint64(hi) - np.uint64(lo)
         bits = 0
         while span != 0:
             span >>= np.uint64(1)
             bits += 1
         shift = np.uint64(max(bits - _DIGIT_BITS, 0))
-        base = np.uint64(low)
-        totals[:] = 0.0
+        top = int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
+        totals[:] = 0
         for k in range(m):
             i = current[k]
-            totals[np.int64((np.uint64(primary[i]) - base) >> shift)] += weight[i]
+            totals[k & 1, _bucket(keys[i], lo, hi, shift, top)] += weight[i]
         chosen = -1
-        for bucket in range(1 << _DIGIT_BITS):
-            if before + totals[bucket] > limit:
+        for bucket in range(top + 1):
+            bucket_total = float(totals[0, bucket] + totals[1, bucket])
+            if not before + bucket_total <= limit:
                 chosen = bucket
                 break
-            before += totals[bucket]
+            before += bucket_total
         if chosen < 0:
             return -1, before
         # Narrow to the chosen bucket (into a fresh array once, then in place), tracking its
         # smallest and largest keys for the next level.
-        narrowed = current if current is not subset else np.empty(m, np.int64)
+        narrowed = current if owned else np.empty(m, np.int64)
         count = 0
         low, high = high, low
         for k in range(m):
             i = current[k]
-            if np.int64((np.uint64(primary[i]) - base) >> shift) == chosen:
+            if _bucket(keys[i], lo, hi, shift, top) == chosen:
                 narrowed[count] = i
                 count += 1
-                low = min(low, primary[i])
-                high = max(high, primary[i])
+                low = min(low, keys[i])
+                high = max(high, keys[i])
         current = narrowed
+        owned = True
         m = count
 
 
 @_jit
-def split_at(
+def mark_before(
     primary: np.ndarray,
     secondary: np.ndarray,
     use_secondary: bool,
     subset: np.ndarray,
     pivot: int,
     mark: np.ndarray,
-) -> np.ndarray:
+) -> None:
     """Set ``mark`` for the items of ``subset`` before ``pivot`` in the total order (all of
-    them when ``pivot`` is -1); return the items after it, ascending."""
+    them when ``pivot`` is -1)."""
     if pivot < 0:
         for i in subset:
             mark[i] = True
-        return subset[:0].copy()
-    after = np.empty(len(subset), np.int64)
-    count = 0
+        return
     key = primary[pivot]
     then = secondary[pivot] if use_secondary else 0
     for i in subset:
         # PERF: branch-free (random keys mispredict).
         if use_secondary:
-            less = _less(primary[i], secondary[i], i, key, then, pivot)
+            then_less = secondary[i] < then
+            then_equal = secondary[i] == then
         else:
-            less = (primary[i] < key) | ((primary[i] == key) & (i < pivot))
-        mark[i] |= less
-        after[count] = i
-        count += int((not less) & (i != pivot))
-    return after[:count].copy()
+            then_less = False
+            then_equal = True
+        mark[i] |= (primary[i] < key) | (
+            (primary[i] == key) & (then_less | (then_equal & (i < pivot)))
+        )
 
 
 @_jit
@@ -203,7 +256,14 @@ def take_by_density(
 ) -> np.ndarray:
     """Mask of the densest items whose bytes fit ``budget`` together (see
     ``policy.score.take_by_density``, whose rounds this reproduces exactly)."""
-    n = len(density)
+    return take_by_keys(order_keys(density, True), nbytes, budget, rounds)
+
+
+@_jit
+def take_by_keys(keys: np.ndarray, nbytes: np.ndarray, budget: float, rounds: int) -> np.ndarray:
+    """``take_by_density`` with the order given as keys (``order_keys`` of minus the
+    densities): the lowest key first, ties by position."""
+    n = len(keys)
     taken = np.zeros(n, np.bool_)
     total = 0
     count = 0
@@ -222,7 +282,6 @@ def take_by_density(
         if nbytes[i] <= budget:
             subset[count] = i
             count += 1
-    keys = order_keys(density, True)
     left = float(budget)
     for done in range(rounds):
         if len(subset) <= _SMALL:

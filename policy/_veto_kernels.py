@@ -9,52 +9,59 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _jit, boundary, order_keys, split_at
-from policy.snapshot import NONE
+from policy._select import _jit, boundary, key_bits, mark_before, order_keys
+from policy.snapshot import CXL, HOST, NONE
 
 _ROUNDING = 2.0**-52  # twice the unit roundoff of float64
 
 
 @_jit
-def lease_rule(
-    leased: np.ndarray, hbm_encoding: np.ndarray, hbm: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Restore every leased HBM copy the proposal ``hbm`` touched (in place). Returns the rows
-    restored and what was proposed for them, and the mask of protected (leased, resident)
-    blocks."""
+def veto_entry(
+    leased: np.ndarray,
+    hbm_encoding: np.ndarray,
+    hbm: np.ndarray,
+    allowed: np.ndarray,
+    hbm_tier: np.ndarray,
+    nbytes: np.ndarray,
+    use_probability: np.ndarray,
+    sensitivity: np.ndarray,
+    n_tiers: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The lease rule, in place: every leased HBM copy the proposal ``hbm`` touched is
+    restored. Returns the rows restored and what was proposed for them, the mask of protected
+    (leased, resident) blocks, the rows then proposed at an encoding their floor or unknown
+    sensitivity forbids, each tier's bytes of proposed HBM copies, and each block's quality
+    cost (``quality_costs``)."""
     n = len(hbm)
     protected = np.empty(n, np.bool_)
-    count = 0
+    tier_bytes = np.zeros(n_tiers, np.int64)
+    cost = np.zeros(n)
+    touched = 0
+    bad = 0
     for r in range(n):
         protected[r] = leased[r] and hbm_encoding[r] != NONE
         if protected[r] and hbm[r] != hbm_encoding[r]:
-            count += 1
-    rows = np.empty(count, np.int64)
-    proposed = np.empty(count, np.int64)
-    k = 0
+            touched += 1
+        elif hbm[r] != NONE and not protected[r] and not allowed[r, hbm[r]]:
+            bad += 1
+    rows = np.empty(touched, np.int64)
+    proposed = np.empty(touched, np.int64)
+    bad_rows = np.empty(bad, np.int64)
+    touched = 0
+    bad = 0
     for r in range(n):
         if protected[r] and hbm[r] != hbm_encoding[r]:
-            rows[k] = r
-            proposed[k] = hbm[r]
+            rows[touched] = r
+            proposed[touched] = hbm[r]
             hbm[r] = hbm_encoding[r]
-            k += 1
-    return rows, proposed, protected
-
-
-@_jit
-def disallowed_rows(hbm: np.ndarray, allowed: np.ndarray, protected: np.ndarray) -> np.ndarray:
-    """Rows proposed in HBM at an encoding their floor or unknown sensitivity forbids."""
-    count = 0
-    for r in range(len(hbm)):
-        if hbm[r] != NONE and not allowed[r, hbm[r]] and not protected[r]:
-            count += 1
-    rows = np.empty(count, np.int64)
-    k = 0
-    for r in range(len(hbm)):
-        if hbm[r] != NONE and not allowed[r, hbm[r]] and not protected[r]:
-            rows[k] = r
-            k += 1
-    return rows
+            touched += 1
+        elif hbm[r] != NONE and not protected[r] and not allowed[r, hbm[r]]:
+            bad_rows[bad] = r
+            bad += 1
+        if hbm[r] != NONE:
+            tier_bytes[hbm_tier[r]] += nbytes[r, hbm[r]]
+            cost[r] = use_probability[r] * sensitivity[r, hbm[r]]
+    return rows, proposed, protected, bad_rows, tier_bytes, cost
 
 
 @_jit
@@ -101,9 +108,46 @@ def budget_choice(key: np.ndarray, saving: np.ndarray, target: float) -> tuple[n
         return chosen[:0], False
     if not (before + margin < target and before + saving[pivot] - margin > target):
         return chosen[:0], False
-    split_at(keys, keys, False, subset, pivot, chosen)
+    mark_before(keys, keys, False, subset, pivot, chosen)
     chosen[pivot] = True
     return chosen, True
+
+
+@_jit
+def _two_round_fit(
+    keys: np.ndarray,
+    second: np.ndarray,
+    use_secondary: bool,
+    grow: np.ndarray,
+    new_size: np.ndarray,
+    old_size: np.ndarray,
+    room: float,
+    fits: np.ndarray,
+) -> None:
+    """Set ``fits`` for the items (in the (keys, second, position) order) that fit ``room``
+    in two greedy rounds: an item fits if its growth and that of every earlier fitting item
+    do; the items that do not fit leave, and the bytes they free go, in a second round, to
+    the items that did not fit in the first (each then needs its whole new size: its old
+    bytes were counted as freed). Each round keeps a prefix of the order, found by selection.
+    """
+    count = len(keys)
+    items = np.arange(count)
+    pivot, _ = boundary(keys, second, use_secondary, grow, room, items)
+    mark_before(keys, second, use_secondary, items, pivot, fits)
+    grown = 0
+    freed = 0
+    rest = 0
+    for j in range(count):
+        if fits[j]:
+            grown += grow[j]
+        else:
+            freed += old_size[j]
+            items[rest] = j  # in place: ``rest <= j``
+            rest += 1
+    spare = room - float(grown) + float(freed)
+    later = items[:rest]
+    pivot, _ = boundary(keys, second, use_secondary, new_size, spare, later)
+    mark_before(keys, second, use_secondary, later, pivot, fits)
 
 
 @_jit
@@ -117,84 +161,137 @@ def fit_rows(
     nbytes: np.ndarray,
     chosen_density: np.ndarray,
     budget_bytes: np.ndarray,
+    tier_bytes: np.ndarray,
 ) -> np.ndarray:
     """The encoding each of ``rows`` ends at when moved to ``fallback`` where its tier has room
     (``NONE``: out of HBM), most valuable first: by ``chosen_density`` descending, then
-    ``secondary`` ascending (when used), then position.
-
-    Two greedy rounds per tier: a row fits if its extra bytes and those of every more valuable
-    fitting row do; the rows that do not fit leave HBM, and the bytes they free go, in a second
-    round, to the rows that did not fit in the first (a late row placed back needs its whole new
-    size: its old bytes were counted as freed). Each round keeps a prefix of the order, found by
-    selection.
-    """
+    ``secondary`` ascending (when used), then position (``_two_round_fit``, per tier).
+    ``tier_bytes`` (HBM bytes per tier) is updated in place; ``hbm`` is not."""
     m = len(rows)
     placed = np.full(m, NONE, np.int64)
-    tiers = np.unique(hbm_tier[rows])
-    for tier in tiers:
+    present = np.zeros(len(budget_bytes), np.bool_)
+    for r in rows:
+        present[hbm_tier[r]] = True
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
+    for tier in np.flatnonzero(present):
         count = 0
         for k in range(m):
-            if hbm_tier[rows[k]] == tier:
-                count += 1
+            count += int(hbm_tier[rows[k]] == tier)
         local = np.empty(count, np.int64)
-        count = 0
-        for k in range(m):
-            if hbm_tier[rows[k]] == tier:
-                local[count] = k
-                count += 1
-        used = 0
-        for r in range(len(hbm)):
-            if hbm_tier[r] == tier and hbm[r] != NONE:
-                used += nbytes[r, hbm[r]]
-        room = budget_bytes[tier] - float(used)
-        density = np.empty(count, np.float64)
-        then = np.zeros(count, np.float64)
+        keys = np.empty(count, np.int64)
+        second = np.zeros(count, np.int64)
         grow = np.empty(count, np.int64)
-        for j in range(count):
-            k = local[j]
+        new_size = np.empty(count, np.int64)
+        old_size = np.empty(count, np.int64)
+        j = 0
+        for k in range(m):
             row = rows[k]
-            density[j] = chosen_density[row]
+            if hbm_tier[row] != tier:
+                continue
+            local[j] = k
+            keys[j] = key_bits(-chosen_density[row], scratch, bits)
             if use_secondary:
-                then[j] = secondary[k]
-            grow[j] = max(nbytes[row, fallback[k]] - nbytes[row, hbm[row]], 0)
-        keys = order_keys(density, True)
-        second = order_keys(then, False)
+                second[j] = key_bits(secondary[k], scratch, bits)
+            new_size[j] = nbytes[row, fallback[k]]
+            old_size[j] = nbytes[row, hbm[row]]
+            grow[j] = max(new_size[j] - old_size[j], 0)
+            j += 1
         fits = np.zeros(count, np.bool_)
-        pivot, _ = boundary(keys, second, use_secondary, grow, room, np.arange(count))
-        split_at(keys, second, use_secondary, np.arange(count), pivot, fits)
-        grown = 0
-        freed = 0
-        rest = 0
+        room = budget_bytes[tier] - float(tier_bytes[tier])
+        _two_round_fit(keys, second, use_secondary, grow, new_size, old_size, room, fits)
         for j in range(count):
-            row = rows[local[j]]
-            if fits[j]:
-                grown += grow[j]
-            else:
-                freed += nbytes[row, hbm[row]]
-                grow[j] = nbytes[row, fallback[local[j]]]  # now: its whole new size
-                rest += 1
-        spare = room - float(grown) + float(freed)
-        later = np.empty(rest, np.int64)
-        rest = 0
-        for j in range(count):
-            if not fits[j]:
-                later[rest] = j
-                rest += 1
-        pivot, _ = boundary(keys, second, use_secondary, grow, spare, later)
-        split_at(keys, second, use_secondary, later, pivot, fits)
-        for j in range(count):
+            tier_bytes[tier] -= old_size[j]
             if fits[j]:
                 placed[local[j]] = fallback[local[j]]
+                tier_bytes[tier] += new_size[j]
     return placed
 
 
 @_jit
-def hbm_bytes_by_tier(
-    hbm: np.ndarray, hbm_tier: np.ndarray, nbytes: np.ndarray, n_tiers: int
-) -> np.ndarray:
-    """Bytes of the HBM copies (``hbm`` not ``NONE``) per tier."""
-    total = np.zeros(n_tiers, np.int64)
+def budget_round(
+    contributors: np.ndarray,
+    current: np.ndarray,
+    fallback: np.ndarray,
+    key: np.ndarray,
+    chosen: np.ndarray,
+    cost: np.ndarray,
+    use_probability: np.ndarray,
+    sensitivity: np.ndarray,
+    hbm: np.ndarray,
+    hbm_tier: np.ndarray,
+    nbytes: np.ndarray,
+    chosen_density: np.ndarray,
+    budget_bytes: np.ndarray,
+    tier_bytes: np.ndarray,
+    vetoed_out: np.ndarray,
+    quality_bound: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fix the ``chosen`` candidates of a quality-budget round: each moves to its less
+    sensitive fallback where its tier has room (``fit_rows``: most valuable first, then most
+    saved per byte), else out of HBM; targets, flags, costs and ``tier_bytes`` updated in
+    place. Returns the rows (ascending), their encodings before, after, and their costs
+    before."""
+    count = 0
+    for k in range(len(chosen)):
+        count += int(chosen[k])
+    rows = np.empty(count, np.int64)
+    moved_to = np.empty(count, np.int64)
+    then = np.empty(count, np.float64)
+    before = np.empty(count, np.int64)
+    count = 0
+    for k in range(len(chosen)):
+        if chosen[k]:
+            rows[count] = contributors[k]
+            moved_to[count] = fallback[k]
+            then[count] = key[k]
+            before[count] = current[k]
+            count += 1
+    placed = fit_rows(
+        rows,
+        moved_to,
+        then,
+        True,
+        hbm,
+        hbm_tier,
+        nbytes,
+        chosen_density,
+        budget_bytes,
+        tier_bytes,
+    )
+    cost_before = then  # reused: the keys are no longer needed
+    for k in range(count):
+        r = rows[k]
+        cost_before[k] = cost[r]
+        if placed[k] == NONE:
+            vetoed_out[r] = True
+            cost[r] = 0.0
+        else:
+            quality_bound[r] = True
+            cost[r] = use_probability[r] * sensitivity[r, placed[k]]
+        hbm[r] = placed[k]
+    return rows, before, placed, cost_before
+
+
+@_jit
+def placement_totals(
+    hbm: np.ndarray,
+    fallback_level: np.ndarray,
+    hbm_tier: np.ndarray,
+    host_tier: np.ndarray,
+    cxl_tier: np.ndarray,
+    nbytes: np.ndarray,
+    n_tiers: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per tier: bytes of the target HBM copies, and of the target warm (host or CXL) copies."""
+    hbm_bytes = np.zeros(n_tiers, np.int64)
+    warm_bytes = np.zeros(n_tiers, np.int64)
     for r in range(len(hbm)):
         if hbm[r] != NONE:
-            total[hbm_tier[r]] += nbytes[r, hbm[r]]
-    return total
+            hbm_bytes[hbm_tier[r]] += nbytes[r, hbm[r]]
+        level = fallback_level[r]
+        if level == HOST:
+            warm_bytes[host_tier[r]] += nbytes[r, 0]
+        elif level == CXL:
+            warm_bytes[cxl_tier[r]] += nbytes[r, 0]
+    return hbm_bytes, warm_bytes

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy._action_kernels import EVICT, actions, link_budgets
+from policy._action_kernels import actions, link_budgets, resolve
 from policy._admit_kernels import admit, transitions
 from policy.config import PolicyConfig
 from policy.plan import STATE_CODES, TransferArrays, TransitionArrays
@@ -112,7 +112,7 @@ def schedule(
         targets.fallback_level,
         prediction.time_to_next_use_s,
         b.nbytes,
-        scores.static.decode_s,
+        scores.static.decode_rate,
         b.regenerable,
         b.demand,
         targets.quality_bound,
@@ -130,16 +130,17 @@ def schedule(
         config.safety_margin_s,
         len(snapshot.tiers.tier_ids),
     )
-    on_link = kind < EVICT
 
-    def within_budgets(subset: np.ndarray, tick_s: float) -> np.ndarray:
+    def within_budgets(fits: np.ndarray, only_fits: bool, tick_s: float) -> np.ndarray:
         issued: np.ndarray = link_budgets(
             src,
             dst,
             cls,
             deadline,
             nbytes,
-            subset,
+            kind,
+            fits,
+            only_fits,
             links.gbps,
             tel.link_busy_fraction,
             tick_s,
@@ -153,8 +154,7 @@ def schedule(
     # PERF: admission looks only at what the links could take within a few ticks (and at the
     # shrinks, which may have to make room): at a million blocks, admitting every candidate
     # copy made the schedule phase 430 ms a step instead of 270 (bench/policy_scale.py).
-    within_reach = within_budgets(np.flatnonzero(on_link), 4 * config.tick_s)
-    considered = within_reach | shrink | required_up
+    within_reach = within_budgets(held, False, 4 * config.tick_s)
     fits, spilled = admit(
         block,
         kind,
@@ -162,9 +162,10 @@ def schedule(
         encoding,
         cls,
         deadline,
-        shrink & ~held,
+        shrink,
         required_up,
-        held | ~(considered | ~on_link),
+        held,
+        within_reach,
         occupancy,
         snapshot.tiers.usable_bytes.astype(np.float64),
         b.hbm_encoding,
@@ -174,15 +175,9 @@ def schedule(
         b.nbytes,
         config.max_transitions_per_step,
     )
-    issued = ~on_link  # drops need no link
-    issued |= within_budgets(np.flatnonzero(on_link & fits), config.tick_s)
-    # Required upgrades the links cannot carry this tick: the low-precision copy goes too.
-    spilled |= required_up & ~issued & ~held
-    deferred = int((on_link & ~issued & ~spilled).sum())
-    issued |= spilled
-    kind = np.where(spilled, EVICT, kind).astype(np.int8)  # fetched again, smaller, later
-    on_link &= ~spilled
-    issued &= ~held
+    issued, kind, moving, deferred = resolve(
+        kind, within_budgets(fits, True, config.tick_s), spilled, required_up, held
+    )
 
     records = transitions(
         block,
@@ -211,7 +206,7 @@ def schedule(
             check_transition("(step)", BlockState.PROMOTING, z)
         else:
             check_transition("(step)", a, z)
-    moving = np.flatnonzero(issued & on_link)
+    moving = np.flatnonzero(moving)
     moving = moving[np.lexsort((deadline[moving], cls[moving]))]
     t_rows = block[moving]
     return Schedule(

@@ -183,7 +183,7 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
         hbm,
         scores.used,
         scores.recovery_s,
-        static.decode_s,
+        static.decode_rate,
         scores.use_probability,
         b.sensitivity,
         b.nbytes,
@@ -225,20 +225,24 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
     return fallback
 
 
-def refine(snapshot: Snapshot, scores: Scores, targets: Targets, prediction: Prediction) -> None:
+def refine(
+    snapshot: Snapshot, scores: Scores, targets: Targets, prediction: Prediction
+) -> np.ndarray:
     """Spend HBM left after the veto on precision: upgrade blocks to full precision in order of
-    quality and decode time saved per extra byte (in place on ``targets``)."""
+    quality and decode time saved per extra byte (in place on ``targets``). Returns the blocks
+    upgraded."""
     b = snapshot.blocks
-    refine_precision(
+    upgraded: np.ndarray = refine_precision(
         targets.hbm_encoding,
         b.hbm_tier,
         b.leased,
         b.nbytes,
         b.sensitivity,
-        scores.static.decode_s,
+        scores.static.decode_rate,
         prediction.use_probability,
         scores.imminence,
         _group_tiers(scores.static.hbm_groups),
         scores.hbm_budget_bytes,
         8,
     )
+    return upgraded

@@ -11,6 +11,7 @@ flight toward HBM (or none).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -57,15 +58,15 @@ class EncodingTable:
         if not bool(np.all(self.decode_gbps > 0)):
             raise ValueError(f"decode_gbps {self.decode_gbps.tolist()} must all be > 0")
 
-    @property
+    @cached_property
     def bits(self) -> np.ndarray:
         return np.array([PRECISION_BITS[e.precision] for e in self.encodings], dtype=np.int16)
 
-    @property
+    @cached_property
     def usable(self) -> np.ndarray:
         return np.array([e.directly_usable for e in self.encodings], dtype=bool)
 
-    @property
+    @cached_property
     def full_precision(self) -> np.ndarray:
         return np.array([e.precision is Precision.FULL for e in self.encodings], dtype=bool)
 

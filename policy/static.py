@@ -21,7 +21,7 @@ Rows = np.ndarray | slice  # an index array, or slice(None) for "every block"
 class Static:
     keys: tuple[np.ndarray, ...]
     full_bytes: np.ndarray  # [N] float64
-    decode_s: np.ndarray  # [N, E] time to decode each encoding before use
+    decode_s: np.ndarray  # [N, E] time to decode each encoding before use: full bytes / rate
     allowed: np.ndarray  # [N, E] encodings the floor allows and whose sensitivity is known
     hbm_groups: tuple[tuple[int, Rows], ...]  # per HBM tier, its blocks
     host_groups: tuple[tuple[int, Rows], ...]
@@ -33,10 +33,11 @@ class Static:
     expert_flat: np.ndarray  # (model, layer, expert) flattened in the state's [M, L, E] grid
     in_tier_of_level: dict[int, np.ndarray]  # per level, the tier indices that exist
     recovery_by_level: np.ndarray  # [4, N] time to recover the block from a copy at each level
-    preferred_by_level: np.ndarray  # [4, N] densest allowed HBM encoding, fallback there
+    preferred_by_level: np.ndarray  # [4, N] int8: densest allowed HBM encoding, fallback there
     unit_density_by_level: np.ndarray  # [4, N] its value per byte, per unit of p * imminence
     floor_fallback: np.ndarray  # [N] the smallest encoding the floor allows
-    budget_fallback: np.ndarray  # [N, E] the smallest allowed encoding less sensitive than e
+    budget_fallback: np.ndarray  # [N, E] int8: the smallest allowed encoding less sensitive than e
+    decode_rate: np.ndarray  # [E] bytes per second of decode (0: read as it is); see decode_s
 
 
 def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -101,7 +102,9 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
     if b.regenerable.any():
         regenerate = full_bytes / (links.regenerate_gbps * 1e9)
         recovery = np.where(b.regenerable[None, :], np.minimum(recovery, regenerate), recovery)
-    preferred = np.zeros(recovery.shape, np.int64)
+    # PERF: small types for the [4, N] and [N, E] tables the step reads every tick (at a
+    # million blocks each pass over an int64 table reads 32 to 40 MB).
+    preferred = np.zeros(recovery.shape, np.int8)
     unit = np.zeros(recovery.shape)
     for level in range(recovery.shape[0]):
         if not np.all(np.isfinite(recovery[level])):
@@ -113,7 +116,7 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         tied = per_encoding >= best - np.abs(best) * 1e-12
         preferred[level] = np.argmin(np.where(tied, b.sensitivity, np.inf), axis=1)
         unit[level] = per_encoding[np.arange(len(full_bytes)), preferred[level]]
-    budget_fallback = np.zeros(b.nbytes.shape, np.int64)
+    budget_fallback = np.zeros(b.nbytes.shape, np.int8)
     for e in range(b.nbytes.shape[1]):
         better = allowed & (b.sensitivity < b.sensitivity[:, e : e + 1])
         budget_fallback[:, e] = cheapest(b.nbytes, better, b.sensitivity)
@@ -136,4 +139,5 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         unit_density_by_level=unit,
         floor_fallback=cheapest(b.nbytes, allowed, b.sensitivity),
         budget_fallback=budget_fallback,
+        decode_rate=np.where(needs_decode, enc.decode_gbps * 1e9, 0.0),
     )

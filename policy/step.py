@@ -12,15 +12,16 @@ import time
 
 import numpy as np
 
+from policy._veto_kernels import placement_totals
 from policy.config import PolicyConfig
 from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.schedule import schedule
 from policy.score import choose_targets, refine, score
-from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE, Snapshot
+from policy.snapshot import CXL, HBM, HOST, Snapshot
 from policy.state import PolicyState
 from policy.static import static_for
-from policy.veto import quality_cost, veto
+from policy.veto import veto
 
 
 def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[Plan, PolicyState]:
@@ -36,7 +37,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     targets = choose_targets(snapshot, scores, config)
     t3 = clock()
     vetoed = veto(snapshot, scores, targets, prediction, config)
-    refine(snapshot, scores, targets, prediction)
+    upgraded = refine(snapshot, scores, targets, prediction)
     t4 = clock()
     scheduled = schedule(snapshot, scores, targets, prediction, config)
     t5 = clock()
@@ -50,23 +51,23 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         phase_ms[name] = (b - a) * 1e3
 
     blocks, tiers = snapshot.blocks, snapshot.tiers
-    n_tiers = len(tiers.tier_ids)
     hbm = targets.hbm_encoding
-    rows = np.flatnonzero(hbm != NONE)
-    hbm_bytes = np.bincount(
-        blocks.hbm_tier[rows], weights=blocks.nbytes[rows, hbm[rows]], minlength=n_tiers
+    hbm_bytes, warm_bytes = placement_totals(
+        hbm,
+        targets.fallback_level,
+        blocks.hbm_tier,
+        blocks.host_tier,
+        blocks.cxl_tier,
+        blocks.nbytes,
+        len(tiers.tier_ids),
     )
-    warm_rows = np.flatnonzero(targets.fallback_level != STORAGE)
-    warm_tier = np.where(
-        targets.fallback_level[warm_rows] == HOST,
-        blocks.host_tier[warm_rows],
-        blocks.cxl_tier[warm_rows],
-    )
-    warm_bytes = np.bincount(warm_tier, weights=blocks.nbytes[warm_rows, 0], minlength=n_tiers)
     levels = static.in_tier_of_level
+    # The quality cost of the final targets: the veto's, with the upgrades' (at full precision).
+    cost = vetoed.cost
+    cost[upgraded] = prediction.use_probability[upgraded] * blocks.sensitivity[upgraded, 0]
     rejected = vetoed.rejections.arrays()
     metrics = Metrics(
-        quality_cost=float(quality_cost(snapshot, hbm, prediction.use_probability).sum()),
+        quality_cost=float(cost.sum()),
         quality_budget=config.quality_budget,
         hbm_bytes_by_tier={tiers.tier_ids[t]: int(hbm_bytes[t]) for t in levels[HBM].tolist()},
         warm_bytes_by_tier={

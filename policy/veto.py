@@ -23,11 +23,10 @@ import numpy as np
 from policy._kernels import budget_candidates, stable_argsort
 from policy._veto_kernels import (
     budget_choice,
-    disallowed_rows,
+    budget_round,
     fit_rows,
-    hbm_bytes_by_tier,
-    lease_rule,
     quality_costs,
+    veto_entry,
 )
 from policy.config import PolicyConfig
 from policy.plan import RULE_CODES, Rule
@@ -68,7 +67,7 @@ class Rejections:
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+            return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
         return (
             cat(self.block, np.int64),
@@ -83,7 +82,8 @@ class Rejections:
 @dataclass(frozen=True)
 class VetoResult:
     rejections: Rejections
-    quality_cost: float
+    quality_cost: float  # before the capacity guard
+    cost: np.ndarray  # per block, p(use) * sensitivity at its HBM encoding after the veto
 
 
 def quality_cost(snapshot: Snapshot, hbm: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -110,17 +110,29 @@ def veto(
     p = prediction.use_probability
     rejections = Rejections()
 
-    # 1. Leases.
-    rows, proposed, protected = lease_rule(b.leased, b.hbm_encoding, hbm)
+    # 1. Leases (and, in the same pass, what rules 2 and 3 start from).
+    rows, proposed, protected, bad, tier_bytes, cost = veto_entry(
+        b.leased,
+        b.hbm_encoding,
+        hbm,
+        scores.static.allowed,
+        b.hbm_tier,
+        b.nbytes,
+        p,
+        b.sensitivity,
+        len(scores.hbm_budget_bytes),
+    )
     rejections.add(Rule.LEASED, rows, proposed, b.hbm_encoding[rows], 1.0, 0.0)
 
     # 2. Floors and unknown sensitivities.
-    bad = disallowed_rows(hbm, scores.static.allowed, protected)
     if len(bad):
         below_floor = bits[hbm[bad]] < b.floor_bits[bad]
         fallback = scores.static.floor_fallback[bad]
         proposed = hbm[bad].copy()
-        placed = _fit(snapshot, scores, targets, bad, fallback)
+        placed = _fit(snapshot, scores, targets, bad, fallback, tier_bytes)
+        kept = placed != NONE
+        cost[bad] = 0.0
+        cost[bad[kept]] = p[bad[kept]] * b.sensitivity[bad[kept], placed[kept]]
         for rule, mask in ((Rule.FLOOR, below_floor), (Rule.UNKNOWN_SENSITIVITY, ~below_floor)):
             rows = bad[mask]
             rejections.add(
@@ -129,7 +141,6 @@ def veto(
 
     # 3. The quality budget. Each round moves the blocks whose fix saves the most per extra
     # byte to a less sensitive encoding (or out of HBM); a block may need several rounds.
-    cost = quality_cost(snapshot, hbm, p)
     for _ in range(len(bits) + 1):
         excess = float(cost.sum()) - config.quality_budget
         if excess <= 1e-15:
@@ -148,20 +159,33 @@ def veto(
             count = int(np.searchsorted(np.cumsum(saving[order]), excess - 1e-15)) + 1
             chosen = np.zeros(len(key), dtype=bool)
             chosen[order[:count]] = True
-        rows = contributors[chosen]
-        placed = _fit(snapshot, scores, targets, rows, fallback[chosen], key[chosen])
-        rejections.add(
-            Rule.QUALITY_BUDGET, rows, current[chosen], placed, cost[rows], config.quality_budget
+        # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
+        rows, before, placed, cost_before = budget_round(
+            contributors,
+            current,
+            fallback,
+            key,
+            chosen,
+            cost,
+            p,
+            b.sensitivity,
+            hbm,
+            b.hbm_tier,
+            b.nbytes,
+            targets.chosen_density,
+            scores.hbm_budget_bytes,
+            tier_bytes,
+            targets.vetoed_out,
+            targets.quality_bound,
         )
-        # PERF: only ``rows`` changed encoding; recomputing every block's cost took 23 ms a
-        # round at a million blocks.
-        kept = placed != NONE
-        cost[rows] = 0.0
-        cost[rows[kept]] = p[rows[kept]] * b.sensitivity[rows[kept], placed[kept]]
+        rejections.add(
+            Rule.QUALITY_BUDGET, rows, before, placed, cost_before, config.quality_budget
+        )
 
     # 4. Capacity guard.
-    _enforce_capacity(snapshot, scores, targets, protected, rejections)
-    return VetoResult(rejections, float(cost.sum()))
+    quality = float(cost.sum())
+    _enforce_capacity(snapshot, scores, targets, protected, tier_bytes, rejections, cost)
+    return VetoResult(rejections, quality, cost)
 
 
 def _fit(
@@ -170,23 +194,24 @@ def _fit(
     targets: Targets,
     rows: np.ndarray,
     fallback: np.ndarray,
-    then_by: np.ndarray | None = None,
+    tier_bytes: np.ndarray,
 ) -> np.ndarray:
-    """Move ``rows`` to ``fallback`` encodings where their tier has room, most valuable first
-    (by chosen density, then ``then_by`` ascending, then row), else out of HBM. Returns the
-    encoding each row ended at (``NONE``: out of HBM)."""
+    """Move ``rows`` to ``fallback`` encodings where their tier has room (most valuable first;
+    ``tier_bytes`` holds each tier's HBM bytes and is kept up to date), else out of HBM.
+    Returns the encoding each row ended at (``NONE``: out of HBM)."""
     b = snapshot.blocks
     hbm = targets.hbm_encoding
     placed: np.ndarray = fit_rows(
         rows,
         fallback,
-        _NO_KEY if then_by is None else then_by,
-        then_by is not None,
+        _NO_KEY,
+        False,
         hbm,
         b.hbm_tier,
         b.nbytes,
         targets.chosen_density,
         scores.hbm_budget_bytes,
+        tier_bytes,
     )
     targets.vetoed_out[rows[placed == NONE]] = True
     targets.quality_bound[rows[placed != NONE]] = True
@@ -199,15 +224,15 @@ def _enforce_capacity(
     scores: Scores,
     targets: Targets,
     protected: np.ndarray,
+    tier_bytes: np.ndarray,
     rejections: Rejections,
+    cost: np.ndarray,
 ) -> None:
-    """Take the least valuable unprotected blocks out of any HBM tier above its budget."""
+    """Take the least valuable unprotected blocks out of any HBM tier above its budget
+    (their quality ``cost`` becomes 0)."""
     b = snapshot.blocks
     hbm = targets.hbm_encoding
-    totals = hbm_bytes_by_tier(hbm, b.hbm_tier, b.nbytes, len(scores.hbm_budget_bytes))
-    over = [
-        tier for tier, _ in scores.static.hbm_groups if totals[tier] > scores.hbm_budget_bytes[tier]
-    ]
+    over = [t for t, _ in scores.static.hbm_groups if tier_bytes[t] > scores.hbm_budget_bytes[t]]
     for tier in over:  # rare: rules 2 and 3 only add bytes that fit
         mine = np.flatnonzero(b.hbm_tier == tier)
         rows = mine[hbm[mine] != NONE]
@@ -222,3 +247,4 @@ def _enforce_capacity(
         rejections.add(Rule.CAPACITY, out, hbm[out], NONE, total, budget)
         targets.vetoed_out[out] = True
         hbm[out] = NONE
+        cost[out] = 0.0

@@ -148,12 +148,16 @@ def test_fit_rows_is_the_ordered_two_round_greedy(n, distinct, share, seed) -> N
     then = rng.integers(0, distinct, len(rows)) / 5.0
     used = int(nbytes[rows, hbm[rows]].sum())
     budget = np.array([used * share])
-    placed = fit_rows(
-        rows, fallback, then, True, hbm, np.zeros(blocks, np.int64), nbytes, density, budget
-    )
+    tier_bytes = np.array([used])
+    tier = np.zeros(blocks, np.int64)
+    placed = fit_rows(rows, fallback, then, True, hbm, tier, nbytes, density, budget, tier_bytes)
     room = budget[0] - used
     expected = reference_fit(rows, fallback, then, hbm, nbytes, density, room)
     np.testing.assert_array_equal(placed, expected)
+    kept = expected != -1  # the tier's bytes follow the moves
+    assert (
+        tier_bytes[0] == used - nbytes[rows, hbm[rows]].sum() + nbytes[rows, expected][kept].sum()
+    )
 
 
 def test_link_budgets_issue_the_most_urgent_first_within_the_budget() -> None:
@@ -165,8 +169,61 @@ def test_link_budgets_issue_the_most_urgent_first_within_the_budget() -> None:
     cls = np.array([2, 1, 1, 3, 1], np.int8)
     deadline = np.array([5.0, 9.0, 8.0, 1.0, 0.0])
     size = np.full(5, 4, np.int64)
-    issued = link_budgets(
-        src, dst, cls, deadline, size, np.arange(5), gbps, np.zeros((4, 4)), 1.0, 0.5, 0.0
-    )
+    kind = np.zeros(5, np.int8)
+    fits = np.ones(5, dtype=bool)
+    busy = np.zeros((4, 4))
+    issued = link_budgets(src, dst, cls, deadline, size, kind, fits, False, gbps, busy, 1, 0.5, 0)
     # Class first, then deadline: 2 (class 1, t=8), then 1 (class 1, t=9); 0 no longer fits.
     assert issued.tolist() == [False, True, True, False, False]
+
+
+def reference_link_budgets(src, dst, cls, deadline, nbytes, gbps, busy_fraction, tick_s, busy_cap):
+    """``policy.admission.within_link_budgets`` as it was, with a full stable sort per link."""
+    issued = np.zeros(len(src), dtype=bool)
+    link = src * 4 + dst
+    key = cls * 1e12 + np.clip(deadline, -1e11, 1e11)
+    for code in np.unique(link).tolist():
+        mine = np.flatnonzero(link == code)
+        capacity = gbps.reshape(-1)[code] * 1e9 * tick_s
+        busy = busy_fraction.reshape(-1)[code]
+        if capacity <= 0:
+            continue
+        mine = mine[np.argsort(key[mine], kind="stable")]
+        size = nbytes[mine].astype(np.float64)
+        before = np.cumsum(size) - size
+        used = busy + before / capacity
+        used_after = busy + (before + size) / capacity
+        limit = np.where(cls[mine] == 3, busy_cap, 1.0)
+        first_on_idle_link = (before == 0) & (busy < limit)
+        issued[mine] = ((used < limit) & (used_after <= limit)) | first_on_idle_link
+    return issued
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 30), st.integers(0, 2**32 - 1))
+def test_link_budgets_are_the_sorted_greedy_per_link(n, distinct, seed) -> None:
+    rng = np.random.default_rng(seed)
+    src = rng.integers(0, 4, n)
+    dst = rng.integers(0, 4, n)
+    cls = rng.integers(0, 4, n).astype(np.int8)
+    deadline = rng.choice([np.inf, -np.inf, np.nan, *range(distinct)], n).astype(np.float64)
+    nbytes = rng.integers(1, 50, n).astype(np.int64)
+    gbps = rng.choice([0.0, 1e-9, 5e-9, 1e-7], (4, 4))
+    busy = rng.choice([0.0, 0.3, 0.7], (4, 4))
+    kind = rng.choice([0, 2, 5], n).astype(np.int8)  # 5 (an eviction) is on no link
+    fits = rng.random(n) < 0.8
+    issued = link_budgets(src, dst, cls, deadline, nbytes, kind, fits, True, gbps, busy, 1, 0.5, 0)
+    on_link = np.flatnonzero((kind < 5) & fits)
+    expected = np.zeros(n, dtype=bool)
+    expected[on_link] = reference_link_budgets(
+        src[on_link],
+        dst[on_link],
+        cls[on_link],
+        deadline[on_link],
+        nbytes[on_link],
+        gbps,
+        busy,
+        1.0,
+        0.5,
+    )
+    np.testing.assert_array_equal(issued, expected)
