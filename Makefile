@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(if $(TORCH_SPEC),$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)")
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m policy.warmup  # compiles the control step once (its cache is on disk)
 	touch $(STAMP)
 
 demo: $(STAMP)
