@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy._action_kernels import EVICT, FETCH, REGENERATE, TRANSCODE
-from policy._select import _inline, _jit, order_keys
+from policy._select import _inline, _jit, order_keys, sorted_distinct, stable_order
 from policy.plan import (
     REASON_DEMAND,
     REASON_EVICT,
@@ -28,8 +28,9 @@ from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE
 def _urgency_order(cls: np.ndarray, deadline: np.ndarray, items: np.ndarray) -> np.ndarray:
     """Positions ``0..len(items)`` ordered by their action's class, then deadline (NaN last),
     then position: ``np.lexsort((deadline[items], cls[items]))``."""
-    order = np.argsort(order_keys(deadline[items], False), kind="mergesort")
-    return order[np.argsort(cls[items[order]], kind="mergesort")]
+    order = stable_order(order_keys(deadline[items], False))
+    ordered: np.ndarray = order[stable_order(cls[items[order]].astype(np.int64))]
+    return ordered
 
 
 @_jit
@@ -47,7 +48,7 @@ def _fit_prefix(
     then deadline order (``np.lexsort((deadline, cls, tier))``), form the longest prefix whose
     sizes fit the tier's room."""
     order = _urgency_order(cls, deadline, fill)
-    order = order[np.argsort(tier[order], kind="mergesort")]
+    order = order[stable_order(tier[order])]
     running = 0.0
     last = NONE - 1
     for k in order:
@@ -220,7 +221,7 @@ def transitions(
             touched[count] = block[a]
             count += 1
     touched[count:] = cancelled
-    rows = np.unique(touched)
+    rows = sorted_distinct(touched)
     m = len(rows)
     has = np.zeros((m, EVICT + 1), np.bool_)
     warm_done = np.zeros(m, np.bool_)

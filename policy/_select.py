@@ -91,6 +91,58 @@ def _bucket(key: int, lo: int, hi: int, shift: np.uint64, top: int) -> int:
 
 
 @_jit
+def stable_order(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for integer keys: a bottom-up merge sort.
+
+    PERF: numba's own stable argsort compiles to a large function that every kernel using it
+    links and optimizes again; this one is small (the kernels' first compilation took 40 s).
+    """
+    n = len(keys)
+    order = np.arange(n)
+    if n < 2:
+        return order
+    spare = np.empty(n, np.int64)
+    width = 1
+    while width < n:
+        for low in range(0, n, 2 * width):
+            middle = min(low + width, n)
+            high = min(low + 2 * width, n)
+            i, j, k = low, middle, low
+            while i < middle and j < high:
+                if keys[order[j]] < keys[order[i]]:
+                    spare[k] = order[j]
+                    j += 1
+                else:
+                    spare[k] = order[i]
+                    i += 1
+                k += 1
+            while i < middle:
+                spare[k] = order[i]
+                i += 1
+                k += 1
+            while j < high:
+                spare[k] = order[j]
+                j += 1
+                k += 1
+        order, spare = spare, order
+        width *= 2
+    return order
+
+
+@_jit
+def sorted_distinct(values: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of an integer array."""
+    ordered = values[stable_order(values)]
+    count = 0
+    for i in range(len(ordered)):
+        if i == 0 or ordered[i] != ordered[i - 1]:
+            ordered[count] = ordered[i]
+            count += 1
+    distinct: np.ndarray = ordered[:count].copy()
+    return distinct
+
+
+@_jit
 def _sorted_subset(
     primary: np.ndarray, secondary: np.ndarray, use_secondary: bool, subset: np.ndarray
 ) -> np.ndarray:
@@ -114,8 +166,9 @@ def _sorted_subset(
         return out
     # Stable sorts, least significant key first (positions are already ascending).
     if use_secondary:
-        out = out[np.argsort(secondary[out], kind="mergesort")]
-    return out[np.argsort(primary[out], kind="mergesort")]
+        out = out[stable_order(secondary[out])]
+    ordered: np.ndarray = out[stable_order(primary[out])]
+    return ordered
 
 
 @_jit
@@ -180,7 +233,8 @@ def boundary(
         # Before each level the running weight is <= limit, so the bucket where it passes the
         # limit has a positive weight: it is not empty.
         step = max(m // _SAMPLE, 1)
-        sample = np.sort(keys[current[:m:step]])
+        sample = keys[current[:m:step]]
+        sample = sample[stable_order(sample)]
         trim = len(sample) // 16
         lo, hi = sample[trim], sample[len(sample) - 1 - trim]
         span = np.uint64(hi) - np.uint64(lo)

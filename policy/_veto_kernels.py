@@ -122,9 +122,11 @@ def _two_round_fit(
     new_size: np.ndarray,
     old_size: np.ndarray,
     room: float,
+    first: int,
     fits: np.ndarray,
 ) -> None:
-    """Set ``fits`` for the items (in the (keys, second, position) order) that fit ``room``
+    """Set ``fits`` for the items (in the (keys, second, position) order; ``first`` is the
+    first of them) that fit ``room``
     in two greedy rounds: an item fits if its growth and that of every earlier fitting item
     do; the items that do not fit leave, and the bytes they free go, in a second round, to
     the items that did not fit in the first (each then needs its whole new size: its old
@@ -132,8 +134,10 @@ def _two_round_fit(
     """
     count = len(keys)
     items = np.arange(count)
-    pivot, _ = boundary(keys, second, use_secondary, grow, room, items)
-    mark_before(keys, second, use_secondary, items, pivot, fits)
+    if grow[first] <= room:
+        pivot, _ = boundary(keys, second, use_secondary, grow, room, items)
+        mark_before(keys, second, use_secondary, items, pivot, fits)
+    # PERF: else nothing fits (a full tier: the usual case), known without a selection.
     grown = 0
     freed = 0
     rest = 0
@@ -162,22 +166,26 @@ def fit_rows(
     chosen_density: np.ndarray,
     budget_bytes: np.ndarray,
     tier_bytes: np.ndarray,
+    selected: np.ndarray,
+    use_selected: bool,
 ) -> np.ndarray:
-    """The encoding each of ``rows`` ends at when moved to ``fallback`` where its tier has room
-    (``NONE``: out of HBM), most valuable first: by ``chosen_density`` descending, then
-    ``secondary`` ascending (when used), then position (``_two_round_fit``, per tier).
-    ``tier_bytes`` (HBM bytes per tier) is updated in place; ``hbm`` is not."""
+    """The encoding each of ``rows`` (those ``selected``, when used) ends at when moved to
+    ``fallback`` where its tier has room (``NONE``: out of HBM, or not selected), most valuable
+    first: by ``chosen_density`` descending, then ``secondary`` ascending (when used), then
+    position (``_two_round_fit``, per tier). ``tier_bytes`` (HBM bytes per tier) is updated in
+    place; ``hbm`` is not."""
     m = len(rows)
     placed = np.full(m, NONE, np.int64)
     present = np.zeros(len(budget_bytes), np.bool_)
-    for r in rows:
-        present[hbm_tier[r]] = True
+    for k in range(m):
+        if selected[k] or not use_selected:
+            present[hbm_tier[rows[k]]] = True
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
     for tier in np.flatnonzero(present):
         count = 0
         for k in range(m):
-            count += int(hbm_tier[rows[k]] == tier)
+            count += int(hbm_tier[rows[k]] == tier and (selected[k] or not use_selected))
         local = np.empty(count, np.int64)
         keys = np.empty(count, np.int64)
         second = np.zeros(count, np.int64)
@@ -185,9 +193,10 @@ def fit_rows(
         new_size = np.empty(count, np.int64)
         old_size = np.empty(count, np.int64)
         j = 0
+        first = 0
         for k in range(m):
             row = rows[k]
-            if hbm_tier[row] != tier:
+            if hbm_tier[row] != tier or not (selected[k] or not use_selected):
                 continue
             local[j] = k
             keys[j] = key_bits(-chosen_density[row], scratch, bits)
@@ -196,10 +205,14 @@ def fit_rows(
             new_size[j] = nbytes[row, fallback[k]]
             old_size[j] = nbytes[row, hbm[row]]
             grow[j] = max(new_size[j] - old_size[j], 0)
+            if keys[j] < keys[first] or (keys[j] == keys[first] and second[j] < second[first]):
+                first = j  # the first in order (ties: the lower position)
             j += 1
+        if count == 0:
+            continue
         fits = np.zeros(count, np.bool_)
         room = budget_bytes[tier] - float(tier_bytes[tier])
-        _two_round_fit(keys, second, use_secondary, grow, new_size, old_size, room, fits)
+        _two_round_fit(keys, second, use_secondary, grow, new_size, old_size, room, first, fits)
         for j in range(count):
             tier_bytes[tier] -= old_size[j]
             if fits[j]:
@@ -232,25 +245,10 @@ def budget_round(
     saved per byte), else out of HBM; targets, flags, costs and ``tier_bytes`` updated in
     place. Returns the rows (ascending), their encodings before, after, and their costs
     before."""
-    count = 0
-    for k in range(len(chosen)):
-        count += int(chosen[k])
-    rows = np.empty(count, np.int64)
-    moved_to = np.empty(count, np.int64)
-    then = np.empty(count, np.float64)
-    before = np.empty(count, np.int64)
-    count = 0
-    for k in range(len(chosen)):
-        if chosen[k]:
-            rows[count] = contributors[k]
-            moved_to[count] = fallback[k]
-            then[count] = key[k]
-            before[count] = current[k]
-            count += 1
-    placed = fit_rows(
-        rows,
-        moved_to,
-        then,
+    placed_all = fit_rows(
+        contributors,
+        fallback,
+        key,
         True,
         hbm,
         hbm_tier,
@@ -258,18 +256,33 @@ def budget_round(
         chosen_density,
         budget_bytes,
         tier_bytes,
+        chosen,
+        True,
     )
-    cost_before = then  # reused: the keys are no longer needed
-    for k in range(count):
-        r = rows[k]
-        cost_before[k] = cost[r]
-        if placed[k] == NONE:
+    count = 0
+    for k in range(len(chosen)):
+        count += int(chosen[k])
+    rows = np.empty(count, np.int64)
+    before = np.empty(count, np.int64)
+    placed = np.empty(count, np.int64)
+    cost_before = np.empty(count, np.float64)
+    count = 0
+    for k in range(len(chosen)):
+        if not chosen[k]:
+            continue
+        r = contributors[k]
+        rows[count] = r
+        before[count] = current[k]
+        placed[count] = placed_all[k]
+        cost_before[count] = cost[r]
+        if placed_all[k] == NONE:
             vetoed_out[r] = True
             cost[r] = 0.0
         else:
             quality_bound[r] = True
-            cost[r] = use_probability[r] * sensitivity[r, placed[k]]
-        hbm[r] = placed[k]
+            cost[r] = use_probability[r] * sensitivity[r, placed_all[k]]
+        hbm[r] = placed_all[k]
+        count += 1
     return rows, before, placed, cost_before
 
 

@@ -102,8 +102,10 @@ def schedule(
         shrink,
         required_up,
         held,
+        within_reach,
         cancelled,
         occupancy,
+        left_out,
     ) = actions(
         b.hbm_encoding,
         targets.hbm_encoding,
@@ -124,37 +126,21 @@ def schedule(
         usable,
         links.gbps,
         links.latency_s,
+        tel.link_busy_fraction,
         float(links.regenerate_gbps),
         now_s,
         config.imminent_horizon_s,
         config.safety_margin_s,
+        # PERF: admission looks only at what the links could take within a few ticks (and at
+        # the shrinks, which may have to make room): at a million blocks, admitting every
+        # candidate copy made the schedule phase 430 ms a step instead of 270.
+        4 * config.tick_s,
+        config.demotion_link_busy_fraction,
         len(snapshot.tiers.tier_ids),
     )
 
-    def within_budgets(fits: np.ndarray, only_fits: bool, tick_s: float) -> np.ndarray:
-        issued: np.ndarray = link_budgets(
-            src,
-            dst,
-            cls,
-            deadline,
-            nbytes,
-            kind,
-            fits,
-            only_fits,
-            links.gbps,
-            tel.link_busy_fraction,
-            tick_s,
-            config.demotion_link_busy_fraction,
-            now_s,
-        )
-        return issued
-
     # Capacity first, over the candidate copies (most urgent first), so that a copy that can
     # never fit does not take a link's budget; then the link budgets over what fits.
-    # PERF: admission looks only at what the links could take within a few ticks (and at the
-    # shrinks, which may have to make room): at a million blocks, admitting every candidate
-    # copy made the schedule phase 430 ms a step instead of 270 (bench/policy_scale.py).
-    within_reach = within_budgets(held, False, 4 * config.tick_s)
     fits, spilled = admit(
         block,
         kind,
@@ -175,9 +161,22 @@ def schedule(
         b.nbytes,
         config.max_transitions_per_step,
     )
-    issued, kind, moving, deferred = resolve(
-        kind, within_budgets(fits, True, config.tick_s), spilled, required_up, held
+    on_links = link_budgets(
+        src,
+        dst,
+        cls,
+        deadline,
+        nbytes,
+        kind,
+        fits,
+        links.gbps,
+        tel.link_busy_fraction,
+        config.tick_s,
+        config.demotion_link_busy_fraction,
+        now_s,
     )
+    issued, kind, moving, deferred = resolve(kind, on_links, spilled, required_up, held)
+    deferred += int(left_out)
 
     records = transitions(
         block,

@@ -35,6 +35,7 @@ from policy.score import Scores, Targets
 from policy.snapshot import NONE, Snapshot
 
 _NO_KEY = np.zeros(0)
+_NO_MASK = np.zeros(0, dtype=bool)
 
 
 @dataclass
@@ -212,6 +213,8 @@ def _fit(
         targets.chosen_density,
         scores.hbm_budget_bytes,
         tier_bytes,
+        _NO_MASK,
+        False,
     )
     targets.vetoed_out[rows[placed == NONE]] = True
     targets.quality_bound[rows[placed != NONE]] = True

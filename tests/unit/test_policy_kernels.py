@@ -150,7 +150,10 @@ def test_fit_rows_is_the_ordered_two_round_greedy(n, distinct, share, seed) -> N
     budget = np.array([used * share])
     tier_bytes = np.array([used])
     tier = np.zeros(blocks, np.int64)
-    placed = fit_rows(rows, fallback, then, True, hbm, tier, nbytes, density, budget, tier_bytes)
+    everything = np.ones(len(rows), dtype=bool)
+    placed = fit_rows(
+        rows, fallback, then, True, hbm, tier, nbytes, density, budget, tier_bytes, everything, True
+    )
     room = budget[0] - used
     expected = reference_fit(rows, fallback, then, hbm, nbytes, density, room)
     np.testing.assert_array_equal(placed, expected)
@@ -172,7 +175,7 @@ def test_link_budgets_issue_the_most_urgent_first_within_the_budget() -> None:
     kind = np.zeros(5, np.int8)
     fits = np.ones(5, dtype=bool)
     busy = np.zeros((4, 4))
-    issued = link_budgets(src, dst, cls, deadline, size, kind, fits, False, gbps, busy, 1, 0.5, 0)
+    issued = link_budgets(src, dst, cls, deadline, size, kind, fits, gbps, busy, 1, 0.5, 0)
     # Class first, then deadline: 2 (class 1, t=8), then 1 (class 1, t=9); 0 no longer fits.
     assert issued.tolist() == [False, True, True, False, False]
 
@@ -212,7 +215,7 @@ def test_link_budgets_are_the_sorted_greedy_per_link(n, distinct, seed) -> None:
     busy = rng.choice([0.0, 0.3, 0.7], (4, 4))
     kind = rng.choice([0, 2, 5], n).astype(np.int8)  # 5 (an eviction) is on no link
     fits = rng.random(n) < 0.8
-    issued = link_budgets(src, dst, cls, deadline, nbytes, kind, fits, True, gbps, busy, 1, 0.5, 0)
+    issued = link_budgets(src, dst, cls, deadline, nbytes, kind, fits, gbps, busy, 1, 0.5, 0)
     on_link = np.flatnonzero((kind < 5) & fits)
     expected = np.zeros(n, dtype=bool)
     expected[on_link] = reference_link_budgets(
