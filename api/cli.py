@@ -198,3 +198,7 @@ main.add_command(calibrate)
 from api.admin import admin as admin_command  # noqa: E402  (the admin API server)
 
 main.add_command(admin_command)
+
+from api.bench_cmd import bench  # noqa: E402  (the benchmarks and their report)
+
+main.add_command(bench)

@@ -89,3 +89,10 @@ def test_codec_benchmark_prints_its_json_line() -> None:
     for figures in summary["codecs"].values():
         assert set(figures) == {"encode_gbps", "decode_gbps", "size_ratio"}
     assert summary["codecs"]["int4"]["size_ratio"] < summary["codecs"]["int8"]["size_ratio"] < 1
+
+
+def test_bench_refuses_an_unknown_benchmark_by_name(tmp_path) -> None:
+    result = CliRunner().invoke(main, ["bench", "--only", "codecs,nope", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "['nope']; expected some of codecs, policy_scale, trace_replay" in result.output
+    assert not (tmp_path / "report.md").exists()
