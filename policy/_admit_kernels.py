@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._action_kernels import EVICT, FETCH, REGENERATE, TRANSCODE
+from policy._link_kernels import EVICT, FETCH, REGENERATE, TRANSCODE
 from policy._select import _inline, _jit, order_keys, sorted_distinct, stable_order
 from policy.plan import (
     REASON_DEMAND,

@@ -114,7 +114,8 @@ def persist(
     c = 0
     for k in range(len(last)):
         ml = last[k] // n_experts
-        j = np.searchsorted(layers, ml)
+        while j < len(layers) and layers[j] < ml:  # both ascending: a merge walk
+            j += 1
         revisited = j < len(layers) and layers[j] == ml
         stays[k] = not revisited
         if revisited:

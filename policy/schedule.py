@@ -27,8 +27,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy._action_kernels import actions, link_budgets, resolve
+from policy._action_kernels import classify, describe, stream
 from policy._admit_kernels import admit, transitions
+from policy._link_kernels import link_budgets, resolve
 from policy.config import PolicyConfig
 from policy.plan import STATE_CODES, TransferArrays, TransitionArrays
 from policy.predict import Prediction
@@ -75,6 +76,108 @@ def _tier_at(snapshot: Snapshot, rows: np.ndarray, level: np.ndarray) -> np.ndar
     return np.where(level == CXL, b.cxl_tier[rows], tier)
 
 
+def _candidates(
+    snapshot: Snapshot,
+    scores: Scores,
+    targets: Targets,
+    prediction: Prediction,
+    config: PolicyConfig,
+) -> tuple[np.ndarray, ...]:
+    """The candidate actions that can matter this tick, in the order of the full action table
+    (``policy._action_kernels``): every drop, every shrink or upgrade of a resident copy, and
+    every transfer its link could carry within a few ticks. Returns their table (see
+    ``describe``) with the cancelled copies, the tiers' occupancy and how many transfers wait.
+
+    PERF: the full table (a row per differing block: a million at a million blocks) is never
+    built; the transfers that could be within reach are kept per link in a small heap as the
+    blocks stream past (``stream``), and only the kept actions are described.
+    """
+    b, enc, links, tel = snapshot.blocks, snapshot.encodings, snapshot.links, snapshot.telemetry
+    precision = np.array([_PRECISIONS.index(e.precision) for e in enc.encodings], np.int64)
+    now_s = float(tel.now_s)
+    # PERF: admission looks only at what the links could take within a few ticks (and at the
+    # shrinks, which may have to make room): at a million blocks, admitting every candidate
+    # copy made the schedule phase 430 ms a step instead of 270.
+    reach_s = 4 * config.tick_s
+    first = classify(
+        b.hbm_encoding,
+        targets.hbm_encoding,
+        b.in_flight_encoding,
+        b.fallback_level,
+        targets.fallback_level,
+        b.nbytes,
+        b.regenerable,
+        precision,
+        enc.full_precision,
+    )
+    hbm_kind, warm_kind, refetch, counts, on_links, smallest, must, cancels = first
+    kept, heap_key, heap_item, heap_start, heap_size, capacity, groups, cancelled, occupancy = (
+        stream(
+            b.hbm_encoding,
+            targets.hbm_encoding,
+            b.in_flight_encoding,
+            b.fallback_level,
+            targets.fallback_level,
+            prediction.time_to_next_use_s,
+            b.nbytes,
+            scores.static.decode_rate,
+            b.demand,
+            targets.quality_bound,
+            b.hbm_tier,
+            b.host_tier,
+            b.cxl_tier,
+            enc.usable,
+            links.gbps,
+            links.latency_s,
+            float(links.regenerate_gbps),
+            now_s,
+            config.imminent_horizon_s,
+            config.safety_margin_s,
+            reach_s,
+            len(snapshot.tiers.tier_ids),
+            hbm_kind,
+            warm_kind,
+            refetch,
+            counts,
+            on_links,
+            smallest,
+            must,
+            cancels,
+        )
+    )
+    table = describe(
+        b.hbm_encoding,
+        targets.hbm_encoding,
+        b.fallback_level,
+        targets.fallback_level,
+        prediction.time_to_next_use_s,
+        b.nbytes,
+        scores.static.decode_rate,
+        b.demand,
+        targets.quality_bound,
+        enc.usable,
+        links.gbps,
+        links.latency_s,
+        tel.link_busy_fraction,
+        float(links.regenerate_gbps),
+        now_s,
+        config.imminent_horizon_s,
+        config.safety_margin_s,
+        config.demotion_link_busy_fraction,
+        hbm_kind,
+        refetch,
+        on_links,
+        kept,
+        heap_key,
+        heap_item,
+        heap_start,
+        heap_size,
+        capacity,
+        groups,
+    )
+    return (*table[:-1], cancelled, occupancy, table[-1])
+
+
 def schedule(
     snapshot: Snapshot,
     scores: Scores,
@@ -84,12 +187,11 @@ def schedule(
 ) -> Schedule:
     """Transfers and transitions for this tick (see the module docstring)."""
     b, enc, links, tel = snapshot.blocks, snapshot.encodings, snapshot.links, snapshot.telemetry
-    precision = np.array([_PRECISIONS.index(e.precision) for e in enc.encodings], np.int64)
     usable = enc.usable
     full_precision = enc.full_precision
     now_s = float(tel.now_s)
-    # PERF: the candidate actions in two compiled passes over the blocks (there were a dozen
-    # numpy passes and seven concatenations: 100 ms a step at a million blocks).
+    # PERF: the candidate actions in compiled passes over the blocks (there were a dozen numpy
+    # passes and seven concatenations: 100 ms a step at a million blocks).
     (
         block,
         kind,
@@ -106,38 +208,7 @@ def schedule(
         cancelled,
         occupancy,
         left_out,
-    ) = actions(
-        b.hbm_encoding,
-        targets.hbm_encoding,
-        b.in_flight_encoding,
-        b.fallback_level,
-        targets.fallback_level,
-        prediction.time_to_next_use_s,
-        b.nbytes,
-        scores.static.decode_rate,
-        b.regenerable,
-        b.demand,
-        targets.quality_bound,
-        b.hbm_tier,
-        b.host_tier,
-        b.cxl_tier,
-        precision,
-        full_precision,
-        usable,
-        links.gbps,
-        links.latency_s,
-        tel.link_busy_fraction,
-        float(links.regenerate_gbps),
-        now_s,
-        config.imminent_horizon_s,
-        config.safety_margin_s,
-        # PERF: admission looks only at what the links could take within a few ticks (and at
-        # the shrinks, which may have to make room): at a million blocks, admitting every
-        # candidate copy made the schedule phase 430 ms a step instead of 270.
-        4 * config.tick_s,
-        config.demotion_link_busy_fraction,
-        len(snapshot.tiers.tier_ids),
-    )
+    ) = _candidates(snapshot, scores, targets, prediction, config)
 
     # Capacity first, over the candidate copies (most urgent first), so that a copy that can
     # never fit does not take a link's budget; then the link budgets over what fits.

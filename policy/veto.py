@@ -68,6 +68,8 @@ class Rejections:
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+            if len(parts) == 1:  # PERF: a million budget rejections at a million blocks
+                return np.ascontiguousarray(parts[0], dtype)
             return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
         return (

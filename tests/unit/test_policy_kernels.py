@@ -11,8 +11,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from policy._action_kernels import link_budgets
 from policy._kernels import stable_argsort
+from policy._link_kernels import link_budgets
 from policy._veto_kernels import budget_choice, fit_rows
 from policy.score import take_by_density
 
