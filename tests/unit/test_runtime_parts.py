@@ -7,8 +7,8 @@ import pytest
 
 from actors.config import PoolConfig
 from actors.leases import LeaseTable
-from actors.topology import NodeInfo, plan_tiers
 from actors.registry import CopyEntry, CopyStatus, Registry, TierInfo
+from actors.topology import NodeInfo, plan_tiers
 from policy.snapshot import HOST, NONE, STORAGE
 from pool.blocks import BlockSpec, TensorSpec
 from pool.encoding import FULL, Encoding
