@@ -1,8 +1,11 @@
-"""Compiled (numba) kernels for the few hot loops numpy cannot fuse.
+"""Compiled (numba) kernels: a stable argsort and the quality budget's candidates.
 
-Each kernel is a plain loop over arrays, compiled once per machine (``cache=True`` keeps the
-machine code under ``__pycache__``) and called through a typed wrapper. Results are exactly those
-of the numpy code they replace; the tests compare both where the replaced code still exists.
+The step's other kernels are in ``policy._select`` (ordering and selection) and the
+``policy._*_kernels`` modules, one per phase. Each kernel is a plain loop over arrays, compiled
+once per machine (``cache=True`` keeps the machine code under ``__pycache__``; ``python -m
+policy.warmup`` compiles them all, about 35 s on the 2-core development machine). Results are
+exactly those of the numpy code they replaced; ``tests/unit/test_policy_kernels.py`` keeps that
+code as the reference.
 """
 
 from __future__ import annotations
@@ -67,57 +70,6 @@ def stable_argsort(key: np.ndarray) -> np.ndarray:
     for start, end in zip(long_runs[::2], long_runs[1::2], strict=True):
         order[start:end].sort()
     return order
-
-
-@_jit
-def hbm_bytes_of_tier(
-    hbm_tier: np.ndarray, hbm_encoding: np.ndarray, nbytes: np.ndarray, tier: int
-) -> int:
-    """Bytes of the HBM copies (``hbm_encoding`` not ``NONE``) of the blocks on ``tier``."""
-    total = 0
-    for row in range(len(hbm_tier)):
-        encoding = hbm_encoding[row]
-        if hbm_tier[row] == tier and encoding != -1:
-            total += nbytes[row, encoding]
-    return total
-
-
-@_jit
-def fit_in_order(
-    order: np.ndarray,
-    rows: np.ndarray,
-    fallback: np.ndarray,
-    hbm_encoding: np.ndarray,
-    nbytes: np.ndarray,
-    room: float,
-) -> np.ndarray:
-    """The two greedy rounds of ``policy.veto._fit`` for one tier, fused (see there): which of
-    ``rows`` (moving to ``fallback``, visited in ``order``) keep an HBM copy."""
-    n = len(rows)
-    fits = np.zeros(n, dtype=np.bool_)
-    cum = 0
-    grown = 0
-    freed = 0
-    for k in range(n):
-        i = order[k]
-        row = rows[i]
-        extra = nbytes[row, fallback[i]] - nbytes[row, hbm_encoding[row]]
-        cum += max(extra, 0)
-        if cum <= room:
-            fits[i] = True
-            grown += max(extra, 0)
-        else:
-            freed += nbytes[row, hbm_encoding[row]]
-    spare = room - float(grown) + float(freed)
-    need = 0
-    for k in range(n):
-        i = order[k]
-        if fits[i]:
-            continue
-        need += nbytes[rows[i], fallback[i]]
-        if need <= spare:
-            fits[i] = True
-    return fits
 
 
 @_jit

@@ -2,7 +2,8 @@
 
 The kernels pick greedy prefixes by selection instead of sorting; each test runs the sorting
 version (kept here as the reference) on random inputs with ties, NaN, infinities and zero sizes
-and asserts identical results.
+and asserts identical results. (The whole step was also checked plan for plan, bit for bit,
+against the numpy step on 16 synthetic scenarios of 1,000 to 1,000,000 blocks.)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from policy._kernels import stable_argsort
 from policy._link_kernels import link_budgets
+from policy._select import sorted_distinct, stable_order
 from policy._veto_kernels import budget_choice, fit_rows
 from policy.score import take_by_density
 
@@ -230,3 +232,37 @@ def test_link_budgets_are_the_sorted_greedy_per_link(n, distinct, seed) -> None:
         0.5,
     )
     np.testing.assert_array_equal(issued, expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(-(2**62), 2**62), max_size=300), st.integers(1, 20))
+def test_stable_order_and_sorted_distinct_are_numpys(values, modulo) -> None:
+    keys = np.array(values, np.int64) % modulo  # many ties
+    np.testing.assert_array_equal(stable_order(keys), np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(sorted_distinct(keys), np.unique(keys))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 150), st.integers(0, 2**32 - 1))
+def test_fit_rows_of_a_selection_is_the_fit_of_the_selected_rows(n, seed) -> None:
+    rng = np.random.default_rng(seed)
+    blocks = n + 5
+    nbytes = np.sort(rng.integers(1, 100, (blocks, 5)), axis=1)[:, ::-1].astype(np.int64)
+    hbm = rng.integers(0, 5, blocks).astype(np.int64)
+    tier = rng.integers(0, 2, blocks).astype(np.int64)  # two tiers
+    rows = np.sort(rng.choice(blocks, n, replace=False)).astype(np.int64)
+    fallback = rng.integers(0, 5, n).astype(np.int64)
+    density = rng.integers(0, 6, blocks) / 3.0
+    then = rng.integers(0, 6, n) / 5.0
+    budget = rng.uniform(0, 2, 2) * np.bincount(tier, weights=nbytes[np.arange(blocks), hbm])
+    used = np.bincount(tier, weights=nbytes[np.arange(blocks), hbm], minlength=2).astype(np.int64)
+    selected = rng.random(n) < 0.6
+    args = (hbm, tier, nbytes, density, budget)
+    bytes_all, bytes_some = used.copy(), used.copy()
+    placed = fit_rows(rows, fallback, then, True, *args, bytes_all, selected, True)
+    some = fit_rows(
+        rows[selected], fallback[selected], then[selected], True, *args, bytes_some, selected, False
+    )
+    np.testing.assert_array_equal(placed[selected], some)
+    assert (placed[~selected] == -1).all()
+    np.testing.assert_array_equal(bytes_all, bytes_some)
