@@ -275,7 +275,8 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
                 continue
             with self.lock:
                 self.registry.add_tier(info)
-                self.handles[info.tier_id] = handle
+                # Copy on write: readers iterate the handles without the lock.
+                self.handles = {**self.handles, info.tier_id: handle}
                 self.policy_state = None  # the tier set changed: the policy's arrays are resized
             added.append(info.tier_id)
             self.count("tiers_added")

@@ -126,7 +126,8 @@ class Registry:
     # -- tiers and blocks -----------------------------------------------------------------------
 
     def add_tier(self, info: TierInfo) -> None:
-        self.tiers[info.tier_id] = info
+        """Copy on write: views iterate ``tiers`` without the controller's lock."""
+        self.tiers = {**self.tiers, info.tier_id: info}
         self._static = None
 
     def set_dead(self, tier_id: str, dead: bool) -> bool:
