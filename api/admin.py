@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import click
-import ray
 from fastapi import FastAPI, Query
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -316,10 +315,9 @@ def admin(address: str, namespace: str, host: str, port: int, openapi_file: Path
         return
     import uvicorn
 
-    try:
-        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise click.ClickException(f"cannot reach a Ray cluster at {address!r}: {err}") from None
+    from api.pool_cmds import connect_ray
+
+    connect_ray(address)
     app = create_app(namespace)
     if not os.environ.get(TOKEN_ENV):
         click.echo(f"{TOKEN_ENV} is not set: mutating calls are refused (403)", err=True)
@@ -327,3 +325,33 @@ def admin(address: str, namespace: str, host: str, port: int, openapi_file: Path
         click.echo(f"binding {host}: the admin API is reachable beyond this machine", err=True)
     click.echo(f"weightpool admin API on http://{host}:{port} (docs at /docs)")
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int = 0) -> tuple[Any, str]:
+    """Serve ``app`` with uvicorn on a daemon thread (``port`` 0: an ephemeral one) and wait
+    until it listens; returns the server (set ``should_exit`` to stop it) and its base URL.
+
+    Raises:
+        OSError: the address cannot be bound.
+        RuntimeError: the server did not start within 30 s.
+    """
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, daemon=True, name="admin-api"
+    ).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the admin API did not start on {host}:{port} within 30 s")
+        time.sleep(0.05)
+    return server, f"http://{host}:{sock.getsockname()[1]}"

@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import tempfile
-import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -98,25 +96,12 @@ class MainJobReport:
         return max(0.0, 1.0 - self.acquired / self.reads) if self.reads else 0.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _scrape(url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
-    """The admin API's /metrics, parsed by prometheus_client: family -> labels -> value."""
-    from prometheus_client.parser import text_string_to_metric_families
+    """The admin API's /metrics: sample name -> labels -> value."""
+    from api.metrics import parse_metrics
 
     with urllib.request.urlopen(url, timeout=30) as response:
-        text = response.read().decode()
-    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name.endswith("_created"):
-                continue
-            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
-    return out
+        return parse_metrics(response.read().decode())
 
 
 def _by_label(metrics: dict[str, Any], name: str, label: str) -> dict[str, float]:
@@ -177,32 +162,6 @@ def _generate(
     return torch.stack(chosen, 1), torch.stack(logits, 1)
 
 
-def _serve_admin(namespace: str, token: str) -> tuple[Any, str]:
-    import uvicorn
-
-    from api.admin import create_app
-
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(namespace=namespace, token=token),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-        )
-    )
-    threading.Thread(target=server.run, daemon=True, name="admin-api").start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5):
-                return server, url
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"the admin API did not answer on {url} within 30 s")
-
-
 def _median_ms(samples: list[float]) -> float:
     ordered = sorted(samples)
     return 1000 * ordered[len(ordered) // 2] if ordered else 0.0
@@ -222,6 +181,7 @@ def run_main_job(
 
     from actors.config import PoolConfig
     from actors.pool import start_pool, stop_pool
+    from api.admin import create_app, serve_in_thread
     from api.occupancy import OccupancySampler, plot_occupancy
     from policy.config import PolicyConfig
 
@@ -256,13 +216,14 @@ def run_main_job(
     server = None
     try:
         pool = start_pool(pool_config)
-        server, admin_url = _serve_admin(NAMESPACE, secrets.token_urlsafe(16))
+        app = create_app(namespace=NAMESPACE, token=secrets.token_urlsafe(16))
+        server, admin_url = serve_in_thread(app)
         say(
             f"pool up: {len(pool.tiers)} tiers, one emulated HBM device of {config.hbm_mib} MiB; "
             f"admin API at {admin_url}/docs"
         )
         with OccupancySampler(pool.controller, period_s=0.25) as sampler:
-            workload = _Workload(pool, config, say, bar or _no_bar, sampler.start_s)
+            workload = _Workload(pool, config, say, bar or _NoBar, sampler.start_s)
             report = workload.run(admin_url)
         report.plot = str(
             plot_occupancy(
@@ -287,6 +248,8 @@ def run_main_job(
 
 
 class _NoBar:
+    """The progress bar when none is asked for (tqdm's interface, doing nothing)."""
+
     def __init__(self, **_: Any):
         pass
 
@@ -298,9 +261,6 @@ class _NoBar:
 
     def __exit__(self, *exc: object) -> None:
         pass
-
-
-_no_bar = _NoBar
 
 
 class _Workload:

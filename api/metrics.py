@@ -177,3 +177,14 @@ def metrics_registry(fetch: Callable[[], Overview | None]) -> CollectorRegistry:
 def render(registry: CollectorRegistry) -> bytes:
     """The text exposition (blocking: the collector calls the controller)."""
     return generate_latest(registry)
+
+
+def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Prometheus text, parsed by prometheus_client: sample name -> sorted labels -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples

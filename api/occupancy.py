@@ -24,11 +24,9 @@ class OccupancySeries:
     used_bytes: dict[str, list[int]] = field(default_factory=lambda: defaultdict(list))
     kinds: dict[str, str] = field(default_factory=dict)
     capacity_bytes: dict[str, int | None] = field(default_factory=dict)
-    states: list[dict[str, int]] = field(default_factory=list)
 
     def add(self, t_s: float, status: dict[str, Any]) -> None:
         self.times_s.append(t_s)
-        self.states.append(dict(status["states"]))
         for tier_id, report in status["tiers"].items():
             if report is None:
                 self.used_bytes[tier_id].append(0)
@@ -36,9 +34,6 @@ class OccupancySeries:
             self.kinds[tier_id] = report.kind
             self.capacity_bytes[tier_id] = report.capacity_bytes
             self.used_bytes[tier_id].append(int(report.used_bytes))
-
-    def peak_bytes(self, tier_id: str) -> int:
-        return max(self.used_bytes.get(tier_id, [0]) or [0])
 
 
 class OccupancySampler:

@@ -26,7 +26,7 @@ def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:,.1f}"
 
 
-def _connect_ray(address: str) -> None:
+def connect_ray(address: str) -> None:
     import ray
 
     if ray.is_initialized():  # called from Python that is already connected (tests, notebooks)
@@ -138,7 +138,7 @@ def start(
     import ray
 
     if address is not None:
-        _connect_ray(address)
+        connect_ray(address)
     else:
         ray.init(address="local", log_to_driver=False, logging_level="ERROR")  # a new Ray
     pool = start_pool(config)
@@ -170,21 +170,16 @@ def start(
 
 def _serve_admin(namespace: str, port: int) -> Any:
     """Start the admin API in a thread on loopback; None (with a note) if it cannot run."""
-    import threading
-
     try:
-        import uvicorn
+        from api.admin import create_app, serve_in_thread
 
-        from api.admin import create_app
-    except ImportError as err:
+        token = os.environ.get("WEIGHTPOOL_ADMIN_TOKEN")
+        server, url = serve_in_thread(create_app(namespace=namespace, token=token), port=port)
+    except (ImportError, OSError, RuntimeError) as err:
         click.echo(f"admin API not started: {err}")
         return None
-    token = os.environ.get("WEIGHTPOOL_ADMIN_TOKEN")
-    app = create_app(namespace=namespace, token=token)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True, name="admin-api").start()
     hint = "" if token else " (read-only: set WEIGHTPOOL_ADMIN_TOKEN for mutating calls)"
-    click.echo(f"admin API on http://127.0.0.1:{port}/docs{hint}")
+    click.echo(f"admin API on {url}/docs{hint}")
     return server
 
 
@@ -194,7 +189,7 @@ def _serve_admin(namespace: str, port: int) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def status(address: str, namespace: str, as_json: bool) -> None:
     """Tiers with their capacity and use, block states, models, transitions."""
-    _connect_ray(address)
+    connect_ray(address)
     report = _pool(namespace).status()
     if as_json:
         click.echo(json.dumps(_status_json(report), default=str))
@@ -209,7 +204,7 @@ def stop(address: str, namespace: str) -> None:
     """Stop the pool's actors. Memory tiers' copies go with them; the storage tier stays."""
     from actors.pool import stop_pool
 
-    _connect_ray(address)
+    connect_ray(address)
     _pool(namespace)  # a clear error when there is none
     stop_pool(namespace)
     click.echo(f"pool in namespace {namespace!r} stopped; its storage directory is kept")
@@ -225,7 +220,7 @@ def load_into_pool(
 
     from pool.errors import WeightpoolError
 
-    _connect_ray(address)
+    connect_ray(address)
     pool = _pool(namespace)
     with tqdm(unit="block", desc=model) as bar:
 

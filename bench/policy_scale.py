@@ -36,10 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy.builder import execute_instantly  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
-from policy.snapshot import Snapshot  # noqa: E402
 from policy.state import PolicyState, initial_state  # noqa: E402
 from policy.step import step  # noqa: E402
-from policy.synthetic import MoELayout, Router, RoutingKnobs, synthetic_pool  # noqa: E402
+from policy.synthetic import (  # noqa: E402
+    MoELayout,
+    Router,
+    RoutingKnobs,
+    routed_telemetry,
+    synthetic_pool,
+)
 
 DEEPSEEK = MoELayout()
 SMALL = MoELayout(layers=24, experts=32, top_k=4, dense_per_layer=9)
@@ -48,25 +53,6 @@ SMALL = MoELayout(layers=24, experts=32, top_k=4, dense_per_layer=9)
 def pool_for(blocks: int) -> tuple[MoELayout, int]:
     layout = SMALL if blocks < DEEPSEEK.blocks else DEEPSEEK
     return layout, max(1, blocks // layout.blocks)
-
-
-def telemetry(
-    snapshot: Snapshot, router: Router, tick: int, now_s: float, rng: np.random.Generator
-):
-    models = len(snapshot.models.layers)
-    positions = snapshot.telemetry.layer_time_s.shape[1]
-    step_rows, model, layer, expert = router.step()
-    return replace(
-        snapshot.telemetry,
-        now_s=now_s,
-        route_step=step_rows,
-        route_model=model,
-        route_layer=layer,
-        route_expert=expert,
-        current_position=np.full(models, 1 + tick % (positions - 2), np.int32),
-        concurrency=np.full(models, router.knobs.concurrency, np.int32),
-        layer_time_s=rng.normal(2e-4, 2e-5, (models, positions)).clip(1e-5),
-    )
 
 
 def run(blocks: int, steps: int, warmup: int, config: PolicyConfig) -> dict[str, float]:
@@ -80,7 +66,10 @@ def run(blocks: int, steps: int, warmup: int, config: PolicyConfig) -> dict[str,
     now = 0.0
     for tick in range(warmup + steps):
         now += config.tick_s
-        snapshot = replace(snapshot, telemetry=telemetry(snapshot, router, tick, now, rng))
+        models, positions = snapshot.telemetry.layer_time_s.shape
+        layer_times = rng.normal(2e-4, 2e-5, (models, positions)).clip(1e-5)
+        telemetry = routed_telemetry(snapshot, router, tick, now, layer_times)
+        snapshot = replace(snapshot, telemetry=telemetry)
         start = time.perf_counter()
         plan, state = step(snapshot, state, config)
         elapsed = time.perf_counter() - start

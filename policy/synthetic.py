@@ -213,3 +213,25 @@ class Router:
             chosen_layer.astype(np.int32),
             expert.astype(np.int32),
         )
+
+
+def routed_telemetry(
+    snapshot: Snapshot, router: Router, tick: int, now_s: float, layer_time_s: np.ndarray
+) -> Telemetry:
+    """The snapshot's telemetry for step ``tick``: the router's next choices, every model at
+    position ``1 + tick % (positions - 2)`` with the router's concurrency, and ``layer_time_s``
+    (``[models, positions]``)."""
+    models = len(snapshot.models.layers)
+    positions = snapshot.telemetry.layer_time_s.shape[1]
+    step_rows, model, layer, expert = router.step()
+    return replace(
+        snapshot.telemetry,
+        now_s=now_s,
+        route_step=step_rows,
+        route_model=model,
+        route_layer=layer,
+        route_expert=expert,
+        current_position=np.full(models, 1 + tick % (positions - 2), np.int32),
+        concurrency=np.full(models, router.knobs.concurrency, np.int32),
+        layer_time_s=layer_time_s,
+    )

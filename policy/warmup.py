@@ -20,7 +20,7 @@ from policy.builder import execute_instantly
 from policy.config import PolicyConfig
 from policy.state import initial_state
 from policy.step import step
-from policy.synthetic import MoELayout, Router, RoutingKnobs, synthetic_pool
+from policy.synthetic import MoELayout, Router, RoutingKnobs, routed_telemetry, synthetic_pool
 
 
 def warm_up(steps: int = 6) -> float:
@@ -31,23 +31,11 @@ def warm_up(steps: int = 6) -> float:
     config = PolicyConfig.model_validate({})
     state = initial_state(snapshot, config)
     router = Router(layout, 2, RoutingKnobs(concurrency=2))
-    models = len(snapshot.models.layers)
-    positions = snapshot.telemetry.layer_time_s.shape[1]
+    layer_times = np.full(snapshot.telemetry.layer_time_s.shape, 2e-4)
     now_s = 0.0
     for tick in range(steps):
         now_s += config.tick_s
-        step_rows, model, layer, expert = router.step()
-        telemetry = replace(
-            snapshot.telemetry,
-            now_s=now_s,
-            route_step=step_rows,
-            route_model=model,
-            route_layer=layer,
-            route_expert=expert,
-            current_position=np.full(models, 1 + tick % (positions - 2), np.int32),
-            concurrency=np.full(models, 2, np.int32),
-            layer_time_s=np.full((models, positions), 2e-4),
-        )
+        telemetry = routed_telemetry(snapshot, router, tick, now_s, layer_times)
         snapshot = replace(snapshot, telemetry=telemetry)
         plan, state = step(snapshot, state, config)
         snapshot = execute_instantly(snapshot, plan, now_s)

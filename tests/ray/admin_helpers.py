@@ -5,32 +5,23 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import requests
-import uvicorn
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.ray.helpers import wait_until
+from api.admin import serve_in_thread
+from api.metrics import parse_metrics
 
 
 @contextlib.contextmanager
 def serving(app: Any) -> Iterator[str]:
     """Serve ``app`` with uvicorn on an ephemeral loopback port; its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "uvicorn started")
+    server, url = serve_in_thread(app)
     try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        yield url
     finally:
         server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 def free_port() -> int:
@@ -44,11 +35,7 @@ def scrape(api: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
     response = requests.get(api + "/metrics", timeout=60)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
-    for family in text_string_to_metric_families(response.text):
-        for s in family.samples:
-            samples.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
-    return samples
+    return parse_metrics(response.text)
 
 
 def fuzz(api: str, headers: dict[str, str], max_examples: int) -> dict[str, set[int]]:
