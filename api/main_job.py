@@ -361,7 +361,7 @@ class _Workload:
                     else self._moe_step(moe.model, i // 2)
                 ),
             )
-        return self._report(admin_url, calibration, model_bytes)
+        return self._report(admin_url, model_bytes)
 
     def _embed(self, model: Any, tokenizer: Any, texts: Any) -> torch.Tensor:
         from pool.reference_model import embed
@@ -396,9 +396,7 @@ class _Workload:
         self.phases.append(PhaseFigures(name, start - self.t0, seconds, n, _median_ms(latencies)))
         self.marks.append((start - self.t0, name))
 
-    def _report(
-        self, admin_url: str, calibration: Any, model_bytes: dict[str, int]
-    ) -> MainJobReport:
+    def _report(self, admin_url: str, model_bytes: dict[str, int]) -> MainJobReport:
         import ray
 
         from pool.encoding import PRECISION_BITS
