@@ -9,6 +9,7 @@ head. Shapes are from each model's published config (``config.json`` on the mode
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -145,6 +146,17 @@ class Layout:
     @property
     def positions(self) -> int:
         return self.model.layers + 2
+
+    @cached_property
+    def moe_layer_of_block(self) -> list[int]:
+        """Per block, the trace's MoE layer of its position, or -1 (a list: read per block in
+        the replay's Python loops, where a numpy scalar read costs more than the work)."""
+        return [self.moe_layer_of_position(int(p)) for p in self.position.tolist()]
+
+    @cached_property
+    def is_expert(self) -> list[bool]:
+        """Per block, whether it is a routed expert."""
+        return (self.kind == "expert").tolist()
 
     def moe_layer_of_position(self, position: int) -> int:
         """The trace's MoE layer index at a schedule position, or -1."""

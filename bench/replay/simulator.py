@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -53,6 +54,7 @@ class Link:
         self._queue: list[tuple[int, int, Transfer]] = []
         self._seq = itertools.count()
         self.bytes_moved = 0
+        self.started: deque[Transfer] = deque()  # in start order, so in completion order
 
     def submit(
         self, block: int, encoding: int, nbytes: int, priority: int, now_s: float
@@ -85,6 +87,7 @@ class Link:
             transfer.done_s = start + self.latency_s + transfer.nbytes / self.bytes_per_s
             self.free_s = transfer.done_s
             self.bytes_moved += transfer.nbytes
+            self.started.append(transfer)
             return True
         return False
 
@@ -170,10 +173,21 @@ class Simulator:
         self.link = Link(hardware.host_gbps, hardware.transfer_latency_s)
         self.step = 0
         self.position = 0
+        # PERF: what each position needs, built once (policies look ahead through it too); built
+        # on every call, it was a tenth of a qwen3 replay.
+        self._needed: list[list[np.ndarray]] = [
+            [self._needed_at(step, position) for position in range(layout.positions)]
+            for step in range(len(chosen))
+        ]
 
     # -- what policies may call --------------------------------------------------------------
 
     def needed(self, step: int, position: int) -> np.ndarray:
+        """The blocks ``position`` of decode step ``step`` reads (dense first, then the routed
+        experts in expert order). The array is shared: callers must not modify it."""
+        return self._needed[step][position]
+
+    def _needed_at(self, step: int, position: int) -> np.ndarray:
         dense = self.layout.dense_at[position]
         moe = self.layout.moe_layer_of_position(position)
         if moe < 0:
@@ -186,6 +200,27 @@ class Simulator:
             return False
         transfer = self.transfer[block]
         return transfer is None or (transfer.done_s is not None and transfer.done_s <= self.now_s)
+
+    def in_flight(self) -> list[int]:
+        """The blocks fetched that have not arrived by now (queued or on the wire). Transfers
+        that have arrived are forgotten on the way (their blocks are ready either way)."""
+        arrived = [
+            block
+            for block in self.flying
+            if (done_s := self.transfer[block].done_s) is not None  # type: ignore[union-attr]
+            and done_s <= self.now_s
+        ]
+        for block in arrived:
+            self.transfer[block] = None
+        self.flying.difference_update(arrived)
+        return sorted(self.flying)
+
+    def on_the_wire(self) -> list[int]:
+        """The blocks whose transfer has started and not arrived by now (not evictable)."""
+        started = self.link.started
+        while started and started[0].done_s is not None and started[0].done_s <= self.now_s:
+            started.popleft()
+        return [transfer.block for transfer in started]
 
     def evictable(self, block: int) -> bool:
         """In HBM and either arrived or still cancellable (not on the wire)."""
@@ -242,11 +277,7 @@ class Simulator:
     def _wait_for_the_wire(self, policy: Policy, block: int) -> None:
         """No room for a demand fetch: wait for the next transfer on the wire to land (a stall
         under memory pressure), so that its block becomes evictable."""
-        on_wire = [
-            t.done_s
-            for t in (self.transfer[b] for b in self.flying)
-            if t is not None and t.done_s is not None and t.done_s > self.now_s
-        ]
+        on_wire = [self.transfer[b].done_s for b in self.on_the_wire()]  # type: ignore[union-attr]
         if not on_wire:
             raise SimulationError(
                 f"{policy.name}: no room in {self.capacity} bytes of HBM for block "
@@ -261,43 +292,54 @@ class Simulator:
         result = Result(policy.name, len(self.chosen))
         policy.setup(self)
         positions = self.layout.positions
+        decodes = np.isfinite(self.decode_gbps).tolist()
+        decode_gbps = self.decode_gbps.tolist()
+        sizes, sensitivity, compute_s = self.sizes, self.sensitivity, self.hardware.compute_s
         for step in range(len(self.chosen)):
             self.step = step
             for position in range(positions):
                 self.position = position
                 self.link.advance(self.now_s)
                 policy.before_position(self, step, position)
-                needed = self.needed(step, position)
-                protected = set(needed.tolist())
+                needed = self._needed[step][position]
+                blocks = needed.tolist()
+                protected = set(blocks)
                 start_s = self.now_s
-                for block in needed.tolist():
-                    result.accesses += 1
-                    if self.ready(block):
-                        result.hits += 1
-                        continue
+                result.accesses += len(blocks)
+                # Fetches for one block never evict another (all are protected), so residency
+                # read once holds; arrival is read as the clock moves.
+                resident = (self.encoding[needed] >= 0).tolist()
+                for block, present in zip(blocks, resident, strict=True):
+                    if present:
+                        transfer = self.transfer[block]
+                        if transfer is None or (
+                            transfer.done_s is not None and transfer.done_s <= self.now_s
+                        ):
+                            result.hits += 1
+                            continue
                     while not self.fetch(
                         policy, block, policy.encoding(self, block), DEMAND, protected
                     ):
                         self._wait_for_the_wire(policy, block)
                 policy.during_position(self, step, position, needed)
                 arrival = self.now_s
-                decode_s = 0.0
-                weight_bytes = 0
-                for block in needed.tolist():
+                for block in blocks:
                     transfer = self.transfer[block]
                     if transfer is not None:
                         arrival = max(arrival, self.link.finish(transfer))
-                    encoding = self.encoding[block]
-                    if np.isfinite(self.decode_gbps[encoding]):
-                        decode_s += self.sizes[block, FULL] / (self.decode_gbps[encoding] * 1e9)
-                    weight_bytes += int(self.sizes[block, encoding])
-                    result.quality_cost += float(self.sensitivity[block, encoding])
+                encodings = self.encoding[needed]
+                decode_s = 0.0
+                for block, encoding in zip(blocks, encodings.tolist(), strict=True):
+                    if decodes[encoding]:
+                        decode_s += sizes[block, FULL] / (decode_gbps[encoding] * 1e9)
+                weight_bytes = int(sizes[needed, encodings].sum())
+                result.quality_cost += float(sensitivity[needed, encodings].sum())
                 stall = (arrival - start_s) + decode_s
                 result.stall_s += stall
-                self.now_s = start_s + stall + self.hardware.compute_s(weight_bytes)
-                for block in needed.tolist():  # arrived: no longer on the wire
+                self.now_s = start_s + stall + compute_s(weight_bytes)
+                for block in blocks:  # arrived: no longer on the wire
                     self.transfer[block] = None
-                    self.flying.discard(block)
+                self.flying.difference_update(blocks)
                 policy.after_position(self, step, position, needed)
         self.link.advance(self.now_s)
         result.total_s = self.now_s

@@ -178,10 +178,9 @@ class WeightpoolPolicy:
         route_step, route_model, route_layer, route_expert = self._routes(sim)
         in_flight = np.full(len(sim.encoding), NONE, np.int64)
         resident = sim.encoding.copy()
-        for block in sim.flying:
-            if not sim.ready(block):
-                in_flight[block] = resident[block]
-                resident[block] = NONE
+        flying = sim.in_flight()
+        in_flight[flying] = resident[flying]
+        resident[flying] = NONE
         telemetry = Telemetry(
             now_s=sim.now_s,
             layer_time_s=self.layer_time[None, :].copy(),
@@ -244,16 +243,14 @@ class WeightpoolPolicy:
         return 0
 
     def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
-        resident = [
-            b
-            for b in np.flatnonzero(sim.encoding >= 0).tolist()
-            if b not in protected and sim.evictable(b)
-        ]
+        candidate = sim.encoding >= 0
+        candidate[list(protected)] = False
+        candidate[sim.on_the_wire()] = False
+        resident = np.flatnonzero(candidate)
         if self.plan is not None:
-            value = self.plan.value_density
-            resident.sort(key=lambda b: value[b])
+            resident = resident[np.argsort(self.plan.value_density[resident], kind="stable")]
         chosen, freed = [], 0
-        for block in resident:
+        for block in resident.tolist():
             if freed >= nbytes:
                 break
             chosen.append(block)
