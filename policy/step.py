@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 
+from policy._memory import keep_freed_memory
 from policy._veto_kernels import placement_totals
 from policy.config import PolicyConfig
 from policy.plan import Metrics, Plan
@@ -25,6 +26,7 @@ from policy.veto import veto
 
 
 def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[Plan, PolicyState]:
+    keep_freed_memory()  # PERF: policy._memory; a million blocks: 268, 286 -> 256, 254 ms
     clock = time.perf_counter
     phase_ms: dict[str, float] = {}
     t0 = clock()
