@@ -85,17 +85,16 @@ def budget_candidates(
     """One round's candidates of the quality budget (``policy.veto``), in one pass: the rows
     with a cost that are not protected, their current and fallback encodings, the cost each
     saves, and minus its saving per extra byte (the sort key)."""
-    count = 0
-    for row in range(len(cost)):
-        if cost[row] > 0 and not protected[row]:
-            count += 1
-    rows = np.empty(count, np.int64)
-    current = np.empty(count, np.int64)
-    fallback = np.empty(count, np.int64)
-    saving = np.empty(count, np.float64)
-    key = np.empty(count, np.float64)
+    # PERF: one pass, into buffers as long as the blocks, returned as views of their used
+    # prefix; a counting pass first read every input twice.
+    n = len(cost)
+    rows = np.empty(n, np.int64)
+    current = np.empty(n, np.int64)
+    fallback = np.empty(n, np.int64)
+    saving = np.empty(n, np.float64)
+    key = np.empty(n, np.float64)
     k = 0
-    for row in range(len(cost)):
+    for row in range(n):
         if cost[row] > 0 and not protected[row]:
             encoding = hbm_encoding[row]
             better = budget_fallback[row, encoding]
@@ -107,4 +106,4 @@ def budget_candidates(
             saving[k] = saved
             key[k] = -(saved / max(extra, 1))
             k += 1
-    return rows, current, fallback, saving, key
+    return rows[:k], current[:k], fallback[:k], saving[:k], key[:k]

@@ -36,20 +36,16 @@ def veto_entry(
     protected = np.empty(n, np.bool_)
     tier_bytes = np.zeros(n_tiers, np.int64)
     cost = np.zeros(n)
+    # PERF: one pass, into buffers as long as the blocks (memory is only touched where
+    # written); a counting pass first read every input twice (a million blocks' captured
+    # inputs, alternating on the loaded 2-core machine: 28.0 -> 18.2 ms median).
+    rows = np.empty(n, np.int64)
+    proposed = np.empty(n, np.int64)
+    bad_rows = np.empty(n, np.int64)
     touched = 0
     bad = 0
     for r in range(n):
         protected[r] = leased[r] and hbm_encoding[r] != NONE
-        if protected[r] and hbm[r] != hbm_encoding[r]:
-            touched += 1
-        elif hbm[r] != NONE and not protected[r] and not allowed[r, hbm[r]]:
-            bad += 1
-    rows = np.empty(touched, np.int64)
-    proposed = np.empty(touched, np.int64)
-    bad_rows = np.empty(bad, np.int64)
-    touched = 0
-    bad = 0
-    for r in range(n):
         if protected[r] and hbm[r] != hbm_encoding[r]:
             rows[touched] = r
             proposed[touched] = hbm[r]
@@ -61,6 +57,9 @@ def veto_entry(
         if hbm[r] != NONE:
             tier_bytes[hbm_tier[r]] += nbytes[r, hbm[r]]
             cost[r] = use_probability[r] * sensitivity[r, hbm[r]]
+    rows = rows[:touched].copy()
+    proposed = proposed[:touched].copy()
+    bad_rows = bad_rows[:bad].copy()
     return rows, proposed, protected, bad_rows, tier_bytes, cost
 
 
@@ -176,16 +175,17 @@ def fit_rows(
     place; ``hbm`` is not."""
     m = len(rows)
     placed = np.full(m, NONE, np.int64)
-    present = np.zeros(len(budget_bytes), np.bool_)
+    # PERF: every tier's count in one pass (a pass per tier, after one finding the tiers).
+    counts = np.zeros(len(budget_bytes), np.int64)
     for k in range(m):
         if selected[k] or not use_selected:
-            present[hbm_tier[rows[k]]] = True
+            counts[hbm_tier[rows[k]]] += 1
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
-    for tier in np.flatnonzero(present):
-        count = 0
-        for k in range(m):
-            count += int(hbm_tier[rows[k]] == tier and (selected[k] or not use_selected))
+    for tier in range(len(budget_bytes)):
+        count = counts[tier]
+        if count == 0:
+            continue
         local = np.empty(count, np.int64)
         keys = np.empty(count, np.int64)
         second = np.zeros(count, np.int64)
@@ -208,8 +208,6 @@ def fit_rows(
             if keys[j] < keys[first] or (keys[j] == keys[first] and second[j] < second[first]):
                 first = j  # the first in order (ties: the lower position)
             j += 1
-        if count == 0:
-            continue
         fits = np.zeros(count, np.bool_)
         room = budget_bytes[tier] - float(tier_bytes[tier])
         _two_round_fit(keys, second, use_secondary, grow, new_size, old_size, room, first, fits)
@@ -259,13 +257,11 @@ def budget_round(
         chosen,
         True,
     )
-    count = 0
-    for k in range(len(chosen)):
-        count += int(chosen[k])
-    rows = np.empty(count, np.int64)
-    before = np.empty(count, np.int64)
-    placed = np.empty(count, np.int64)
-    cost_before = np.empty(count, np.float64)
+    # PERF: buffers as long as the candidates, returned as views of their used prefix.
+    rows = np.empty(len(chosen), np.int64)
+    before = np.empty(len(chosen), np.int64)
+    placed = np.empty(len(chosen), np.int64)
+    cost_before = np.empty(len(chosen), np.float64)
     count = 0
     for k in range(len(chosen)):
         if not chosen[k]:
@@ -283,7 +279,7 @@ def budget_round(
             cost[r] = use_probability[r] * sensitivity[r, placed_all[k]]
         hbm[r] = placed_all[k]
         count += 1
-    return rows, before, placed, cost_before
+    return rows[:count], before[:count], placed[:count], cost_before[:count]
 
 
 @_jit
