@@ -35,6 +35,12 @@ COLUMNS = (
     ("bytes_moved_per_token", "GB moved/token", "{:.3f}"),
     ("quality_cost", "quality cost/token", "{:.4f}"),
     ("prediction_recall", "prediction recall", "{:.3f}"),
+    ("prefetch_precision", "prefetch precision", "{:.3f}"),
+)
+NOTE = (
+    "prediction recall: the share of routed-expert reads whose expert the policy had fetched "
+    "ahead of need since its previous read; prefetch precision: the share of those fetches read "
+    "before leaving HBM; '-': the policy never fetches ahead (no prediction to measure)."
 )
 
 
@@ -120,6 +126,7 @@ def main() -> None:
             f"{trace.steps} tokens\n"
         )
         print(_table(results))
+        print(f"\n{NOTE}")
     if args.png:
         _plot(sweep, args.png, f"{model.name} on {args.hw}, {trace_name}")
         print(f"\nplot written to {args.png}")

@@ -227,7 +227,9 @@ class LruSpecPolicy(LruPolicy):
             self.follows[moe - 1][np.ix_(previous, chosen)] += 1
 
     @property
-    def recall(self) -> float | None:
+    def predicted_set_recall(self) -> float | None:
+        """The share of the experts a layer chose that its guess held (whether or not the
+        prefetch of the guess got room); None before any guess was checked."""
         return self.guessed_right / self.used if self.used else None
 
 

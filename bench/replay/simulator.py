@@ -129,18 +129,29 @@ class Result:
     hits: int = 0
     bytes_moved: int = 0
     quality_cost: float = 0.0  # summed over steps
-    prediction_recall: float | None = None
+    expert_uses: int = 0  # routed experts read, summed over positions
+    prefetched_uses: int = 0  # of which the policy had fetched ahead of need (see below)
+    prefetches: int = 0  # fetches the policy issued itself (not a miss's demand fetch)
+    prefetches_used: int = 0  # of which the block was read before it left HBM
     extra: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float | None]:
+        """Figures per token. ``prediction_recall``: the share of routed-expert reads whose
+        expert the policy had itself fetched since that expert's previous read (its prediction,
+        acted on); None for a policy that never fetches ahead (it predicts nothing).
+        ``prefetch_precision``: the share of those fetches read before they left HBM."""
         steps = max(self.steps, 1)
+        ahead = self.prefetches > 0
         return {
             "stall_ms_per_token": 1e3 * self.stall_s / steps,
             "tokens_per_s": steps / self.total_s if self.total_s else 0.0,
             "hbm_hit_rate": self.hits / self.accesses if self.accesses else 0.0,
             "bytes_moved_per_token": self.bytes_moved / steps,
             "quality_cost": self.quality_cost / steps,
-            "prediction_recall": self.prediction_recall,
+            "prediction_recall": (
+                self.prefetched_uses / self.expert_uses if ahead and self.expert_uses else None
+            ),
+            "prefetch_precision": self.prefetches_used / self.prefetches if ahead else None,
         }
 
 
@@ -168,6 +179,8 @@ class Simulator:
         self.encoding = np.full(n, -1, np.int64)  # in HBM at this encoding (or in flight to it)
         self.transfer: list[Transfer | None] = [None] * n
         self.flying: set[int] = set()  # blocks whose transfer object is still held
+        self.prefetched: set[int] = set()  # fetched by the policy itself, not read since
+        self.prefetches = 0
         self.used = 0
         self.now_s = 0.0
         self.link = Link(hardware.host_gbps, hardware.transfer_latency_s)
@@ -248,12 +261,21 @@ class Simulator:
         self.encoding[block] = -1
         self.transfer[block] = None
         self.flying.discard(block)
+        self.prefetched.discard(block)
 
     def fetch(
-        self, policy: Policy, block: int, encoding: int, priority: int, protected: set[int]
+        self,
+        policy: Policy,
+        block: int,
+        encoding: int,
+        priority: int,
+        protected: set[int],
+        ahead: bool = True,
     ) -> bool:
         """Start bringing ``block`` into HBM at ``encoding``; make room through the policy.
-        Returns False (and changes nothing) when room cannot be made."""
+        Returns False (and changes nothing) when room cannot be made. ``ahead``: the policy
+        fetches it before it is needed (False only for the simulator's demand fetch of a miss);
+        it counts towards the policy's prediction recall."""
         if self.encoding[block] >= 0:
             transfer = self.transfer[block]
             if transfer is not None:
@@ -272,6 +294,9 @@ class Simulator:
         self.used += size
         self.transfer[block] = self.link.submit(block, encoding, size, priority, self.now_s)
         self.flying.add(block)
+        if ahead:
+            self.prefetched.add(block)
+            self.prefetches += 1
         return True
 
     def _wait_for_the_wire(self, policy: Policy, block: int) -> None:
@@ -295,6 +320,7 @@ class Simulator:
         decodes = np.isfinite(self.decode_gbps).tolist()
         decode_gbps = self.decode_gbps.tolist()
         sizes, sensitivity, compute_s = self.sizes, self.sensitivity, self.hardware.compute_s
+        is_expert = self.layout.is_expert
         for step in range(len(self.chosen)):
             self.step = step
             for position in range(positions):
@@ -318,7 +344,7 @@ class Simulator:
                             result.hits += 1
                             continue
                     while not self.fetch(
-                        policy, block, policy.encoding(self, block), DEMAND, protected
+                        policy, block, policy.encoding(self, block), DEMAND, protected, False
                     ):
                         self._wait_for_the_wire(policy, block)
                 policy.during_position(self, step, position, needed)
@@ -339,9 +365,17 @@ class Simulator:
                 self.now_s = start_s + stall + compute_s(weight_bytes)
                 for block in blocks:  # arrived: no longer on the wire
                     self.transfer[block] = None
+                    if is_expert[block]:
+                        result.expert_uses += 1
+                        if block in self.prefetched:
+                            result.prefetched_uses += 1
+                    if block in self.prefetched:
+                        result.prefetches_used += 1
                 self.flying.difference_update(blocks)
+                self.prefetched.difference_update(blocks)
                 policy.after_position(self, step, position, needed)
         self.link.advance(self.now_s)
         result.total_s = self.now_s
         result.bytes_moved = self.link.bytes_moved
+        result.prefetches = self.prefetches
         return result

@@ -2,7 +2,8 @@
 
 Every ``positions_per_step`` schedule positions, the adapter builds a snapshot of the simulator's
 state (what is in HBM, at which encoding, what is in flight), with the telemetry revealed so far
-(router choices of the positions already run, measured layer times), runs one step, and carries
+(router choices of the positions already run, each position's measured wall time, stall
+included, as a client measures it), runs one step, and carries
 out the plan: fetches become link transfers in the plan's class and order, evictions free HBM,
 a re-encode in HBM is carried out as a fetch of the new encoding (the simulator models one
 link only, so this charges it to the host link). Misses between steps are fetched on demand at
@@ -73,6 +74,7 @@ class WeightpoolPolicy:
         self.snapshot: Snapshot | None = None
         self.layer_time = np.zeros(1)
         self.revealed = (0, 0)  # (step, position) up to which routing was passed on
+        self.position_start_s = 0.0
 
     # -- snapshot ----------------------------------------------------------------------------
 
@@ -216,12 +218,16 @@ class WeightpoolPolicy:
                 if block in protected or not sim.evictable(block):
                     continue
                 sim.evict(block)  # a re-encode, carried out as a fetch of the new encoding
+                ahead = False  # of a block already in HBM: not a prediction of its use
+            else:
+                ahead = True
             priority = _PRIORITY[Priority(int(moves.priority[row]))]
-            sim.fetch(self, block, encoding, priority, protected | {block})
+            sim.fetch(self, block, encoding, priority, protected | {block}, ahead)
 
     # -- simulator hooks ---------------------------------------------------------------------
 
     def before_position(self, sim: Simulator, step_index: int, position: int) -> None:
+        self.position_start_s = sim.now_s
         if position % self.every == 0:
             self._step(sim)
 
@@ -233,7 +239,10 @@ class WeightpoolPolicy:
     def after_position(
         self, sim: Simulator, step_index: int, position: int, needed: np.ndarray
     ) -> None:
-        self.layer_time[position] = sim.hardware.compute_s(int(sim.sizes[needed, 0].sum()))
+        # What a client measures: the position's wall time, its stall included (with compute
+        # alone, a stalled decode looked tens of times faster than it ran, and the step's
+        # times to next use were off by as much).
+        self.layer_time[position] = sim.now_s - self.position_start_s
 
     def encoding(self, sim: Simulator, block: int) -> int:
         if self.plan is not None:
@@ -258,7 +267,9 @@ class WeightpoolPolicy:
         return chosen
 
     @property
-    def recall(self) -> float | None:
+    def predicted_set_recall(self) -> float | None:
+        """The policy's own predicted set (experts with p(use) >= ``predicted_set_threshold``)
+        against the experts each layer then chose, as the step counts it; None before any."""
         if self.state is None:
             return None
         recall = self.state.quality_total.recall

@@ -15,6 +15,8 @@ from bench.replay.policies import (
     StaticPolicy,
 )
 from bench.replay.presets import HARDWARE, MODELS, HardwarePreset, ModelPreset, layout
+from bench.replay.quality import floors_bits, synthetic_sensitivity
+from bench.replay.runner import REPLAY_POPULARITY_DECAY
 from bench.replay.simulator import FULL, PREFETCH, Simulator
 from bench.replay.trace import (
     SyntheticKnobs,
@@ -24,6 +26,8 @@ from bench.replay.trace import (
     repeat_rate,
     synthesize,
 )
+from bench.replay.weightpool_policy import WeightpoolPolicy
+from policy.config import PolicyConfig
 
 GB = 10**9
 TINY = ModelPreset("tiny", 2, 0, 2, 1, 0, 8, 8, 8, 8, 8)
@@ -111,6 +115,16 @@ def test_eviction_when_hbm_holds_one_expert() -> None:
     assert result.bytes_moved == 4 * GB
 
 
+def test_prediction_recall_counts_the_experts_fetched_ahead_of_their_use() -> None:
+    # Four expert reads (two tokens, two layers); only token 0's layer-1 expert was fetched
+    # ahead of its read, and it was read: recall 1/4, precision 1/1.
+    summary = tiny_sim(TRACE).run(PrefetchNextLayer()).summary()
+    assert (summary["prediction_recall"], summary["prefetch_precision"]) == (0.25, 1.0)
+    # A policy that never fetches ahead predicts nothing: no figure rather than zero.
+    summary = tiny_sim(TRACE).run(DemandOnly()).summary()
+    assert (summary["prediction_recall"], summary["prefetch_precision"]) == (None, None)
+
+
 def test_trace_files_round_trip_and_bad_files_are_refused(tmp_path) -> None:
     trace = synthesize(4, 8, 2, 10, SyntheticKnobs(concurrency=3), seed=1)
     for name in ("t.arrow", "t.parquet"):
@@ -139,14 +153,20 @@ def test_synthetic_default_is_calibrated_to_the_mixtral_repeat_rate() -> None:
 
 
 @pytest.mark.parametrize("fraction", [0.25, 0.5])
-def test_the_oracle_is_not_beaten_by_a_placement_only_peer(fraction) -> None:
+def test_the_oracle_is_not_beaten_by_a_placement_only_policy(fraction) -> None:
     model, hardware = MODELS["mixtral-8x7b"], HARDWARE["h100-pcie5"]
     lay = layout(model)
     trace = synthesize(model.moe_layers, model.experts, model.top_k, 30, SyntheticKnobs(), seed=2)
     sizes = lay.nbytes[:, None].repeat(5, axis=1)
     stalls = {}
     peers = (StaticPolicy(), LruPolicy(), LruSpecPolicy(), ActivationAwarePolicy(window=8))
-    for policy in (*peers, OraclePolicy()):
+    placement_only = WeightpoolPolicy(
+        PolicyConfig(tick_s=2e-3, popularity_decay=REPLAY_POPULARITY_DECAY),
+        floors_bits(synthetic_sensitivity(lay), 2e-3),
+        precision=False,
+    )
+    placement_only.name = "weightpool-placement"
+    for policy in (*peers, placement_only, OraclePolicy()):
         sim = Simulator(
             lay,
             hardware,
