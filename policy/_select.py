@@ -320,22 +320,21 @@ def take_by_keys(keys: np.ndarray, nbytes: np.ndarray, budget: float, rounds: in
     n = len(keys)
     taken = np.zeros(n, np.bool_)
     total = 0
+    # What cannot fit at all is never taken: it is left out of the order. PERF: found in the
+    # pass that sums the bytes (a second pass over them before).
+    subset = np.empty(n, np.int64)
     count = 0
     for i in range(n):
         total += nbytes[i]
-        count += int(nbytes[i] <= budget)
+        if nbytes[i] <= budget:
+            subset[count] = i
+            count += 1
     if total <= budget:
         taken[:] = True
         return taken
     if budget <= 0 or count == 0:
         return taken
-    # What cannot fit at all is never taken: it is left out of the order.
-    subset = np.empty(count, np.int64)
-    count = 0
-    for i in range(n):
-        if nbytes[i] <= budget:
-            subset[count] = i
-            count += 1
+    subset = subset[:count]
     left = float(budget)
     for done in range(rounds):
         if len(subset) <= _SMALL:

@@ -39,7 +39,7 @@ from policy._score_kernels import (
 from policy._select import take_by_density as take_by_density_kernel
 from policy.config import PolicyConfig
 from policy.predict import Prediction
-from policy.snapshot import CXL, HBM, HOST, STORAGE, Snapshot
+from policy.snapshot import CXL, HOST, STORAGE, Snapshot
 from policy.static import Rows, Static
 
 
@@ -81,14 +81,6 @@ def take_by_density(
         np.asarray(density, np.float64), np.asarray(nbytes, np.int64), float(budget), rounds
     )
     return taken
-
-
-def _per_byte_s(snapshot: Snapshot, destination: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per source level: seconds per byte and latency of its link to ``destination``."""
-    gbps = snapshot.links.gbps[:, destination]
-    with np.errstate(divide="ignore"):
-        per_byte = np.where(gbps > 0, 1.0 / (gbps * 1e9), np.inf)
-    return per_byte, snapshot.links.latency_s[:, destination]
 
 
 def score(
@@ -161,7 +153,7 @@ def _group_tiers(groups: tuple[tuple[int, Rows], ...]) -> np.ndarray:
 def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> Targets:
     """Target placement before the veto (see the module docstring)."""
     b, tel, static = snapshot.blocks, snapshot.telemetry, scores.static
-    per_byte, _ = _per_byte_s(snapshot, HBM)
+    per_byte = static.per_byte_to_hbm_s
     hbm = choose_hbm(
         b.hbm_tier,
         b.hbm_encoding,
@@ -200,7 +192,7 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
     storage is the recovery time it saves, less ``hysteresis_multiple`` times the copy's cost
     for a block not already there."""
     b, links = snapshot.blocks, snapshot.links
-    per_byte, latency = _per_byte_s(snapshot, HBM)
+    per_byte, latency = scores.static.per_byte_to_hbm_s, scores.static.latency_to_hbm_s
     copy_cost = np.full(4, np.inf)
     for level in (HOST, CXL):
         gbps = links.gbps[STORAGE, level]

@@ -38,6 +38,8 @@ class Static:
     floor_fallback: np.ndarray  # [N] the smallest encoding the floor allows
     budget_fallback: np.ndarray  # [N, E] int8: the smallest allowed encoding less sensitive than e
     decode_rate: np.ndarray  # [E] bytes per second of decode (0: read as it is); see decode_s
+    per_byte_to_hbm_s: np.ndarray  # [4] seconds per byte from each level to HBM (inf: no link)
+    latency_to_hbm_s: np.ndarray  # [4] latency from each level to HBM
 
 
 def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -140,4 +142,6 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         floor_fallback=cheapest(b.nbytes, allowed, b.sensitivity),
         budget_fallback=budget_fallback,
         decode_rate=np.where(needs_decode, enc.decode_gbps * 1e9, 0.0),
+        per_byte_to_hbm_s=per_byte,
+        latency_to_hbm_s=links.latency_s[:, HBM],  # a strided view, as the kernels take it
     )
