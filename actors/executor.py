@@ -6,6 +6,12 @@ encodings, warm copies slower targets no longer need). A copy is registered ``IN
 its transfer starts and ``READY`` only once the destination verified its checksum; a copy that a
 live lease pins is never dropped (the drop waits for a later step), and a copy being dropped is
 ``EVICTING``, on which no lease is granted.
+
+Bytes move by Ray's object transfer (the destination pulls the source's object), except between
+two HBM tiers on different nodes at the same encoding: that peer copy goes through the pool's
+collective group of HBM tiers (:class:`actors.peer.PeerGroup`), and falls back to the object
+transfer, counted as ``peer_fallbacks`` and recorded, when the group cannot form or the copy
+fails.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 
+from actors.peer import Member, PeerError, PeerGroup
 from actors.registry import CopyEntry, CopyStatus
 from policy.snapshot import CXL, HOST, LEVEL_KINDS, STORAGE
 from pool.blocks import BlockSpec
@@ -37,6 +44,7 @@ class Executor:
         self.handles: dict[tuple[str, str, Encoding], Any] = {}
         self.queued = 0
         self.lock = threading.Lock()
+        self.peers = PeerGroup(ctl.config.namespace, ctl.config.call_timeout_s)
 
     def idle(self) -> bool:
         with self.lock:
@@ -157,11 +165,7 @@ class Executor:
             dst_kind = reg.tiers[dst].kind
         start = time.perf_counter()
         try:
-            exported = ctl.handles[source.tier_id].export.remote(spec, source.encoding, encoding)
-            entry, handle = ray.get(
-                ctl.handles[dst].receive.remote(block_id, encoding, exported, epoch, checksum),
-                timeout=ctl.config.call_timeout_s,
-            )
+            entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
         except BaseException:
             # Which actor failed (source or destination) is not known here: the controller's
             # health check finds a dead tier within a second and forgets its copies.
@@ -190,6 +194,46 @@ class Executor:
             f"{source.tier_id}@{source.encoding.name} -> {dst}@{encoding.name} "
             f"({entry.nbytes} bytes, {seconds * 1e3:.1f} ms)",
         )
+
+    def _transfer(
+        self,
+        spec: BlockSpec,
+        source: CopyEntry,
+        dst: str,
+        encoding: Encoding,
+        epoch: int,
+        checksum: str,
+    ) -> tuple[CopyEntry, list[Any]]:
+        """Make the copy: by the peer group between HBM tiers on different nodes at the same
+        encoding, else (or when that fails) by the destination pulling the source's export."""
+        ctl, reg = self.ctl, self.ctl.registry
+        block_id = spec.block_id
+        with ctl.lock:
+            hbm = [
+                Member(t, ctl.incarnations.get(t, ""), ctl.handles[t])
+                for t, info in reg.tiers.items()
+                if info.kind is TierKind.HBM and t not in reg.dead and t in ctl.handles
+            ]
+            across = reg.tiers[source.tier_id].node_id != reg.tiers[dst].node_id
+        ids = {m.tier_id for m in hbm}
+        # Within a node the object store already maps the source without a copy: cheaper than
+        # sending it through the group's sockets.
+        if across and source.encoding == encoding and source.tier_id in ids and dst in ids:
+            try:
+                result = self.peers.copy(
+                    hbm, source.tier_id, dst, block_id, encoding, epoch, checksum
+                )
+                ctl.count("peer_copies")
+                return result
+            except PeerError as err:
+                ctl.count("peer_fallbacks")
+                ctl.record("fault", block_id, f"peer copy by object transfer instead: {err}")
+        exported = ctl.handles[source.tier_id].export.remote(spec, source.encoding, encoding)
+        entry, handle = ray.get(
+            ctl.handles[dst].receive.remote(block_id, encoding, exported, epoch, checksum),
+            timeout=ctl.config.call_timeout_s,
+        )
+        return entry, handle
 
     def _drop(self, c: CopyEntry) -> bool:
         ctl, reg = self.ctl, self.ctl.registry

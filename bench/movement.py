@@ -10,10 +10,14 @@ float32) is imported into a storage tier and copied to the HOST tier; then, ``--
   the destination's own object), against ``numpy.copyto`` of the same bytes into a warm,
   pre-allocated buffer in one process (the best case of a plain memory copy);
 - cross-node: HOST on node A -> HBM on node B through the same path, against Ray's raw transfer
-  of the same bytes (an actor on node B ``ray.get``-ing a numpy array an actor on node A put).
+  of the same bytes (an actor on node B ``ray.get``-ing a numpy array an actor on node A put);
+- peer: HBM on node A -> HBM on node B through the pool's collective group
+  (``actors.peer.PeerGroup``: gloo send/receive of the parts, then the same verify-and-keep).
 
-Each destination copy is dropped before the next repeat. Figures are medians of the repeats, GB/s
-of block bytes. Prints a markdown table and, as its last line, one JSON object.
+Every copy is verified against the block's xxh3 checksum before it is kept. Each destination copy
+is dropped before the next repeat; the paths take turns within each repeat. Figures are medians
+of the repeats, GB/s of block bytes. Prints a markdown table and, as its last line, one JSON
+object.
 
     python bench/movement.py --quick --json
 """
@@ -36,6 +40,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.peer import Member, PeerGroup
 from actors.tier import TierActor
 from pool.encoding import FULL
 from pool.tiers import TierKind, TierSpec
@@ -58,11 +63,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="3 repeats (about a minute)")
+    parser.add_argument("--quick", action="store_true", help="5 repeats (about a minute)")
     parser.add_argument("--json", action="store_true", help="print the JSON summary last")
     parser.add_argument("--mib", type=int, default=256, help="block size (at least 256 MiB)")
     args = parser.parse_args()
-    repeats = 3 if args.quick else 10
+    repeats = 5 if args.quick else 15
     nbytes = args.mib << 20
 
     store_mem = max(4 * nbytes, 1 << 30) + (256 << 20)
@@ -151,13 +156,43 @@ def main() -> None:
             del handle
             return entry.nbytes / seconds / 1e9
 
-        figures: dict[str, list[float]] = {"intra": [], "memcpy": [], "cross": [], "raw": []}
+        group = PeerGroup("bench-movement", timeout_s=120)
+        members = [Member("a/hbm0", "1", hbm_a), Member("b/hbm0", "1", hbm_b)]
+
+        def peer() -> float:
+            start = time.perf_counter()
+            group.copy(members, "a/hbm0", "b/hbm0", block, FULL, 3, entry.checksum)
+            seconds = time.perf_counter() - start
+            ray.get(hbm_b.drop.remote(block, FULL))
+            return entry.nbytes / seconds / 1e9
+
+        figures: dict[str, list[float]] = {
+            "intra": [],
+            "memcpy": [],
+            "cross": [],
+            "raw": [],
+            "peer": [],
+        }
         move(hbm_a), move(hbm_b), raw()  # warm-up: first-touch of object-store pages
+        ray.get(
+            hbm_a.receive.remote(
+                block, FULL, host.export.remote(block_spec, FULL, FULL), 2, entry.checksum
+            )
+        )
+        peer()  # warm-up, and the group forms
+        ray.get(hbm_a.drop.remote(block, FULL))
         for _ in range(repeats):
             figures["intra"].append(move(hbm_a))
             figures["memcpy"].append(memcpy())
             figures["cross"].append(move(hbm_b))
             figures["raw"].append(raw())
+            ray.get(
+                hbm_a.receive.remote(
+                    block, FULL, host.export.remote(block_spec, FULL, FULL), 2, entry.checksum
+                )
+            )
+            figures["peer"].append(peer())
+            ray.get(hbm_a.drop.remote(block, FULL))
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -170,8 +205,10 @@ def main() -> None:
         "memcpy_gbps": med["memcpy"],
         "cross_node_gbps": med["cross"],
         "ray_raw_cross_node_gbps": med["raw"],
+        "peer_cross_node_gbps": med["peer"],
         "intra_vs_memcpy": round(med["intra"] / med["memcpy"], 3),
         "cross_vs_ray_raw": round(med["cross"] / med["raw"], 3),
+        "peer_vs_ray_raw": round(med["peer"] / med["raw"], 3),
         "repeats": repeats,
         "hbm_emulated": True,
     }
@@ -181,6 +218,8 @@ def main() -> None:
     print(f"| memcpy (numpy.copyto) | {med['memcpy']} | |")
     print(f"| HOST -> HBM, across nodes | {med['cross']} | {result['cross_vs_ray_raw']}x Ray |")
     print(f"| Ray raw transfer across nodes | {med['raw']} | |")
+    peer_ratio = result["peer_vs_ray_raw"]
+    print(f"| HBM -> HBM across nodes, peer group (gloo) | {med['peer']} | {peer_ratio}x Ray |")
     if args.json:
         print(json.dumps(result))
 
