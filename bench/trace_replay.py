@@ -49,9 +49,11 @@ def _trace(args: argparse.Namespace, model) -> tuple:  # type: ignore[no-untyped
         trace = read(args.trace)
         return trace, str(args.trace)
     if args.record:
-        from bench.replay.record import record_mixtral
+        from bench.replay.record import record_routing
 
-        trace = record_mixtral(model.moe_layers, model.experts, model.top_k, args.steps, args.seed)
+        trace = record_routing(
+            model.moe_layers, model.experts, model.top_k, args.steps, args.seed, args.corpus
+        )
         return trace, trace.source
     knobs = SYNTHETIC_PRESETS[args.synthetic]
     trace = synthesize(
@@ -89,9 +91,18 @@ def main() -> None:
     source.add_argument(
         "--record",
         action="store_true",
-        help="record routing from a transformers Mixtral-architecture model of the preset's shape",
+        help="record routing from a transformers OLMoE-architecture model of the preset's "
+        "routing shape (random weights) reading --corpus (see bench/replay/record.py)",
     )
-    parser.add_argument("--steps", type=int, default=300, help="tokens of a synthetic trace")
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=Path("/usr/share/common-licenses"),
+        help="text file or folder whose words --record feeds the model",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=300, help="tokens of a synthetic or recorded trace"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality-budget", type=float, default=0.02, help="drift per token")
     parser.add_argument("--calibration", type=Path, help="JSON of measured sensitivities")

@@ -180,13 +180,23 @@ def test_the_oracle_is_not_beaten_by_a_placement_only_policy(fraction) -> None:
     assert stalls["oracle"] <= min(stalls.values()) + 1e-9, stalls
 
 
-def test_routing_recorded_from_a_transformers_model_through_router_hooks() -> None:
-    from bench.replay.record import record_mixtral
+def test_routing_recorded_from_a_transformers_model_reading_text(tmp_path) -> None:
+    from bench.replay.record import corpus_token_ids, record_routing
 
-    trace = record_mixtral(moe_layers=3, experts=4, top_k=2, steps=6, seed=1)
-    assert (trace.steps, trace.num_layers, trace.num_experts, trace.top_k) == (6, 3, 4, 2)
-    for step in trace.chosen():
-        assert [len(experts) for experts in step] == [2, 2, 2]  # top-2 of one sequence
+    names = ("alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta")
+    (tmp_path / "text.txt").write_text(" ".join(f"{names[i % 7]} the" for i in range(40)))
+    # Ids by frequency: "the" (40 times) 1, then alpha .. epsilon (6 times), zeta, eta (5).
+    assert corpus_token_ids(tmp_path / "text.txt", 6).tolist() == [2, 1, 3, 1, 4, 1]
+    trace = record_routing(moe_layers=6, experts=8, top_k=2, steps=40, corpus=tmp_path)
+    assert (trace.steps, trace.num_layers, trace.num_experts, trace.top_k) == (40, 6, 8, 2)
+    chosen = trace.chosen()
+    assert all([len(experts) for experts in step] == [2] * 6 for step in chosen)
+    # Routing follows the token, down to the last layer: every "the" routes alike there, and
+    # the other words do not all route as "the" does.
+    last = [tuple(step[5].tolist()) for step in chosen]
+    assert len(set(last[1::2])) == 1 and set(last[0::2]) - set(last[1::2])
+    with pytest.raises(TraceError, match="80 words; 100 tokens were asked for"):
+        corpus_token_ids(tmp_path / "text.txt", 100)
 
 
 def test_popularity_drift_keeps_every_layer_a_permutation() -> None:
