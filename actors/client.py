@@ -1,4 +1,4 @@
-"""The client an inference actor uses: leases with a local cache, renewal, telemetry batching.
+"""The client an inference actor uses: leases with a local cache, renewal, recalls, telemetry.
 
 Hot path: :meth:`PoolClient.get` of a block this client already leases is a dictionary lookup and
 a clock comparison in-process (no remote call). A miss calls the controller's ``acquire``, which
@@ -6,6 +6,23 @@ makes it a demand promotion and waits for it. Leases are renewed in batches by a
 thread before they expire; a renewal the controller refuses (expired, revoked, stale epoch) drops
 the cached entry, and the next ``get`` re-acquires (fencing). Telemetry (layer times, router
 choices, cache hits) is batched and sent every ``flush_s`` without waiting for an answer.
+
+Recalls. A lease acquired with ``recallable=True`` is kept (and renewed) until the controller
+recalls it because the policy wants its copy moved (:mod:`actors.leases`). The background thread
+polls the controller for recalls every ``flush_s`` while the client holds such leases, and a
+recalled lease is released at the holder's next safe point, never while its tensors may be in
+use:
+
+- outside :meth:`PoolClient.using` (no holder declared a use in progress), at once, by the
+  background thread;
+- inside it, when the holder calls :meth:`PoolClient.release_recalled` naming the blocks it
+  still uses (the torch integration does at every layer boundary), when the outermost
+  ``using`` ends, and while an :meth:`PoolClient.acquire` made with ``in_use`` waits (so that
+  a holder's own kept leases never stop the promotion it waits for).
+
+A recalled lease is not extended by renewal: a holder that never reaches a safe point loses it
+one time-to-live after the recall at the latest. The tensors of a released lease must not be
+used any more; after a release, the next ``get`` of the block re-acquires.
 """
 
 from __future__ import annotations
@@ -13,6 +30,8 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +55,9 @@ class LeaseMissError(WeightpoolError):
             f"block {miss.block_id!r}: {miss.reason}; nearest copy on {miss.nearest_tier} at "
             f"{miss.nearest_encoding.name}"
         )
+
+
+RECALL_WAIT_POLL_S = 0.02  # an acquire that waits answers recalls this often
 
 
 @dataclass
@@ -68,6 +90,9 @@ class PoolClient:
         self.hits = 0
         self.misses = 0
         self.fenced = 0
+        self.recalled: set[str] = set()  # lease ids recalled, not released yet
+        self.recalls_answered = 0
+        self.holding = 0  # depth of using(): recalled leases wait for a safe point
         self.stopping = threading.Event()
         self.flush_s = flush_s
         self.thread = threading.Thread(target=self._background, daemon=True, name="pool-client")
@@ -75,17 +100,30 @@ class PoolClient:
 
     # -- leases -----------------------------------------------------------------------------------
 
-    def get(self, block_id: str) -> dict[str, torch.Tensor]:
-        """The block's tensors; served from the lease cache when leased (no remote call)."""
+    def get(self, block_id: str, recallable: bool = False) -> dict[str, torch.Tensor]:
+        """The block's tensors; served from the lease cache when leased (no remote call). A
+        miss acquires it (``recallable``: see :meth:`acquire`)."""
         entry = self.cache.get(block_id)
         if entry is not None and entry.expires_local_s > time.monotonic():
             self.hits += 1
             return entry.tensors
         self.misses += 1
-        return self.acquire([block_id])[block_id]
+        return self.acquire([block_id], recallable=recallable)[block_id]
 
-    def acquire(self, block_ids: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    def acquire(
+        self,
+        block_ids: list[str],
+        recallable: bool = False,
+        in_use: Collection[str] | None = None,
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Lease ``block_ids`` (one remote call), map and decode their copies, cache them.
+
+        Args:
+            recallable: keep the leases until the controller recalls them (module docstring);
+                False: plain leases, hard pins until released.
+            in_use: inside :meth:`using`, the blocks whose tensors the caller may still use
+                while this call waits; recalled leases of every other block are released
+                meanwhile. ``None``: none is released while waiting.
 
         Raises:
             LeaseMissError: a block was not resident in HBM within ``acquire_timeout_s``.
@@ -96,11 +134,13 @@ class PoolClient:
         missed: list[Miss] = []
         wanted = list(block_ids)
         for _ in range(3):  # a copy whose owner died is reported, then leased again elsewhere
-            results = ray.get(
-                self.controller.acquire.remote(
-                    self.holder, wanted, self.device, self.acquire_timeout_s
-                )
+            ref = self.controller.acquire.remote(
+                self.holder, wanted, self.device, self.acquire_timeout_s, recallable
             )
+            if in_use is not None:
+                while not ray.wait([ref], timeout=RECALL_WAIT_POLL_S)[0]:
+                    self.release_recalled(in_use)
+            results = ray.get(ref)
             lost = []
             for result in results:
                 if isinstance(result, Miss):
@@ -127,6 +167,8 @@ class PoolClient:
         encoded = ray.get(grant.handle[0])  # zero-copy on the copy's node
         tensors = decode_block(grant.spec, encoded)
         with self.lock:
+            if grant.lease.block_id in self.cache:
+                self._pop(grant.lease.block_id)
             self.cache[grant.lease.block_id] = CachedBlock(
                 grant.lease, tensors, start + grant.ttl_s * 0.9, grant.peer, grant.ttl_s
             )
@@ -136,9 +178,72 @@ class PoolClient:
         """Release leases (all of this client's when ``block_ids`` is None)."""
         with self.lock:
             ids = list(self.cache) if block_ids is None else list(block_ids)
-            gone = [self.cache.pop(b) for b in ids if b in self.cache]
+            gone = [self._pop(b) for b in ids if b in self.cache]
         if gone:
             ray.get(self.controller.release.remote([g.lease for g in gone]))
+
+    # -- recalls ----------------------------------------------------------------------------------
+
+    def hold(self) -> None:
+        """A use of leased tensors begins (see :meth:`using`)."""
+        with self.lock:
+            self.holding += 1
+
+    def unhold(self) -> None:
+        """A use ends; when it was the outermost one, recalled leases are released now."""
+        with self.lock:
+            self.holding -= 1
+            outermost = self.holding == 0
+        if outermost and self.recalled:
+            self.release_recalled(())
+
+    @contextmanager
+    def using(self) -> Iterator[None]:
+        """While inside, recalled leases are released only at the safe points the caller
+        names (:meth:`release_recalled`, ``acquire(..., in_use=...)``) and when the outermost
+        ``using`` ends. Reentrant; thread-safe (the depth is per client, not per thread)."""
+        self.hold()
+        try:
+            yield
+        finally:
+            self.unhold()
+
+    def release_recalled(self, in_use: Collection[str] = ()) -> int:
+        """Release, without waiting for the controller, every recalled lease except those of
+        the blocks in ``in_use``. Returns how many. Cheap when nothing is recalled (one
+        attribute read), so a holder may call it at every safe point."""
+        if not self.recalled:
+            return 0
+        with self.lock:
+            gone = [
+                self._pop(b)
+                for b, e in list(self.cache.items())
+                if e.lease.lease_id in self.recalled and b not in in_use
+            ]
+            self.recalls_answered += len(gone)
+        if gone:
+            self.controller.release.remote([g.lease for g in gone])
+        return len(gone)
+
+    def _poll_recalls(self) -> None:
+        """Learn which of the recallable leases held are recalled (one remote call, only while
+        some are held); release them at once when no use is in progress."""
+        with self.lock:
+            if not any(e.lease.recallable for e in self.cache.values()):
+                return
+        ids: list[str] = ray.get(self.controller.recalled.remote(self.holder))
+        with self.lock:
+            held = {e.lease.lease_id for e in self.cache.values()}
+            self.recalled.update(i for i in ids if i in held)
+            idle = self.holding == 0
+        if idle and self.recalled:
+            self.release_recalled(())
+
+    def _pop(self, block_id: str) -> CachedBlock:
+        """Remove a cache entry (under the lock) and forget its recall."""
+        entry = self.cache.pop(block_id)
+        self.recalled.discard(entry.lease.lease_id)
+        return entry
 
     def lease_of(self, block_id: str) -> Lease | None:
         entry = self.cache.get(block_id)
@@ -185,9 +290,9 @@ class PoolClient:
                 if entry is None or entry.lease.lease_id != old.lease_id:
                     continue
                 if new is None:
-                    del self.cache[old.block_id]  # fenced: the next get re-acquires
+                    self._pop(old.block_id)  # fenced: the next get re-acquires
                     self.fenced += 1
-                else:
+                elif new.expires_s > old.expires_s:  # a recalled lease is not extended
                     entry.lease = new
                     entry.expires_local_s = start + entry.ttl_s * 0.9
 
@@ -196,6 +301,7 @@ class PoolClient:
             try:
                 self.flush()
                 self._renew_due()
+                self._poll_recalls()
             except Exception:  # the controller is restarting: try again next period
                 continue
 

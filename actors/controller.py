@@ -315,7 +315,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
             telemetry = self.telemetry.drain(
                 self.registry.model_names(), self.registry.positions(), now
             )
-            leased = self.leases.leased_blocks(now)
+            leased = self.leases.pinned_blocks(now)  # recallable leases: recall_for_plan
             if now < self.grace_until_s:
                 leased = leased | self.registry.blocks_in_hbm()
             snapshot = self.registry.snapshot(
@@ -337,7 +337,10 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
             self.record("rejection", rejection.block_id, str(rejection))
         rows = plan.transition_rows
         encodings = self.registry.encodings
+        held = self.recall_for_plan(plan)  # moves of copies that kept leases pin wait
         for i in range(len(rows.block)):
+            if i in held:
+                continue
             block_id = plan.block_ids[int(rows.block[i])]
             target = int(rows.target_encoding[i])
             self.executor.submit(

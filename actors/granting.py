@@ -1,23 +1,37 @@
-"""The controller's lease service (DESIGN section 4): acquire, renew, release, and lost copies.
+"""The controller's lease service (DESIGN section 4): acquire, renew, release, recall, lost copies.
 
 A mixin of :class:`actors.controller.PlacementController`, kept apart because it is the protocol
 inference actors speak; it reads and changes the controller's registry and lease table under the
 controller's lock, and never calls Ray while holding it.
+
+Recalls (see :mod:`actors.leases`). The step does not see recallable leases, so its plan may move
+a copy that one pins. Before the plan is executed, :meth:`LeaseService.recall_for_plan` holds back
+every transition that would drop (evict or re-encode) a copy with a live recallable lease, and
+recalls that copy: it is barred (no new lease is granted on it; an acquire waits, as for a copy
+not resident) and its holders learn of the recall by polling :meth:`LeaseService.recalled`. A
+holder releases at its next safe point (:class:`actors.client.PoolClient`); once no lease is left
+the loop is woken, and the next step's transition runs with the copy still barred, so that no
+lease is ever granted on a copy on its way out. A holder that never answers keeps the lease at
+most one time-to-live: recalled leases are not extended by renewal. A barrier is lifted once no
+lease is left on its copy and its block is not being moved, when the copy is gone or the step no
+longer wants it moved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Any
 
-from actors.leases import Grant, Lease, LeaseTable, Miss
+from actors.leases import CopyKey, Grant, Lease, LeaseTable, Miss
 from actors.registry import CopyEntry, CopyStatus, Registry
-from pool.encoding import FULL
+from pool.encoding import FULL, Encoding
 from pool.tiers import TierKind
 
 if TYPE_CHECKING:
     from actors.config import PoolConfig
     from actors.executor import Executor
+    from policy.plan import Plan
 
 DEMAND_POLL_S = 0.05  # a waiting acquire re-raises its demand this often (the loop re-plans)
 NEAREST_ORDER = {TierKind.HBM: 0, TierKind.HOST: 1, TierKind.CXL: 2, TierKind.STORAGE: 3}
@@ -44,11 +58,18 @@ class LeaseService:
         def call(self, tier_id: str, method: str, *args: Any) -> Any: ...
 
     def acquire(
-        self, holder: str, block_ids: list[str], device: str | None, timeout_s: float = 30.0
+        self,
+        holder: str,
+        block_ids: list[str],
+        device: str | None,
+        timeout_s: float = 30.0,
+        recallable: bool = False,
     ) -> list[Grant | Miss]:
         """Leases on usable copies of ``block_ids`` for ``holder`` running on HBM tier
-        ``device``. A block with no HBM copy becomes a demand promotion; the call waits up to
-        ``timeout_s`` for it, then returns a :class:`Miss` naming the nearest copy.
+        ``device``. A block with no HBM copy (or only a barred one, being recalled) becomes a
+        demand promotion; the call waits up to ``timeout_s`` for it, then returns a
+        :class:`Miss` naming the nearest copy. ``recallable``: the leases are kept by the holder
+        until recalled (the module docstring); otherwise they are hard pins.
 
         Raises:
             UnknownBlockError: an id is not in the pool (nothing leased, nothing demanded).
@@ -62,7 +83,7 @@ class LeaseService:
         while waiting:
             still = []
             for block_id in waiting:
-                grant = self._try_grant(holder, block_id, device)
+                grant = self._try_grant(holder, block_id, device, recallable)
                 if grant is None:
                     still.append(block_id)
                     continue
@@ -86,11 +107,31 @@ class LeaseService:
                     left = self.demand.pop(block_id, 0) - 1
                     if left > 0:
                         self.demand[block_id] = left
+                waiting += self._keep_granted(results)
         for block_id in waiting:
             results[block_id] = self._nearest(block_id)
         return [results[b] for b in block_ids]
 
-    def _try_grant(self, holder: str, block_id: str, device: str | None) -> Grant | None:
+    def _keep_granted(self, results: dict[str, Grant | Miss]) -> list[str]:
+        """Renew (under the lock) the leases an acquire granted while it still waits for other
+        blocks, since the holder renews them only once the call returns; a lease that ended
+        meanwhile (revoked, or recalled and expired) is dropped from ``results`` and its block
+        returned, to be leased again."""
+        now = self.now()
+        lost = []
+        for block_id, got in list(results.items()):
+            if isinstance(got, Grant):
+                renewed = self.leases.renew(got.lease, now)
+                if renewed is None:
+                    del results[block_id]
+                    lost.append(block_id)
+                else:
+                    results[block_id] = dataclasses.replace(got, lease=renewed)
+        return lost
+
+    def _try_grant(
+        self, holder: str, block_id: str, device: str | None, recallable: bool
+    ) -> Grant | None:
         with self.lock:
             chosen = self._best_hbm_copy(block_id, device)
             if chosen is None:
@@ -109,9 +150,11 @@ class LeaseService:
                 return None  # dropped or evicting meanwhile: never lease a copy on its way out
             if current.epoch != chosen.epoch:
                 return None  # replaced meanwhile: the reference is of the old copy
+            if self.leases.is_barred(key):
+                return None  # recalled meanwhile: its move waits for its leases to end
             self.executor.handles[key] = handle
             lease = self.leases.grant(
-                holder, block_id, chosen.tier_id, chosen.encoding, chosen.epoch, now
+                holder, block_id, chosen.tier_id, chosen.encoding, chosen.epoch, now, recallable
             )
             self.last_use[block_id] = now
             spec = self.registry.spec(block_id)
@@ -121,7 +164,7 @@ class LeaseService:
 
     def _best_hbm_copy(self, block_id: str, device: str | None) -> CopyEntry | None:
         """The ready HBM copy to lease: the holder's own device first; none on a draining tier
-        (an admin goal empties it)."""
+        (an admin goal empties it), none being recalled (barred)."""
         hbm = [
             c
             for c in self.registry.copies_of(block_id)
@@ -129,6 +172,7 @@ class LeaseService:
             and self.registry.tiers[c.tier_id].kind is TierKind.HBM
             and c.tier_id not in self.registry.dead
             and c.tier_id not in self.registry.draining
+            and not self.leases.is_barred((block_id, c.tier_id, c.encoding))
         ]
         return min(hbm, key=lambda c: (c.tier_id != device, c.tier_id), default=None)
 
@@ -147,7 +191,8 @@ class LeaseService:
 
     def renew(self, leases: list[Lease]) -> list[Lease | None]:
         """Renew leases; a lease of an earlier controller instance (granted before a restart)
-        is adopted if its copy still exists at its epoch; otherwise ``None`` (fenced)."""
+        is adopted if its copy still exists at its epoch; otherwise ``None`` (fenced). A
+        recalled lease comes back unchanged: not extended."""
         now = self.now()
         out: list[Lease | None] = []
         with self.lock:
@@ -182,5 +227,126 @@ class LeaseService:
         self.wake.set()
 
     def release(self, leases: list[Lease]) -> int:
+        """Release ``leases`` (those that are not the table's own are ignored); returns how
+        many were. Releasing the last lease on a barred copy wakes the loop: its move can run."""
+        now = self.now()
         with self.lock:
-            return self.leases.release(leases)
+            answered = [x for x in leases if x.lease_id in self.leases.recalled]
+            gone = self.leases.release(leases)
+            answered = [x for x in answered if x.lease_id not in self.leases.leases]
+            freed = {
+                x.copy_key
+                for x in answered
+                if self.leases.is_barred(x.copy_key) and not self.leases.live_on(x.copy_key, now)
+            }
+        if answered:
+            self.count("lease_recalls_answered", len(answered))
+            for lease in answered:
+                self.record("lease", lease.block_id, f"lease {lease.lease_id} released on recall")
+        if freed:
+            self.wake.set()
+        return gone
+
+    # -- recalls ----------------------------------------------------------------------------------
+
+    def recalled(self, holder: str) -> list[str]:
+        """Ids of ``holder``'s leases that are recalled and not released yet (polled by
+        clients that hold recallable leases)."""
+        with self.lock:
+            return self.leases.recalls_of(holder)
+
+    def recall_for_plan(self, plan: Plan) -> set[int]:
+        """Recall the copies that ``plan``'s transitions would drop while recallable leases pin
+        them, and settle the barriers of earlier recalls. Returns the transition rows to hold
+        back this step: those whose copies are recalled (pinned until the holders release or
+        the leases expire), and the copies into the same HBM tiers that do not fit until then
+        (they would fail for capacity). A later step plans them again. Copies left on a drained
+        tier are recalled too (the drain drops them once free). Takes the lock; no Ray call."""
+        rows = plan.transition_rows
+        encodings = self.registry.encodings
+        with self.executor.lock:
+            busy = set(self.executor.busy)
+        held: set[int] = set()
+        recalled: list[Lease] = []
+        wanted: set[CopyKey] = set()
+        now = self.now()
+        with self.lock:
+            moves: list[tuple[int, str, str, Encoding | None]] = []
+            for i in range(len(rows.block)):
+                block_id = plan.block_ids[int(rows.block[i])]
+                if block_id in busy:
+                    continue  # the executor would not take it this step
+                code = int(rows.target_encoding[i])
+                home = self.registry.home_of(block_id).tier_id
+                moves.append((i, block_id, home, None if code < 0 else encodings[code]))
+            for i, block_id, home, target in moves:
+                leaving = self._leaving(block_id, home, target)
+                wanted.update(leaving)
+                for key in leaving:
+                    if any(x.recallable for x in self.leases.live_on(key, now)):
+                        recalled += self.leases.recall(key, now)
+                        held.add(i)
+            full = {home for i, _, home, _ in moves if i in held}
+            held |= self._overflowing(moves, held, full)
+            for tier_id in self.registry.draining:
+                for c in self.registry.copies_on(tier_id):
+                    key = (c.block_id, c.tier_id, c.encoding)
+                    if any(x.recallable for x in self.leases.live_on(key, now)):
+                        wanted.add(key)
+                        recalled += self.leases.recall(key, now)
+            lifted = [
+                key
+                for key in list(self.leases.barred)
+                if not self.leases.live_on(key, now)
+                and key[0] not in busy
+                and (key not in wanted or self.registry.copy(*key) is None)
+                and self.leases.lift(key)
+            ]
+        if recalled:
+            self.count("lease_recalls", len(recalled))
+            for lease in recalled:
+                self.record(
+                    "lease",
+                    lease.block_id,
+                    f"lease {lease.lease_id} of {lease.holder} recalled: the step moves "
+                    f"{lease.tier_id}@{lease.encoding.name}",
+                )
+        self.count("recall_barriers_lifted", len(lifted))
+        self.count("transitions_held_for_recall", len(held))
+        return held
+
+    def _overflowing(
+        self, moves: list[tuple[int, str, str, Encoding | None]], held: set[int], tiers: set[str]
+    ) -> set[int]:
+        """The moves (not held) that make a new copy in one of ``tiers`` (HBM tiers whose room
+        waits for recalled copies) beyond the room free now, counting every copy there, in
+        flight or ready, at its size. Under the lock."""
+        room = {}
+        for tier_id in tiers:
+            capacity = self.registry.tiers[tier_id].spec.capacity_bytes
+            used = sum(
+                self.registry.nbytes(c.block_id, c.encoding)
+                for c in self.registry.copies_on(tier_id)
+            )
+            room[tier_id] = (capacity or 1 << 62) - used
+        out = set()
+        for i, block_id, home, target in moves:
+            if i in held or home not in room or target is None:
+                continue
+            if self.registry.copy(block_id, home, target) is not None:
+                continue  # no new copy: the move drops others only
+            need = self.registry.nbytes(block_id, target)
+            if need > room[home]:
+                out.add(i)
+            else:
+                room[home] -= need
+        return out
+
+    def _leaving(self, block_id: str, home: str, target: Encoding | None) -> list[CopyKey]:
+        """The ready copies a transition of ``block_id`` to HBM encoding ``target`` drops: its
+        ``home`` HBM copies at other encodings (:mod:`actors.executor`). Under the lock."""
+        return [
+            (block_id, c.tier_id, c.encoding)
+            for c in self.registry.copies_of(block_id)
+            if c.tier_id == home and c.encoding != target and c.status is CopyStatus.READY
+        ]

@@ -22,23 +22,21 @@ of its weights:
   layer starts, which also tells the controller where the model is (its step then promotes the
   blocks that come next); each forward's batch size is reported as the model's concurrency.
 
-Lease keeping. Leases kept in the client's cache (renewed in the background) make later uses
-cache hits, but pin their HBM copies: the controller can neither evict nor re-encode them. So
-the managed model keeps at most ``lease_budget_bytes`` of HBM copies leased between uses:
+Lease keeping. Every lease is kept until the controller recalls it (recallable leases,
+:mod:`actors.leases`): when a layer starts, those of its blocks not leased yet are leased in one
+call, and the leases stay in the client's cache (renewed in the background), so every later use
+of a block still resident is a cache hit with no remote call. The policy does not see kept
+leases as pins: when it wants a kept copy evicted or re-encoded, the controller recalls the
+lease, and the model releases it at its next safe point, where no module holds the block's
+tensors:
 
-- when the model and the other models placed for its home HBM tier fit there at full precision
-  (less the policy's headroom), the budget is unlimited: every lease is kept, and a resident
-  model runs with no remote call and no accounting at all;
-- otherwise (the default budget is half the room the tier has for this model: its capacity
-  less the headroom and the other models placed there) each layer's blocks are leased in one
-  call when the layer starts, and when the next layer starts the layer's leases are released in
-  one call if the model holds more than its budget. Releasing the layer just used (not the
-  oldest) is right for a cyclic schedule: its next use is the farthest away. Leases kept from
-  the first layers are hits on the next forward; the rest stream through the room left, which
-  the policy fills and re-encodes as it decides;
-- a layer that would not fit beside the kept leases (its blocks counted at the size of their
-  last leased copy, full precision before) makes the model release every other lease first, so
-  that its own leases never stop it from running.
+- at every layer boundary (every recalled lease but the entering layer's blocks and those of
+  the modules still running);
+- while a layer's acquire waits for a promotion (the same blocks kept), so that the model's own
+  kept leases never stop the promotion it waits for;
+- when the forward ends, and at once between forwards (the client's background thread).
+
+Only then does the copy move; the next use of the block leases it wherever the policy put it.
 
 Misses: a block that is not resident in HBM makes the forward wait for its demand promotion, at
 most the client's ``acquire_timeout_s``; past it the forward raises
@@ -46,7 +44,8 @@ most the client's ``acquire_timeout_s``; past it the forward raises
 left holding its placeholders (nothing half-materialized).
 
 Concurrency: forwards through one managed model are serialized (a lock taken by the root module's
-pre-hook), since they swap the modules' tensors.
+pre-hook), since they swap the modules' tensors. A forward is a use of the client
+(:meth:`PoolClient.using`): recalled leases wait for the safe points above.
 """
 
 from __future__ import annotations
@@ -73,7 +72,6 @@ from actors.integration_binding import (
     resolve_slots,
 )
 from pool.blocks import BlockSpec
-from pool.codecs import encoded_nbytes
 from pool.encoding import Encoding
 
 __all__ = ["IntegrationError", "ManagedModel", "manage"]
@@ -94,16 +92,13 @@ class ManagedModel:
     Attributes:
         model: the managed torch module (call it as before).
         model_name: the pool's name of its checkpoint.
-        lease_budget_bytes: HBM bytes of leased copies kept between uses (see the module
-            docstring); ``None``: unlimited.
         dense: bindings of whole-tensor blocks, by block id.
         groups: the modules whose hooks put the dense blocks in place (``granularity``).
         experts: fused MoE expert bindings, by the experts module's path.
         managed_bytes: full-precision bytes of the bound blocks (freed locally).
         local_bytes: bytes of parameters and buffers the pool does not hold (kept locally).
         steps: forwards run so far (the ``step`` of router telemetry).
-        pinned, pinned_bytes: with a budget, the blocks kept leased and their copies' bytes.
-        leased_encoding: with a budget, the encoding of each block's latest lease.
+        leased_encoding: the encoding of each block's latest lease.
     """
 
     def __init__(
@@ -115,7 +110,6 @@ class ManagedModel:
         groups: list[HookGroup],
         experts: dict[str, FusedExperts],
         specs: dict[str, BlockSpec],
-        lease_budget_bytes: int | None,
     ):
         self.model = model
         self.client = client
@@ -124,12 +118,7 @@ class ManagedModel:
         self.groups = groups
         self.experts = experts
         self.specs = specs
-        self.lease_budget_bytes = lease_budget_bytes
-        self.room_bytes: int | None = None  # HBM the model may use (manage() sets it)
-        self.pinned: dict[str, int] = {}  # with a budget: block -> bytes of its leased copy
-        self.pinned_bytes = 0
-        self.expected = {b: s.full_nbytes for b, s in specs.items()}  # bytes of a new lease
-        self.leased_encoding: dict[str, Encoding] = {}  # with a budget: of each block's lease
+        self.leased_encoding: dict[str, Encoding] = {}  # of each block's latest lease
         self.managed_bytes = sum(b.nbytes for b in dense.values()) + sum(
             e.nbytes for e in experts.values()
         )
@@ -140,6 +129,9 @@ class ManagedModel:
         self.by_layer: dict[int, list[str]] = {}
         for binding in dense.values():
             self.by_layer.setdefault(binding.layer, []).append(binding.block_id)
+        # The dense blocks behind each materialized slot tuple (experts are copied into their
+        # workspace, so a running experts module holds no leased tensor).
+        self.blocks_of_slots = {id(g.slots): tuple(b for b, _ in g.blocks) for g in groups}
         self.handles: list[Any] = []
 
     # -- hooks --------------------------------------------------------------------------------
@@ -148,9 +140,7 @@ class ManagedModel:
         self.lock.acquire()
         self.state = _ForwardState()
         self.steps += 1
-        if self.lease_budget_bytes is not None:  # forget leases the client lost (fenced)
-            for block_id in [b for b in self.pinned if self.client.lease_of(b) is None]:
-                self.pinned_bytes -= self.pinned.pop(block_id)
+        self.client.hold()  # recalled leases wait for this forward's safe points
         batch = _batch_size(args, kwargs)
         if batch is not None:
             self.client.set_concurrency(self.model_name, batch)
@@ -164,7 +154,10 @@ class ManagedModel:
             state.materialized.clear()
             self._enter_layer(None)
         finally:
-            self.lock.release()
+            try:
+                self.client.unhold()  # the forward's end: recalled leases are released
+            finally:
+                self.lock.release()
 
     def _enter_layer(self, layer: int | None) -> None:
         """Telemetry and lease keeping at a layer boundary (``None``: the forward ended)."""
@@ -174,41 +167,32 @@ class ManagedModel:
         now = time.perf_counter()
         if state.layer is not None:
             self.client.record_layer(self.model_name, state.layer, now - state.layer_start_s)
-            self.after_use(self.by_layer.get(state.layer, []))
         state.layer, state.layer_start_s = layer, now
-        if layer is not None and self.lease_budget_bytes is not None:
+        if layer is not None:
             self.lease(self.by_layer.get(layer, []))
 
     def lease(self, block_ids: list[str]) -> None:
-        """With a budget: lease those of ``block_ids`` not leased yet, in one call, and count
-        their copies' bytes. Raises what :meth:`PoolClient.acquire` raises."""
-        missing = [b for b in block_ids if self.client.lease_of(b) is None]
+        """A safe point before ``block_ids`` are used: release the recalled leases of every
+        other block not in use, then lease those of ``block_ids`` not leased yet, in one call
+        (recallable: kept until recalled). Raises what :meth:`PoolClient.acquire` raises."""
+        client = self.client
+        if client.recalled:
+            client.release_recalled(self.in_use(block_ids))
+        missing = [b for b in block_ids if client.lease_of(b) is None]
         if not missing:
             return
-        need = sum(self.expected[b] for b in missing)
-        if self.room_bytes is not None and self.pinned_bytes + need > self.room_bytes:
-            others = [b for b in self.pinned if b not in block_ids]
-            if others:
-                self.client.release(others)
-                for block_id in others:
-                    self.pinned_bytes -= self.pinned.pop(block_id)
-        self.client.acquire(missing)
+        client.acquire(missing, recallable=True, in_use=self.in_use(block_ids))
         for block_id in missing:
-            lease = self.client.lease_of(block_id)
-            if lease is not None and block_id not in self.pinned:
-                nbytes = encoded_nbytes(self.specs[block_id], lease.encoding.precision)
-                self.pinned[block_id] = self.expected[block_id] = nbytes
-                self.pinned_bytes += nbytes
+            lease = client.lease_of(block_id)
+            if lease is not None:
                 self.leased_encoding[block_id] = lease.encoding
 
-    def after_use(self, block_ids: list[str]) -> None:
-        """With a budget: release ``block_ids`` (just used) if the model holds more than it."""
-        budget = self.lease_budget_bytes
-        if budget is None or self.pinned_bytes <= budget or not block_ids:
-            return
-        self.client.release(block_ids)
-        for block_id in block_ids:
-            self.pinned_bytes -= self.pinned.pop(block_id, 0)
+    def in_use(self, block_ids: list[str]) -> set[str]:
+        """``block_ids`` and the blocks whose tensors a running module holds now."""
+        held = set(block_ids)
+        for slots in self.state.materialized:
+            held.update(self.blocks_of_slots.get(id(slots), ()))
+        return held
 
     def _group_pre(self, group: HookGroup) -> Any:
         client, layer, blocks, every = self.client, group.layer, group.blocks, group.slots
@@ -217,7 +201,7 @@ class ManagedModel:
             if self.state.layer != layer:
                 self._enter_layer(layer)
             for block_id, slots in blocks:
-                tensors = client.get(block_id)
+                tensors = client.get(block_id, True)  # recallable when it must re-acquire
                 # PERF: a plain tensor in the owner's table, not a new nn.Parameter: wrapping
                 # each leased tensor on every call cost ~3 us a tensor, 0.3 ms a MiniLM forward.
                 for slot in slots:
@@ -284,7 +268,6 @@ def manage(
     model_name: str,
     *,
     prefix: str = "",
-    lease_budget_bytes: int | None = None,
     routers: dict[str, nn.Module] | None = None,
     granularity: str = "layer",
 ) -> ManagedModel:
@@ -297,9 +280,6 @@ def manage(
         client: the pool client the forwards lease through.
         prefix: prepended to the checkpoint keys to find the model's tensors (``"bert."`` for a
             checkpoint saved from ``BertModel`` loaded into ``BertForMaskedLM``).
-        lease_budget_bytes: the most HBM bytes of leased copies kept between uses (0: release
-            every layer after use); ``None`` decides from the model's size and its home HBM
-            tier's capacity (see the module docstring).
         routers: the router module of each fused experts module, by the experts module's path;
             by default its sibling named ``gate`` or ``router``.
         granularity: ``"block"``: each dense block is put in place by its own module's hooks;
@@ -316,7 +296,7 @@ def manage(
     """
     if granularity not in ("block", "layer"):
         raise IntegrationError(f"granularity {granularity!r}; expected 'block' or 'layer'")
-    home, specs, others_bytes = ray.get(client.controller.model_blocks.remote(model_name))
+    _home, specs, _others = ray.get(client.controller.model_blocks.remote(model_name))
     slots_of = resolve_slots(model, specs, prefix)  # raises before anything changes
     dense: dict[str, DenseBinding] = {}
     fused_specs: dict[str, list[BlockSpec]] = {}
@@ -330,27 +310,11 @@ def manage(
                 spec.block_id, spec.layer, spec.full_nbytes, path, slots
             )
     experts = bind_fused_experts(model, fused_specs, slots_of, routers or {})
-    room = _room(client, home, others_bytes)
-    if lease_budget_bytes is None and room is not None:
-        lease_budget_bytes = None if sum(s.full_nbytes for s in specs) <= room else room // 2
     by_id = {s.block_id: s for s in specs}
     groups = hook_groups(model, dense, granularity)
-    managed = ManagedModel(
-        model, client, model_name, dense, groups, experts, by_id, lease_budget_bytes
-    )
-    managed.room_bytes = room
+    managed = ManagedModel(model, client, model_name, dense, groups, experts, by_id)
     managed.install()
     return managed
-
-
-def _room(client: PoolClient, home: str, others_bytes: int) -> int | None:
-    """HBM the model may use on its home tier: its capacity less the policy's headroom and the
-    full-precision bytes of the other models placed there (``None``: unbounded)."""
-    config, tiers = ray.get(client.controller.describe.remote())
-    capacity = next((t.spec.capacity_bytes for t in tiers if t.tier_id == home), None)
-    if capacity is None:
-        return None
-    return max(int(capacity * (1.0 - config.policy.hbm_headroom_fraction)) - others_bytes, 0)
 
 
 def _put_placeholders(slots: tuple[TensorSlot, ...]) -> None:

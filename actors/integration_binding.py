@@ -215,7 +215,6 @@ class FusedExperts:
     nbytes: int
     pending: tuple[int, ...] | None = None  # the router's choice for the current call
     last_route: tuple[int, ...] = ()
-    held: list[str] = field(default_factory=list)
 
     def install(self, managed: Any) -> list[Any]:
         """Register the router and experts hooks for ``managed`` (an ``ManagedModel``)."""
@@ -239,16 +238,11 @@ class FusedExperts:
                 )
             client = managed.client
             ids = [self.block_ids[e] for e in chosen]
-            if managed.lease_budget_bytes is None:
-                missing = [b for b in ids if client.lease_of(b) is None]
-                if missing:
-                    client.acquire(missing)  # one remote call for every expert not leased yet
-            else:
-                managed.lease(ids)  # the same, counted against the model's lease budget
+            managed.lease(ids)  # one remote call for every expert not leased yet (kept)
             work = self.workspace.ready()
             loaded = self.workspace.loaded
             for expert, block_id in zip(chosen, ids, strict=True):
-                tensors = client.get(block_id)
+                tensors = client.get(block_id, True)
                 lease = client.lease_of(block_id)
                 key = (block_id, None if lease is None else lease.lease_id)
                 if loaded[expert] != key or key[1] is None:
@@ -258,7 +252,6 @@ class FusedExperts:
             for slot in self.slots:
                 slot.table[slot.attr] = work[slot.attr]
             managed.state.materialized.append(self.slots)
-            self.held = ids
 
         def post(_module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
             for slot in self.slots:
@@ -267,8 +260,6 @@ class FusedExperts:
             if held and held[-1] is self.slots:
                 held.pop()
             self.pending = None
-            managed.after_use(self.held)
-            self.held = []
 
         return [
             self.router.register_forward_hook(on_route),
