@@ -109,6 +109,12 @@ def main() -> None:
     parser.add_argument("--policies", default=",".join(ALL_POLICIES))
     parser.add_argument("--sweep", help="comma-separated HBM fractions; with --png, plot them")
     parser.add_argument("--png", type=Path, help="where the sweep's plot goes")
+    parser.add_argument(
+        "--plan-misses",
+        action="store_true",
+        help="weightpool runs its step on each position's misses, as the controller does on a "
+        "lease miss (a step per missing position: slower; see bench/replay/weightpool_policy.py)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON summary last")
     args = parser.parse_args()
     if not 0 < args.hbm_fraction <= 1:
@@ -129,7 +135,9 @@ def main() -> None:
     fractions = [float(f) for f in args.sweep.split(",")] if args.sweep else [args.hbm_fraction]
     sweep = {}
     for fraction in fractions:
-        setup = ReplaySetup(model, HARDWARE[args.hw], fraction, args.quality_budget)
+        setup = ReplaySetup(
+            model, HARDWARE[args.hw], fraction, args.quality_budget, plan_misses=args.plan_misses
+        )
         results = run_replay(setup, trace, policies, sensitivity)
         sweep[fraction] = results
         print(
@@ -152,6 +160,7 @@ def main() -> None:
                     "hbm_fraction": last,
                     "trace": trace_name,
                     "quality_budget": args.quality_budget,
+                    "plan_misses": args.plan_misses,
                     "policies": {
                         name: {k: v for k, v in figures.items() if k != "replay_s"}
                         for name, figures in sweep[last].items()

@@ -43,6 +43,7 @@ class ReplaySetup:
     quality_budget: float = 0.02  # drift per token
     floor_threshold: float = 2e-3
     seed: int = 0
+    plan_misses: bool = False  # weightpool runs its step on each position's misses (slow)
 
 
 def run_replay(
@@ -68,7 +69,9 @@ def run_replay(
                 tick_s=2e-3,
                 popularity_decay=REPLAY_POPULARITY_DECAY,
             )
-            policy = WeightpoolPolicy(config, floors, precision=name == "weightpool")
+            policy = WeightpoolPolicy(
+                config, floors, precision=name == "weightpool", plan_misses=setup.plan_misses
+            )
         else:
             policy = POLICIES[name]()
         sim = Simulator(lay, setup.hardware, chosen, hbm, sizes, sensitivity, DEFAULT_DECODE_GBPS)

@@ -9,6 +9,12 @@ a re-encode in HBM is carried out as a fetch of the new encoding (the simulator 
 link only, so this charges it to the host link). Misses between steps are fetched on demand at
 the plan's encoding for the block (full precision if it has none); room is made by evicting the
 resident blocks of lowest value density in the last plan.
+
+With ``plan_misses`` (``--plan-misses``), a position's misses first run a step with those blocks
+flagged demand and their router choice revealed, as the placement controller runs the step at
+once on a lease miss, and come at the encoding that step gives them. The replay charges no time
+for the step (a real controller takes milliseconds a step at these sizes, longer than a stalled
+layer), and it costs a step per position that misses, so it is off by default.
 """
 
 from __future__ import annotations
@@ -64,11 +70,14 @@ class WeightpoolPolicy:
         floor_bits: np.ndarray,
         positions_per_step: int = 16,
         precision: bool = True,
+        plan_misses: bool = False,
     ):
         self.config = config
         self.floor_bits = floor_bits
         self.every = positions_per_step
         self.precision = precision  # False: placement only (full precision)
+        self.plan_misses = plan_misses
+        self._miss_at = (-1, -1)  # the position whose misses were last planned
         self.plan: Plan | None = None
         self.state: PolicyState | None = None
         self.snapshot: Snapshot | None = None
@@ -144,12 +153,13 @@ class WeightpoolPolicy:
         self.state = initial_state(self.snapshot, self.config)
         self._step(sim)
 
-    def _routes(self, sim: Simulator) -> tuple[np.ndarray, ...]:
-        """Router choices revealed since the last call: the MoE positions already run."""
+    def _routes(self, sim: Simulator, through: tuple[int, int]) -> tuple[np.ndarray, ...]:
+        """Router choices revealed since the last call: the MoE positions before ``through``
+        (a (step, position) pair)."""
         lay = sim.layout
         rows_step, rows_layer, rows_expert = [], [], []
         t, p = self.revealed
-        while (t, p) < (sim.step, sim.position):
+        while (t, p) < through:
             moe = lay.moe_layer_of_position(p)
             if moe >= 0:
                 experts = sim.chosen[t][moe]
@@ -159,7 +169,7 @@ class WeightpoolPolicy:
             p += 1
             if p == lay.positions:
                 t, p = t + 1, 0
-        self.revealed = (sim.step, sim.position)
+        self.revealed = max(self.revealed, through)
         if not rows_step:
             return (
                 np.zeros(0, np.int64),
@@ -175,9 +185,16 @@ class WeightpoolPolicy:
             np.concatenate(rows_expert),
         )
 
-    def _step(self, sim: Simulator) -> None:
+    def _step(self, sim: Simulator, demand: list[int] | None = None) -> None:
+        """One control step on the simulator's state. ``demand``: blocks of the current
+        position that missed (their router choice is revealed, and they are flagged demand);
+        the plan then only says at which encoding they come (the rest of it waits for the next
+        regular step). None: a regular step, whose plan is carried out."""
         assert self.snapshot is not None and self.state is not None
-        route_step, route_model, route_layer, route_expert = self._routes(sim)
+        through = (sim.step, sim.position)
+        if demand is not None and sim.position + 1 < sim.layout.positions:
+            through = (sim.step, sim.position + 1)  # this position's router has chosen
+        route_step, route_model, route_layer, route_expert = self._routes(sim, through)
         in_flight = np.full(len(sim.encoding), NONE, np.int64)
         resident = sim.encoding.copy()
         flying = sim.in_flight()
@@ -194,11 +211,20 @@ class WeightpoolPolicy:
             route_expert=route_expert,
         )
         self.layer_time[:] = np.nan
-        blocks = replace(self.snapshot.blocks, hbm_encoding=resident, in_flight_encoding=in_flight)
+        demanded = np.zeros(len(resident), bool)
+        if demand:
+            demanded[demand] = True
+        blocks = replace(
+            self.snapshot.blocks,
+            hbm_encoding=resident,
+            in_flight_encoding=in_flight,
+            demand=demanded,
+        )
         self.snapshot = replace(self.snapshot, blocks=blocks, telemetry=telemetry)
         plan, self.state = step(self.snapshot, self.state, self.config)
         self.plan = plan
-        self._apply(sim, plan)
+        if demand is None:
+            self._apply(sim, plan)
 
     def _apply(self, sim: Simulator, plan: Plan) -> None:
         protected = (
@@ -245,6 +271,13 @@ class WeightpoolPolicy:
         self.layer_time[position] = sim.now_s - self.position_start_s
 
     def encoding(self, sim: Simulator, block: int) -> int:
+        """The encoding a miss is fetched at: the plan's target for the block, else full
+        precision. With ``plan_misses``, the first miss of a position first runs a step with
+        the position's missing blocks flagged demand, as the controller does on a lease miss."""
+        if self.plan_misses and self._miss_at != (sim.step, sim.position):
+            self._miss_at = (sim.step, sim.position)
+            needed = sim.needed(sim.step, sim.position)
+            self._step(sim, demand=needed[sim.encoding[needed] < 0].tolist())
         if self.plan is not None:
             target = int(self.plan.target_hbm_encoding[block])
             if target != NONE:
