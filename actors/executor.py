@@ -228,12 +228,26 @@ class Executor:
             except PeerError as err:
                 ctl.count("peer_fallbacks")
                 ctl.record("fault", block_id, f"peer copy by object transfer instead: {err}")
+        receive = ctl.handles[dst].receive
+        with ctl.lock:
+            known = self.handles.get((block_id, source.tier_id, source.encoding))
+        if known is not None and source.encoding == encoding:
+            # PERF: the source copy's reference is known (its own receive returned it): the
+            # destination pulls it directly, one actor call fewer than asking the source.
+            try:
+                result: tuple[CopyEntry, list[Any]] = ray.get(
+                    receive.remote(block_id, encoding, [known], epoch, checksum),
+                    timeout=ctl.config.call_timeout_s,
+                )
+                return result
+            except (ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError):
+                pass  # the source's actor restarted meanwhile: ask it, as below
         exported = ctl.handles[source.tier_id].export.remote(spec, source.encoding, encoding)
-        entry, handle = ray.get(
-            ctl.handles[dst].receive.remote(block_id, encoding, exported, epoch, checksum),
+        result = ray.get(
+            receive.remote(block_id, encoding, exported, epoch, checksum),
             timeout=ctl.config.call_timeout_s,
         )
-        return entry, handle
+        return result
 
     def _drop(self, c: CopyEntry) -> bool:
         ctl, reg = self.ctl, self.ctl.registry

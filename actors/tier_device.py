@@ -3,10 +3,10 @@ CUDA is available in its process (see :class:`actors.tier.TierActor`).
 
 Each copy's parts are held as uint8 tensors in device memory, allocated by torch's caching
 allocator, whose pool is reserved up front to the tier's capacity (device allocation is
-expensive); accounting is exact and as :class:`actors.tier.MemoryBackend`'s, against the device
-bytes. Host-to-device uploads go through two pre-allocated pinned staging buffers: a chunk of
-the source (a mapped object-store view) is copied into one while the other's DMA to the device
-runs on the tier's own CUDA stream.
+expensive); accounting is exact and as :class:`actors.tier_backends.MemoryBackend`'s, against
+the device bytes. Host-to-device uploads go through two pre-allocated pinned staging buffers: a
+chunk of the source (a mapped object-store view) is copied into one while the other's DMA to the
+device runs on the tier's own CUDA stream.
 
 Each device copy keeps a host mirror: the object-store object :class:`MemoryBackend` would hold.
 Leases map that mirror (the client decodes on the host), exports and peer copies read it, and it
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from actors.registry import CopyEntry
-from actors.tier import MemoryBackend
+from actors.tier_backends import MemoryBackend
 from pool.codecs import EncodedBlock
 from pool.encoding import Encoding
 from pool.errors import UnknownBlockError

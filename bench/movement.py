@@ -5,9 +5,10 @@ object store). The tier actors are the pool's own (``actors.tier.TierActor``): a
 emulated HBM tier on node A, an emulated HBM tier on node B. One block of ``--mib`` MiB (random
 float32) is imported into a storage tier and copied to the HOST tier; then, ``--repeats`` times:
 
-- intra-node: HOST -> HBM on node A through the real path (``export`` on the source, ``receive``
-  on the destination: map the source object without copying, verify the xxh3 checksum, copy into
-  the destination's own object), against ``numpy.copyto`` of the same bytes into a warm,
+- intra-node: HOST -> HBM on node A through the executor's path (``receive`` on the destination,
+  given the source copy's reference: map the source object without copying, copy it into the
+  destination's own object while a second thread computes its xxh3 checksum, keep the copy if the
+  checksum matches), against ``numpy.copyto`` of the same bytes into a warm,
   pre-allocated buffer in one process (the best case of a plain memory copy);
 - cross-node: HOST on node A -> HBM on node B through the same path, against Ray's raw transfer
   of the same bytes (an actor on node B ``ray.get``-ing a numpy array an actor on node A put);
@@ -114,24 +115,23 @@ def main() -> None:
             host.receive.remote(block, FULL, storage.export.remote(block_spec, FULL, FULL), 1, "")
         )
 
-        def refresh_host() -> None:
+        def refresh_host() -> list:
             # A new source object each time: a receiver on another node must not find a copy
             # cached in its object store by an earlier pull.
             ray.get(host.drop.remote(block, FULL))
-            ray.get(
+            _, handle = ray.get(
                 host.receive.remote(
                     block, FULL, storage.export.remote(block_spec, FULL, FULL), 1, entry.checksum
                 )
             )
+            return handle
 
         def move(dst) -> float:
-            refresh_host()
+            # As the executor does: the source copy's reference (returned by its own receive)
+            # goes straight to the destination, which pulls, verifies and keeps it.
+            handle = refresh_host()
             start = time.perf_counter()
-            ray.get(
-                dst.receive.remote(
-                    block, FULL, host.export.remote(block_spec, FULL, FULL), 2, entry.checksum
-                )
-            )
+            ray.get(dst.receive.remote(block, FULL, handle, 2, entry.checksum))
             seconds = time.perf_counter() - start
             ray.get(dst.drop.remote(block, FULL))
             return entry.nbytes / seconds / 1e9

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.registry import CopyEntry, CopyStatus
-from actors.tier import MemoryBackend
+from actors.tier_backends import MemoryBackend
 from pool.encoding import FULL, Encoding
 from pool.errors import CapacityError
 from pool.tiers import TierKind, TierSpec
