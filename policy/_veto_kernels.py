@@ -257,7 +257,7 @@ def budget_round(
         chosen,
         True,
     )
-    # PERF: buffers as long as the candidates, returned as views of their used prefix.
+    # PERF: buffers as long as the candidates, filled in one pass (a counting pass before).
     rows = np.empty(len(chosen), np.int64)
     before = np.empty(len(chosen), np.int64)
     placed = np.empty(len(chosen), np.int64)
@@ -279,7 +279,15 @@ def budget_round(
             cost[r] = use_probability[r] * sensitivity[r, placed_all[k]]
         hbm[r] = placed_all[k]
         count += 1
-    return rows[:count], before[:count], placed[:count], cost_before[:count]
+    if count == len(chosen):
+        return rows, before, placed, cost_before
+    # The plan keeps these records: copies, so that it holds no unused buffer.
+    return (
+        rows[:count].copy(),
+        before[:count].copy(),
+        placed[:count].copy(),
+        cost_before[:count].copy(),
+    )
 
 
 @_jit
