@@ -216,3 +216,38 @@ def test_a_holder_that_never_answers_a_recall_loses_the_lease_at_its_ttl(with_b,
         assert any(f"lease {held[block].lease_id} expired" in r.detail for r in records)
     assert counters(p).get("lease_violations", 0) == 0
     ray.get(p.controller.release.remote([x for b, x in held.items() if b not in fenced]))
+
+
+def test_a_drain_recalls_kept_leases_and_completes(with_b):
+    p, home = with_b
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        want = Stack(0)(x)
+    with PoolClient(namespace=NAMESPACE, device=home) as client:
+        managed = manage(Stack(5), client, "a")
+        assert torch.equal(forward(managed, x), want)
+        kept = {b for b in A_BLOCKS if client.lease_of(b).tier_id == home}
+        assert kept  # leases kept on copies of the tier about to be drained
+        ray.get(p.controller.drain.remote(home))
+        try:
+            # The client is idle: the recalled leases are released at once, the copies go.
+            wait_until(
+                lambda: not any(on_hbm_of(p, b, home) for b in A_BLOCKS), what="a's copies gone"
+            )
+            assert all(client.lease_of(b) is None for b in kept)
+            for block in kept:
+                records = ray.get(p.controller.audit.remote(kind="lease", block_id=block))
+                assert any("released on recall" in r.detail for r in records), block
+            new_home = p.status()["models"]["a"]
+            assert new_home != home
+            assert torch.equal(forward(managed, x), want)  # leased again, on the new home
+            assert all(client.lease_of(b).tier_id == new_home for b in A_BLOCKS)
+        finally:
+            ray.get(p.controller.undrain.remote(home))
+        managed.remove()
+    assert counters(p).get("lease_violations", 0) == 0
+
+
+def on_hbm_of(pool, block_id: str, tier_id: str) -> bool:
+    copies = ray.get(pool.controller.copies.remote(block_id))
+    return any(t == tier_id for t, _, _, _ in copies)
