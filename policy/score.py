@@ -202,7 +202,7 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
         b.fallback_level,
         b.leased,
         b.regenerable,
-        b.nbytes[:, 0],
+        scores.static.full_nbytes,  # PERF: not a strided column (1M blocks: 20.7 -> 18.2 ms)
         scores.imminence,
         b.host_tier,
         b.cxl_tier,

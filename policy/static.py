@@ -21,6 +21,7 @@ Rows = np.ndarray | slice  # an index array, or slice(None) for "every block"
 class Static:
     keys: tuple[np.ndarray, ...]
     full_bytes: np.ndarray  # [N] float64
+    full_nbytes: np.ndarray  # [N] int64, contiguous: the bytes of a full-precision copy
     decode_s: np.ndarray  # [N, E] time to decode each encoding before use: full bytes / rate
     allowed: np.ndarray  # [N, E] encodings the floor allows and whose sensitivity is known
     hbm_groups: tuple[tuple[int, Rows], ...]  # per HBM tier, its blocks
@@ -125,6 +126,7 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
     return Static(
         keys=keys,
         full_bytes=full_bytes,
+        full_nbytes=np.ascontiguousarray(b.nbytes[:, 0]),
         decode_s=decode_s,
         allowed=allowed,
         hbm_groups=_groups(b.hbm_tier, levels[HBM]),
