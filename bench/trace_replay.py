@@ -5,7 +5,8 @@
     python bench/trace_replay.py --model mixtral-8x7b --sweep 0.1,0.25,0.5 --png stall.png
 
 The first prints a markdown table and, as its last line, one JSON object; the second replays at
-each HBM fraction and plots stall per token by policy. Every policy replays the same trace on the
+each HBM fraction and plots stall per token by policy (its JSON describes the last fraction under
+"policies" and every fraction under "sweep"). Every policy replays the same trace on the
 same hardware model (see bench/replay/). ``weightpool-placement`` is weightpool with every
 reduced precision disabled (placement only), the fair comparison with the oracle.
 """
@@ -151,6 +152,14 @@ def main() -> None:
         print(f"\nplot written to {args.png}")
     if args.json:
         last = fractions[-1]
+
+        def figures(results: dict) -> dict:  # type: ignore[type-arg]
+            return {
+                name: {k: v for k, v in values.items() if k != "replay_s"}
+                for name, values in results.items()
+            }
+
+        extra = {"sweep": {str(f): figures(sweep[f]) for f in fractions}} if args.sweep else {}
         print(
             json.dumps(
                 {
@@ -161,10 +170,8 @@ def main() -> None:
                     "trace": trace_name,
                     "quality_budget": args.quality_budget,
                     "plan_misses": args.plan_misses,
-                    "policies": {
-                        name: {k: v for k, v in figures.items() if k != "replay_s"}
-                        for name, figures in sweep[last].items()
-                    },
+                    "policies": figures(sweep[last]),
+                    **extra,
                 }
             )
         )
