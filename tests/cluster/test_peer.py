@@ -38,43 +38,69 @@ def peered(ray_cluster, tmp_path_factory):
     teardown("t-peer")
 
 
-def test_a_drained_device_fills_its_successor_by_peer_copies(peered):
-    """Leased copies on a drained device cannot be dropped; the model's new device is filled from
-    them by peer copies through the gloo group, each verified, and reads back bit-exact."""
-    pool, hbm, old = peered
-    blocks = [f"m/layers.{i}" for i in range(LAYERS)]
-    wait_until(
-        lambda: pool.status()["states"] == {"premium": LAYERS} and settled(pool), what="premium"
-    )
-    with PoolClient(namespace="t-peer", device=old) as holder:
-        for block in blocks:
+BLOCKS = [f"m/layers.{i}" for i in range(LAYERS)]
+
+
+def drain_while_leased(pool, hbm: dict[str, str], tier: str) -> tuple[str, dict[str, int]]:
+    """Lease every block's copy on ``tier``, drain it, wait until every block also has a ready
+    copy on one other device; that device and the counters then (leases released after)."""
+    with PoolClient(namespace="t-peer", device=tier) as holder:
+        for block in BLOCKS:
             holder.get(block)  # leased: the drain must leave these copies until released
-        ray.get(pool.controller.drain.remote(old))
+        ray.get(pool.controller.drain.remote(tier))
 
-        def on_new_home() -> bool:
-            homes = []
-            for block in blocks:
+        def elsewhere() -> set[str]:
+            found = set()
+            for block in BLOCKS:
                 copies = ray.get(pool.controller.copies.remote(block))
-                homes.append({c[0] for c in copies if c[2] == "ready" and c[0] in hbm.values()})
-            return all(len(h - {old}) == 1 for h in homes)
+                ready = {c[0] for c in copies if c[2] == "ready" and c[0] in hbm.values()}
+                found.add(frozenset(ready - {tier}))
+            return set().union(*found) if len(found) == 1 else set()
 
-        wait_until(on_new_home, what="every block on the new device")
-        counters = pool.status()["counters"]
-        assert counters.get("peer_copies", 0) == LAYERS
-        assert counters.get("peer_fallbacks", 0) == 0
-        assert counters["bytes:hbm->peer"] == LAYERS * 256 * 512 * 4
-    new_home = {
-        c[0] for c in ray.get(pool.controller.copies.remote(blocks[0])) if c[0] != old
-    } & set(hbm.values())
-    (successor,) = new_home
+        wait_until(lambda: len(elsewhere()) == 1, what="every block on the new device")
+        (successor,) = elsewhere()
+        return successor, pool.status()["counters"]
+
+
+def read_back(pool, successor: str) -> None:
     want = weights()
     with PoolClient(namespace="t-peer", device=successor) as client:
-        for i, block in enumerate(blocks):
+        for i, block in enumerate(BLOCKS):
             got = client.get(block)
             assert client.lease_of(block).tier_id == successor
             assert torch.equal(got["weight"], want[f"layers.{i}.weight"]), block
     wait_until(lambda: settled(pool), what="settled")
     assert ray.get(pool.controller.consistency.remote()) == []
+
+
+def test_a_drained_device_fills_its_successor_by_peer_copies(peered):
+    """Leased copies on a drained device cannot be dropped; the model's new device is filled from
+    them by peer copies through the gloo group, each verified, and reads back bit-exact."""
+    pool, hbm, old = peered
+    wait_until(
+        lambda: pool.status()["states"] == {"premium": LAYERS} and settled(pool), what="premium"
+    )
+    successor, counters = drain_while_leased(pool, hbm, old)
+    assert counters.get("peer_copies", 0) == LAYERS
+    assert counters.get("peer_fallbacks", 0) == 0
+    assert counters["bytes:hbm->peer"] == LAYERS * 256 * 512 * 4
+    read_back(pool, successor)
+
+
+def test_a_member_gone_from_the_group_costs_one_fallback(peered):
+    """A device that left the group (as a restarted actor has) fails the next peer copy, which
+    is made by Ray's object transfer instead; the group forms again for the copies after it."""
+    pool, hbm, old = peered
+    copies = ray.get(pool.controller.copies.remote(BLOCKS[0]))
+    (current,) = ({c[0] for c in copies} - {old}) & set(hbm.values())
+    ray.get(pool.tier(current).peer_leave.remote())
+    successor, counters = drain_while_leased(pool, hbm, current)
+    assert successor not in (old, current)
+    assert counters["peer_fallbacks"] == 1
+    assert counters["peer_copies"] == 2 * LAYERS - 1
+    faults = ray.get(pool.controller.audit.remote("fault", None, 10_000))
+    assert len([r for r in faults if "by object transfer instead" in r.detail]) == 1
+    read_back(pool, successor)
 
 
 def test_the_group_refuses_bad_bytes_and_an_unformable_group_is_reported(ray_cluster):
