@@ -12,9 +12,9 @@ not resident) and its holders learn of the recall by polling :meth:`LeaseService
 holder releases at its next safe point (:class:`actors.client.PoolClient`); once no lease is left
 the loop is woken, and the next step's transition runs with the copy still barred, so that no
 lease is ever granted on a copy on its way out. A holder that never answers keeps the lease at
-most one time-to-live: recalled leases are not extended by renewal. A barrier is lifted once no
-lease is left on its copy and its block is not being moved, when the copy is gone or the step no
-longer wants it moved.
+most one time-to-live: recalled leases are not extended by renewal. A barrier is lifted once its
+block is not being moved and the copy is gone or the step no longer wants it moved (the leases
+recalled on it stay recalled).
 """
 
 from __future__ import annotations
@@ -294,11 +294,10 @@ class LeaseService:
                     if any(x.recallable for x in self.leases.live_on(key, now)):
                         wanted.add(key)
                         recalled += self.leases.recall(key, now)
-            lifted = [
+            lifted = [  # a move no longer wanted (or done) bars nothing, whoever holds leases
                 key
                 for key in list(self.leases.barred)
-                if not self.leases.live_on(key, now)
-                and key[0] not in busy
+                if key[0] not in busy
                 and (key not in wanted or self.registry.copy(*key) is None)
                 and self.leases.lift(key)
             ]

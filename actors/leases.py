@@ -15,8 +15,8 @@ Two kinds of lease pin a copy the same way and differ in what the policy sees:
   recallable lease on it is marked recalled and is no longer extended by renewal, and the move
   waits until the holders released those leases, or until they expired (at most one
   time-to-live after the recall: a slow or dead holder cannot pin a copy for longer). A barrier
-  is lifted by the controller (:meth:`LeaseTable.lift`) once no lease is left on the copy and
-  the move was carried out or is no longer wanted.
+  is lifted by the controller (:meth:`LeaseTable.lift`) once the move was carried out or is no
+  longer wanted.
 """
 
 from __future__ import annotations
