@@ -30,6 +30,7 @@ from bench.replay.weightpool_policy import WeightpoolPolicy
 from policy.config import PolicyConfig
 
 GB = 10**9
+INT8 = 2  # in the replay's encoding table (full, fp8, int8, int4, int4+zstd)
 TINY = ModelPreset("tiny", 2, 0, 2, 1, 0, 8, 8, 8, 8, 8)
 # A 1 GB/s link with no latency and a layer that always takes 0.5 s: stalls come out round.
 SLOW = HardwarePreset("slow", 0, 1e12, 1.0, 1.0, 1.0, 0.0, 0.5)
@@ -123,6 +124,43 @@ def test_prediction_recall_counts_the_experts_fetched_ahead_of_their_use() -> No
     # A policy that never fetches ahead predicts nothing: no figure rather than zero.
     summary = tiny_sim(TRACE).run(DemandOnly()).summary()
     assert (summary["prediction_recall"], summary["prefetch_precision"]) == (None, None)
+
+
+def _expert_misses(plan_misses: bool) -> list[tuple[int, int, int]]:
+    """(token, block, encoding) of every routed expert a weightpool replay fetched on a miss,
+    with full precision and INT8 the only encodings allowed (both free of drift, INT8 half the
+    bytes, so INT8 is the step's choice) and HBM room for one expert."""
+    sim = tiny_sim([[[0], [1]], [[1], [0]], [[0], [0]], [[1], [1]]], hbm_experts=1)
+    sim.sensitivity[:] = np.inf
+    sim.sensitivity[:, [FULL, INT8]] = 0.0
+    sim.sizes[:, INT8] = np.maximum(sim.sizes[:, FULL] // 2, 1)
+    misses = []
+    fetch = sim.fetch
+
+    def recording_fetch(policy, block, encoding, priority, protected, ahead=True):  # type: ignore[no-untyped-def]
+        fetched = fetch(policy, block, encoding, priority, protected, ahead)
+        if fetched and not ahead and sim.layout.is_expert[block]:
+            misses.append((sim.step, block, encoding))
+        return fetched
+
+    sim.fetch = recording_fetch  # type: ignore[method-assign]
+    floors = np.full(len(sim.encoding), 8, np.int16)
+    sim.run(WeightpoolPolicy(PolicyConfig(tick_s=2e-3), floors, plan_misses=plan_misses))
+    return misses
+
+
+def test_planned_misses_come_at_the_encoding_the_step_gives_them() -> None:
+    # Blocks: 2, 3 are layer 0's experts, 5, 6 layer 1's. Without a step on the miss, a block
+    # the last plan did not target comes at full precision; with one, at the step's INT8.
+    assert _expert_misses(False)[:2] == [(0, 6, FULL), (1, 3, FULL)]
+    assert _expert_misses(True) == [
+        (0, 6, INT8),
+        (1, 3, INT8),
+        (1, 5, INT8),
+        (2, 2, INT8),
+        (2, 5, INT8),
+        (3, 6, INT8),
+    ]
 
 
 def test_trace_files_round_trip_and_bad_files_are_refused(tmp_path) -> None:
