@@ -102,7 +102,7 @@ def main() -> None:
         help="text file or folder whose words --record feeds the model",
     )
     parser.add_argument(
-        "--steps", type=int, default=300, help="tokens of a synthetic or recorded trace"
+        "--steps", type=int, default=None, help="tokens of a synthetic or recorded trace (300)"
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quality-budget", type=float, default=0.02, help="drift per token")
@@ -116,8 +116,17 @@ def main() -> None:
         help="weightpool runs its step on each position's misses, as the controller does on a "
         "lease miss (a step per missing position: slower; see bench/replay/weightpool_policy.py)",
     )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="100 tokens unless --steps says otherwise (what `weightpool bench` runs)",
+    )
     parser.add_argument("--json", action="store_true", help="print the JSON summary last")
     args = parser.parse_args()
+    if args.steps is None:
+        args.steps = 100 if args.quick else 300
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps} must be at least 1")
     if not 0 < args.hbm_fraction <= 1:
         parser.error(f"--hbm-fraction {args.hbm_fraction} must be in (0, 1]")
     model = MODELS[args.model]
