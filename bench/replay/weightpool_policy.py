@@ -266,7 +266,7 @@ class WeightpoolPolicy:
         self, sim: Simulator, step_index: int, position: int, needed: np.ndarray
     ) -> None:
         # What a client measures: the position's wall time, its stall included (with compute
-        # alone, a stalled decode looked tens of times faster than it ran, and the step's
+        # alone, a stalled decode looked up to 40 times faster than it ran, and the step's
         # times to next use were off by as much).
         self.layer_time[position] = sim.now_s - self.position_start_s
 
