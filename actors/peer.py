@@ -11,17 +11,21 @@ Two halves:
 Backend: ``ray.util.collective``'s GLOO group (Ray 2.60 implements it on ``torch.distributed``'s
 gloo, so it runs on CPU and in CI). The bytes sent are the host bytes ``backend.read`` gives, also
 for a tier holding CUDA memory: an NCCL path (Ray's NCCL group needs cupy) is not built. The torch
-gloo group initialises ``torch.distributed``'s default
-process group once per process, so an actor is in one peer group at a time: joining a new group
-leaves the old one first, and the executor keeps one group for all HBM tiers.
+gloo group initialises ``torch.distributed``'s default process group once per process, so an
+actor is in one peer group at a time: joining a new group leaves the old one first, and the
+executor keeps one group for all HBM tiers.
 
 Wire protocol, per copy, on the ordered pair (source rank, destination rank): an int64 header
-``[status, skeleton bytes]``, the pickled skeleton (block id, encoding and each part's role,
-dtype, shape and byte count; the error message when ``status`` is not 0), then each part's bytes.
-The receiver always reads everything the sender announced before it fails, and the sender always
-sends a header (with an error if it has no such copy), so neither side waits on a message that
-never comes. One copy at a time per group (the executor serialises them): messages of two copies
-on the same pair never interleave.
+``[status, skeleton bytes, chunk bytes]``, the pickled skeleton (block id, encoding and each
+part's role, dtype, shape and byte count; the error message when ``status`` is not 0), then each
+part's bytes in chunks of at most ``chunk bytes``. The receiver computes the checksum of each
+chunk on another thread while the next one arrives, so only the copy into its own object is left
+when the last chunk is in. The receiver always reads everything the sender announced before it
+fails, and the sender always sends a header (with an error if it has no such copy), so neither
+side waits on a message that never comes. One copy at a time per group (the executor serialises
+them): messages of two copies on the same pair never interleave. A member that dies mid-copy
+closes its sockets, which fails the other side's send or receive; a live member that stops
+answering is waited for up to the pool's call timeout (the group's gloo timeout).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import pickle
 import threading
 import uuid
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -37,12 +42,14 @@ from typing import Any
 import numpy as np
 import ray
 import torch
+import xxhash
 
 from pool.codecs import EncodedBlock, EncodedTensor, Part
 from pool.encoding import Encoding
 from pool.errors import WeightpoolError
 
 STATUS_OK, STATUS_ERROR = 0, 1
+CHUNK_BYTES = 64 << 20  # a chunk's checksum runs while the next chunk arrives
 
 
 class PeerError(WeightpoolError):
@@ -63,9 +70,10 @@ def _tensor(data: np.ndarray) -> torch.Tensor:
 
 
 class PeerEndpoint:
-    """The tier actor's side of peer copies (a mixin: needs ``keep``, ``backend``, ``lock``)."""
+    """The tier actor's side of peer copies (a mixin: needs ``_keep``, ``backend``, ``lock``)."""
 
     peer_group: str | None = None
+    peer_hashing: ThreadPoolExecutor | None = None
 
     def peer_join(self, group: str, world_size: int, rank: int, timeout_s: float) -> str:
         """Join ``group`` as ``rank`` of ``world_size``, leaving the group this actor was in.
@@ -114,15 +122,16 @@ class PeerEndpoint:
         except WeightpoolError as err:
             encoded, status = None, STATUS_ERROR
             skeleton = pickle.dumps(f"{type(err).__name__}: {err}")
-        header = torch.tensor([status, len(skeleton)], dtype=torch.int64)
+        header = torch.tensor([status, len(skeleton), CHUNK_BYTES], dtype=torch.int64)
         collective.send(header, dst_rank, group)
         collective.send(_tensor(np.frombuffer(skeleton, dtype=np.uint8)), dst_rank, group)
         if encoded is None:
             raise PeerError(pickle.loads(skeleton))
         for tensor in encoded.tensors:
             for part in tensor.parts:
-                if part.data.nbytes:
-                    collective.send(_tensor(part.data), dst_rank, group)
+                for start in range(0, part.data.nbytes, CHUNK_BYTES):
+                    chunk = part.data[start : start + CHUNK_BYTES]
+                    collective.send(_tensor(chunk), dst_rank, group)
         return encoded.nbytes
 
     def peer_receive(
@@ -142,27 +151,39 @@ class PeerEndpoint:
             CorruptBlockError, CapacityError: as ``TierActor.receive``; nothing stored.
         """
         collective = _collective()
-        header = torch.zeros(2, dtype=torch.int64)
+        header = torch.zeros(3, dtype=torch.int64)
         collective.recv(header, src_rank, group)
         skeleton_bytes = torch.empty(int(header[1]), dtype=torch.uint8)
         collective.recv(skeleton_bytes, src_rank, group)
         skeleton = pickle.loads(skeleton_bytes.numpy().tobytes())
         if int(header[0]) != STATUS_OK:
             raise PeerError(f"peer {src_rank} could not send {block_id!r}: {skeleton}")
-        shape = _Shape(*skeleton)
+        shape, chunk_bytes = _Shape(*skeleton), int(header[2])
         buffer = np.empty(shape.nbytes, dtype=np.uint8)  # filled in place by the receives
+        digest = xxhash.xxh3_128()  # as EncodedBlock.content_checksum: every part, in order
+        hashed: list[Future[None]] = []
         tensors, offset = [], 0
         for name, precision, parts in shape.tensors:
             built = []
             for role, dtype, part_shape, nbytes in parts:
                 view = buffer[offset : offset + nbytes]
                 offset += nbytes
-                if nbytes:
-                    collective.recv(torch.from_numpy(view), src_rank, group)
+                for start in range(0, nbytes, chunk_bytes):
+                    chunk = view[start : start + chunk_bytes]
+                    collective.recv(torch.from_numpy(chunk), src_rank, group)
+                    hashed.append(self._peer_hasher().submit(digest.update, chunk.data))
                 built.append(Part(role, dtype, part_shape, view))
             tensors.append(EncodedTensor(name, precision, tuple(built)))
+        for future in hashed:
+            future.result()
         encoded = EncodedBlock(shape.block_id, shape.encoding, tuple(tensors))
-        return self.keep(block_id, encoding, encoded, epoch, checksum)  # type: ignore[attr-defined,no-any-return]
+        return self._keep(block_id, encoding, encoded, epoch, checksum, digest.hexdigest())  # type: ignore[attr-defined,no-any-return]
+
+    def _peer_hasher(self) -> ThreadPoolExecutor:
+        """One thread: the chunks' checksum updates must run in order."""
+        if self.peer_hashing is None:
+            self.peer_hashing = ThreadPoolExecutor(1, thread_name_prefix="peer-checksum")
+        return self.peer_hashing
 
 
 @dataclass(frozen=True)

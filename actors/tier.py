@@ -154,6 +154,19 @@ class TierActor(PeerEndpoint):
         """Hold ``encoded`` as this tier's copy if its checksum is ``checksum`` (any, when empty):
         reserve, copy into an object owned by this actor while the checksum is computed on
         another thread, then commit, or cancel and raise (as :meth:`receive`)."""
+        return self._keep(block_id, encoding, encoded, epoch, checksum, "")
+
+    def _keep(
+        self,
+        block_id: str,
+        encoding: Encoding,
+        encoded: EncodedBlock,
+        epoch: int,
+        checksum: str,
+        content: str,
+    ) -> tuple[CopyEntry, list[Any]]:
+        """:meth:`keep`; ``content``, when not empty, is the checksum of ``encoded``'s bytes as
+        this actor computed it from those very buffers (a peer receive does, while they arrive)."""
         if encoded.block_id != block_id or encoded.encoding != encoding:
             raise CorruptBlockError(
                 f"received {encoded.block_id!r}@{encoded.encoding.name}; expected "
@@ -163,7 +176,8 @@ class TierActor(PeerEndpoint):
             self.backend.reserve(block_id, encoding, encoded.nbytes)
         try:
             cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-            if encoded.nbytes >= OVERLAP_MIN_BYTES and len(cpus) > 1:
+            held = None
+            if not content and encoded.nbytes >= OVERLAP_MIN_BYTES and len(cpus) > 1:
                 # PERF: the checksum and the copy read the same (immutable) bytes at once, the
                 # checksum on one CPU, the copy (Ray's put: six memcpy threads) on the others, so
                 # that the seven threads do not take turns on the same cores. 256 MiB on the
@@ -173,9 +187,8 @@ class TierActor(PeerEndpoint):
                 pending = self.checksummer.submit(on_cpus, {cpus[-1]}, encoded.content_checksum)
                 held = on_cpus(set(cpus[:-1]), self.backend.materialize, encoded)
                 content = pending.result()
-            else:
+            elif not content:
                 content = encoded.content_checksum()
-                held = None
             if checksum and content != checksum:
                 raise CorruptBlockError(
                     f"copy {block_id!r}@{encoding.name}: checksum {content}, expected {checksum}"
