@@ -193,9 +193,8 @@ class PoolClient:
         """A use ends; when it was the outermost one, recalled leases are released now."""
         with self.lock:
             self.holding -= 1
-            outermost = self.holding == 0
-        if outermost and self.recalled:
-            self.release_recalled(())
+            gone = self._take_recalled(()) if self.holding == 0 else []
+        self._send_release(gone)
 
     @contextmanager
     def using(self) -> Iterator[None]:
@@ -215,15 +214,26 @@ class PoolClient:
         if not self.recalled:
             return 0
         with self.lock:
-            gone = [
-                self._pop(b)
-                for b, e in list(self.cache.items())
-                if e.lease.lease_id in self.recalled and b not in in_use
-            ]
-            self.recalls_answered += len(gone)
+            gone = self._take_recalled(in_use)
+        self._send_release(gone)
+        return len(gone)
+
+    def _take_recalled(self, in_use: Collection[str]) -> list[CachedBlock]:
+        """Remove (under the lock) the recalled entries of blocks not in ``in_use``."""
+        if not self.recalled:
+            return []
+        gone = [
+            self._pop(b)
+            for b, e in list(self.cache.items())
+            if e.lease.lease_id in self.recalled and b not in in_use
+        ]
+        self.recalls_answered += len(gone)
+        return gone
+
+    def _send_release(self, gone: list[CachedBlock]) -> None:
+        """Release removed entries' leases without waiting for the controller."""
         if gone:
             self.controller.release.remote([g.lease for g in gone])
-        return len(gone)
 
     def _poll_recalls(self) -> None:
         """Learn which of the recallable leases held are recalled (one remote call, only while
@@ -232,12 +242,11 @@ class PoolClient:
             if not any(e.lease.recallable for e in self.cache.values()):
                 return
         ids: list[str] = ray.get(self.controller.recalled.remote(self.holder))
-        with self.lock:
+        with self.lock:  # decided and taken at once: no use can begin in between
             held = {e.lease.lease_id for e in self.cache.values()}
             self.recalled.update(i for i in ids if i in held)
-            idle = self.holding == 0
-        if idle and self.recalled:
-            self.release_recalled(())
+            gone = self._take_recalled(()) if self.holding == 0 else []
+        self._send_release(gone)
 
     def _pop(self, block_id: str) -> CachedBlock:
         """Remove a cache entry (under the lock) and forget its recall."""

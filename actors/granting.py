@@ -8,7 +8,9 @@ Recalls (see :mod:`actors.leases`). The step does not see recallable leases, so 
 a copy that one pins. Before the plan is executed, :meth:`LeaseService.recall_for_plan` holds back
 every transition that would drop (evict or re-encode) a copy with a live recallable lease, and
 recalls that copy: it is barred (no new lease is granted on it; an acquire waits, as for a copy
-not resident) and its holders learn of the recall by polling :meth:`LeaseService.recalled`. A
+not resident) and its holders learn of the recall by polling :meth:`LeaseService.recalled`. The
+copies a transition submitted at once drops are barred too, so that no lease is granted on a
+copy between the decision to drop it and its drop. A
 holder releases at its next safe point (:class:`actors.client.PoolClient`); once no lease is left
 the loop is woken, and the next step's transition runs with the copy still barred, so that no
 lease is ever granted on a copy on its way out. A holder that never answers keeps the lease at
@@ -279,15 +281,19 @@ class LeaseService:
                 code = int(rows.target_encoding[i])
                 home = self.registry.home_of(block_id).tier_id
                 moves.append((i, block_id, home, None if code < 0 else encodings[code]))
-            for i, block_id, home, target in moves:
-                leaving = self._leaving(block_id, home, target)
-                wanted.update(leaving)
-                for key in leaving:
+            leaving = {i: self._leaving(b, home, target) for i, b, home, target in moves}
+            for i, keys in leaving.items():
+                wanted.update(keys)
+                for key in keys:
                     if any(x.recallable for x in self.leases.live_on(key, now)):
                         recalled += self.leases.recall(key, now)
                         held.add(i)
             full = {home for i, _, home, _ in moves if i in held}
             held |= self._overflowing(moves, held, full)
+            for i, keys in leaving.items():
+                if i not in held:  # runs now: nothing may lease a copy it is about to drop
+                    for key in keys:
+                        self.leases.recall(key, now)
             for tier_id in self.registry.draining:
                 for c in self.registry.copies_on(tier_id):
                     key = (c.block_id, c.tier_id, c.encoding)

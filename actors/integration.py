@@ -30,8 +30,9 @@ leases as pins: when it wants a kept copy evicted or re-encoded, the controller 
 lease, and the model releases it at its next safe point, where no module holds the block's
 tensors:
 
-- at every layer boundary (every recalled lease but the entering layer's blocks and those of
-  the modules still running);
+- at every layer boundary (every recalled lease of this model but the entering layer's blocks
+  and those of the modules still running; other models sharing the client release theirs at
+  their own safe points);
 - while a layer's acquire waits for a promotion (the same blocks kept), so that the model's own
   kept leases never stop the promotion it waits for;
 - when the forward ends, and at once between forwards (the client's background thread).
@@ -132,6 +133,7 @@ class ManagedModel:
         # The dense blocks behind each materialized slot tuple (experts are copied into their
         # workspace, so a running experts module holds no leased tensor).
         self.blocks_of_slots = {id(g.slots): tuple(b for b, _ in g.blocks) for g in groups}
+        self.own = set(specs)  # this model's blocks: the only ones its safe points release
         self.handles: list[Any] = []
 
     # -- hooks --------------------------------------------------------------------------------
@@ -188,8 +190,11 @@ class ManagedModel:
                 self.leased_encoding[block_id] = lease.encoding
 
     def in_use(self, block_ids: list[str]) -> set[str]:
-        """``block_ids`` and the blocks whose tensors a running module holds now."""
+        """What this model's safe point must not release: ``block_ids``, the blocks whose
+        tensors a running module holds now, and every block of other models sharing the
+        client (their own safe points release them)."""
         held = set(block_ids)
+        held.update(b for b in list(self.client.cache) if b not in self.own)
         for slots in self.state.materialized:
             held.update(self.blocks_of_slots.get(id(slots), ()))
         return held
