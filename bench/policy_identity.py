@@ -16,12 +16,17 @@ derived from the snapshot). The variants together cover what the step branches o
 
 Pools but ``plain`` start in use (``_warm_start``).
 
+The plan's ``demand_encoding`` (added after the record of 0cb1a73) is hashed apart, so that the
+record of the other fields stays comparable: ``--demand-save FILE`` records its hashes,
+``--demand-check FILE`` compares them (either goes with ``--save`` or ``--check``).
+
 ``--check`` exits 1 and names the first differing scenario, step and fields; it also prints, per
 scenario, the transitions, transfers and rejections it saw (coverage), and the step's seconds.
 The last stdout line is one JSON object.
 
     python bench/policy_identity.py --save bench/results/policy_identity.json
-    python bench/policy_identity.py --check bench/results/policy_identity.json
+    python bench/policy_identity.py --check bench/results/policy_identity.json \
+        --demand-check bench/results/policy_identity_demand.json
 """
 
 from __future__ import annotations
@@ -234,11 +239,17 @@ def _digest(value: object) -> str:
     return h.hexdigest()[:16]
 
 
+SEPARATE = ("demand_encoding",)  # plan fields hashed apart (``demand_hashes``)
+
+
 def plan_hashes(plan: Plan) -> dict[str, str]:
-    """One hash per plan field (record arrays field by field; metrics without phase timings)."""
+    """One hash per plan field (record arrays field by field; metrics without phase timings),
+    those in ``SEPARATE`` aside."""
     out: dict[str, str] = {}
     for f in fields(plan):
         value = getattr(plan, f.name)
+        if f.name in SEPARATE:
+            continue
         if f.name in ("transition_rows", "transfer_rows"):
             for g in fields(value):
                 out[f"{f.name}.{g.name}"] = _digest(getattr(value, g.name))
@@ -251,6 +262,11 @@ def plan_hashes(plan: Plan) -> dict[str, str]:
         else:
             out[f.name] = _digest(value)
     return out
+
+
+def demand_hashes(plan: Plan) -> dict[str, str]:
+    """One hash per plan field of ``SEPARATE``."""
+    return {name: _digest(getattr(plan, name)) for name in SEPARATE}
 
 
 def state_hashes(state: PolicyState) -> dict[str, str]:
@@ -290,7 +306,7 @@ def run_scenario(blocks: int, name: str, steps: int) -> dict[str, object]:
     state = initial_state(snapshot, config)
     router = Router(layout, replicas, RoutingKnobs(concurrency=4))
     now = 0.0
-    step_hashes, seconds = [], []
+    step_hashes, demand, seconds = [], [], []
     counts = {"transitions": 0, "transfers": 0, "rejections": 0, "cancels": 0}
     rules: dict[int, int] = {}
     for tick in range(steps):
@@ -307,6 +323,7 @@ def run_scenario(blocks: int, name: str, steps: int) -> dict[str, object]:
         plan, state = step(snapshot, state, config)
         seconds.append(time.perf_counter() - start)
         step_hashes.append(plan_hashes(plan))
+        demand.append(demand_hashes(plan))
         counts["transitions"] += len(plan.transition_rows.block)
         counts["transfers"] += len(plan.transfer_rows.block)
         counts["rejections"] += len(plan.rejection_block)
@@ -317,6 +334,7 @@ def run_scenario(blocks: int, name: str, steps: int) -> dict[str, object]:
     return {
         "steps": step_hashes,
         "state": state_hashes(state),
+        "demand": demand,
         "coverage": {**counts, "rejections_by_rule": dict(sorted(rules.items()))},
         "step_s": seconds,
     }
@@ -329,12 +347,16 @@ def main() -> None:
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--save", type=Path, help="record the hashes of this checkout")
     action.add_argument("--check", type=Path, help="compare this checkout with a record")
+    parser.add_argument("--demand-save", type=Path, help="record the demand_encoding hashes")
+    parser.add_argument("--demand-check", type=Path, help="compare demand_encoding hashes")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     record = json.loads(args.check.read_text()) if args.check else None
+    demand_record = json.loads(args.demand_check.read_text()) if args.demand_check else None
     results: dict[str, dict[str, object]] = {}
+    demand_results: dict[str, object] = {}
     mismatches: list[str] = []
     print("| scenario | transitions | transfers | rejections (by rule) | cancels | step s (max) |")
     print("|---|---:|---:|---|---:|---:|")
@@ -351,18 +373,35 @@ def main() -> None:
                 flush=True,
             )
             results[key] = {"steps": result["steps"], "state": result["state"]}
+            demand_results[key] = result["demand"]
             if record is not None:
                 mismatches += _compare(key, record.get(key), results[key])
+            if demand_record is not None:
+                mismatches += _compare_demand(key, demand_record.get(key), result["demand"])
     if args.save:
         args.save.parent.mkdir(parents=True, exist_ok=True)
         args.save.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
         print(f"saved {len(results)} scenarios to {args.save}")
+    if args.demand_save:
+        args.demand_save.parent.mkdir(parents=True, exist_ok=True)
+        args.demand_save.write_text(json.dumps(demand_results, indent=1, sort_keys=True) + "\n")
+        print(f"saved the demand_encoding hashes of {len(results)} scenarios to {args.demand_save}")
     for line in mismatches[:40]:
         print(line)
     ok = not mismatches
     print(json.dumps({"bench": "policy_identity", "scenarios": len(results), "identical": ok}))
     if not ok:
         sys.exit(1)
+
+
+def _compare_demand(key: str, recorded: object, got: object) -> list[str]:
+    if not isinstance(recorded, list) or not isinstance(got, list):
+        return [f"{key}: demand_encoding not in the record"]
+    return [
+        f"{key} step {i}: {', '.join(sorted(k for k in new if old.get(k) != new[k]))}"
+        for i, (old, new) in enumerate(zip(recorded, got, strict=False))
+        if old != new
+    ]
 
 
 def _compare(key: str, recorded: object, got: dict[str, object]) -> list[str]:

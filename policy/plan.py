@@ -177,6 +177,28 @@ class Plan:
     ``target_hbm_encoding`` and ``target_fallback_level`` are the full target placement (one
     entry per block); the records list only what changes now (a transfer deferred to a later
     tick makes no transition yet).
+
+    ``demand_encoding`` (one int8 encoding index per block, never ``NONE``) is the encoding at
+    which to promote a block demanded before the next step (a lease miss), so that a miss needs
+    no step of its own. Each block is taken alone, its use certain (p(use) = 1):
+
+    - a block the plan targets in HBM: its target encoding;
+    - else, when the plan's quality cost is above the budget (the veto made every fix it
+      could): the least sensitive encoding its floor and known sensitivities allow (full
+      precision, or an equally harmless smaller one);
+    - else its densest allowed encoding from its fallback copy (what scoring gives a demanded
+      block: floors and unknown sensitivities respected), moved, as the budget rule would fix
+      it, to its next less sensitive allowed encoding while that saves at least the budget
+      rule's price this step (the least quality saved per extra byte among the fixes it made):
+      a dearer fix, the veto would find elsewhere. Where the budget rule made no fix, the
+      budget's headroom (budget less the plan's quality cost) is the test instead: moved while
+      its sensitivity passes the headroom.
+
+    Where the budget binds, what it leaves unspent (the overshoot of its last fix) is not
+    counted: it is shared by every demand before the next step. Where it has headroom, that
+    headroom is offered to each demand alone, though several before the next step share it.
+    HBM the plan leaves free is not counted (the headroom kept for demand promotions takes
+    the copy).
     """
 
     now_s: float
@@ -202,6 +224,7 @@ class Plan:
     use_probability: np.ndarray
     time_to_next_use_s: np.ndarray
     value_density: np.ndarray
+    demand_encoding: np.ndarray  # see above
     metrics: Metrics
 
     def _encoding(self, index: int) -> Encoding | None:

@@ -54,7 +54,17 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
 
     blocks, tiers = snapshot.blocks, snapshot.tiers
     hbm = targets.hbm_encoding
-    hbm_bytes, warm_bytes = placement_totals(
+    # The quality cost of the final targets: the veto's, with the upgrades' (at full precision).
+    cost = vetoed.cost
+    cost[upgraded] = prediction.use_probability[upgraded] * blocks.sensitivity[upgraded, 0]
+    quality_cost = float(cost.sum())
+    excess = quality_cost - config.quality_budget
+    # demand_encoding (policy.plan.Plan): the budget rule's price where it fixed blocks (what
+    # it left unspent is the overshoot of its last fix, shared by every demand before the next
+    # step); where it fixed none, the budget's headroom.
+    price = vetoed.quality_price
+    binding = bool(np.isfinite(price))
+    hbm_bytes, warm_bytes, demand = placement_totals(
         hbm,
         targets.fallback_level,
         blocks.hbm_tier,
@@ -62,14 +72,18 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         blocks.cxl_tier,
         blocks.nbytes,
         len(tiers.tier_ids),
+        scores.preferred,
+        blocks.sensitivity,
+        static.allowed,
+        static.budget_fallback,
+        0.0 if binding else max(-excess, 0.0),
+        price if binding else 0.0,
+        excess > 1e-15,  # the budget exhausted, with the veto's tolerance
     )
     levels = static.in_tier_of_level
-    # The quality cost of the final targets: the veto's, with the upgrades' (at full precision).
-    cost = vetoed.cost
-    cost[upgraded] = prediction.use_probability[upgraded] * blocks.sensitivity[upgraded, 0]
     rejected = vetoed.rejections.arrays()
     metrics = Metrics(
-        quality_cost=float(cost.sum()),
+        quality_cost=quality_cost,
         quality_budget=config.quality_budget,
         hbm_bytes_by_tier={tiers.tier_ids[t]: int(hbm_bytes[t]) for t in levels[HBM].tolist()},
         warm_bytes_by_tier={
@@ -101,6 +115,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         use_probability=prediction.use_probability,
         time_to_next_use_s=prediction.time_to_next_use_s,
         value_density=targets.chosen_density,
+        demand_encoding=demand,
         metrics=metrics,
     )
     return plan, state

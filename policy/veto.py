@@ -87,6 +87,9 @@ class VetoResult:
     rejections: Rejections
     quality_cost: float  # before the capacity guard
     cost: np.ndarray  # per block, p(use) * sensitivity at its HBM encoding after the veto
+    # The budget rule's price: the most quality saved per extra byte among the candidates
+    # its last round left unfixed (0 when it fixed them all; inf when it made no round).
+    quality_price: float = np.inf
 
 
 def quality_cost(snapshot: Snapshot, hbm: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -112,6 +115,7 @@ def veto(
     hbm = targets.hbm_encoding
     p = prediction.use_probability
     rejections = Rejections()
+    price = np.inf
 
     # 1. Leases (and, in the same pass, what rules 2 and 3 start from).
     rows, proposed, protected, bad, tier_bytes, cost = veto_entry(
@@ -163,7 +167,7 @@ def veto(
             chosen = np.zeros(len(key), dtype=bool)
             chosen[order[:count]] = True
         # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
-        rows, before, placed, cost_before = budget_round(
+        rows, before, placed, cost_before, round_price = budget_round(
             contributors,
             current,
             fallback,
@@ -184,11 +188,12 @@ def veto(
         rejections.add(
             Rule.QUALITY_BUDGET, rows, before, placed, cost_before, config.quality_budget
         )
+        price = round_price
 
     # 4. Capacity guard.
     quality = float(cost.sum())
     _enforce_capacity(snapshot, scores, targets, protected, tier_bytes, rejections, cost)
-    return VetoResult(rejections, quality, cost)
+    return VetoResult(rejections, quality, cost, price)
 
 
 def _fit(
