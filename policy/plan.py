@@ -195,10 +195,11 @@ class Plan:
       its sensitivity passes the headroom.
 
     Where the budget binds, what it leaves unspent (the overshoot of its last fix) is not
-    counted: it is shared by every demand before the next step. Where it has headroom, that
-    headroom is offered to each demand alone, though several before the next step share it.
-    HBM the plan leaves free is not counted (the headroom kept for demand promotions takes
-    the copy).
+    counted. Where it has headroom, that headroom is offered to each demand alone: a caller
+    promoting several blocks before the next step keeps their drift together within
+    ``metrics.quality_budget - metrics.quality_cost`` and promotes the rest at full precision
+    (``bench/replay/weightpool_policy.py`` does). HBM the plan leaves free is not counted (the
+    headroom kept for demand promotions takes the copy).
     """
 
     now_s: float

@@ -7,14 +7,16 @@ included, as a client measures it), runs one step, and carries
 out the plan: fetches become link transfers in the plan's class and order, evictions free HBM,
 a re-encode in HBM is carried out as a fetch of the new encoding (the simulator models one
 link only, so this charges it to the host link). Misses between steps are fetched on demand at
-the plan's encoding for the block (full precision if it has none); room is made by evicting the
-resident blocks of lowest value density in the last plan.
+the last plan's ``demand_encoding`` for the block (its target where the plan has one; else the
+encoding the step would promote it at if it were demanded: see ``policy.plan.Plan``); room is
+made by evicting the resident blocks of lowest value density in the last plan.
 
-With ``plan_misses`` (``--plan-misses``), a position's misses first run a step with those blocks
-flagged demand and their router choice revealed, as the placement controller runs the step at
-once on a lease miss, and come at the encoding that step gives them. The replay charges no time
-for the step (a real controller takes milliseconds a step at these sizes, longer than a stalled
-layer), and it costs a step per position that misses, so it is off by default.
+With ``plan_misses`` (``--plan-misses``, the expensive reference), a position's misses first run
+a step with those blocks flagged demand and their router choice revealed, as the placement
+controller runs the step at once on a lease miss, and come at the target that step gives them
+(full precision if it gives none). The replay charges no time for the step (a real controller
+takes milliseconds a step at these sizes, longer than a stalled layer), and it costs a step per
+position that misses, so it is off by default.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class WeightpoolPolicy:
         self.precision = precision  # False: placement only (full precision)
         self.plan_misses = plan_misses
         self._miss_at = (-1, -1)  # the position whose misses were last planned
+        self._headroom = 0.0  # the quality budget the last plan left to demands (see encoding)
         self.plan: Plan | None = None
         self.state: PolicyState | None = None
         self.snapshot: Snapshot | None = None
@@ -223,6 +226,8 @@ class WeightpoolPolicy:
         self.snapshot = replace(self.snapshot, blocks=blocks, telemetry=telemetry)
         plan, self.state = step(self.snapshot, self.state, self.config)
         self.plan = plan
+        m = plan.metrics
+        self._headroom = max(m.quality_budget - m.quality_cost, 0.0)
         if demand is None:
             self._apply(sim, plan)
 
@@ -271,18 +276,33 @@ class WeightpoolPolicy:
         self.layer_time[position] = sim.now_s - self.position_start_s
 
     def encoding(self, sim: Simulator, block: int) -> int:
-        """The encoding a miss is fetched at: the plan's target for the block, else full
-        precision. With ``plan_misses``, the first miss of a position first runs a step with
-        the position's missing blocks flagged demand, as the controller does on a lease miss."""
-        if self.plan_misses and self._miss_at != (sim.step, sim.position):
+        """The encoding a miss is fetched at: the last plan's ``demand_encoding`` for the block
+        (full precision before any plan). A block the plan does not target adds its drift at
+        that encoding (its use certain) to what the misses since the plan spent: beyond the
+        budget's headroom the plan left, it comes at full precision (``demand_encoding`` takes
+        each block alone; the misses before the next step share the headroom).
+
+        With ``plan_misses``, the first miss of a position first runs a step with the
+        position's missing blocks flagged demand, as the controller does on a lease miss, and
+        the miss comes at that plan's target (full precision if it has none)."""
+        if self.plan is None:
+            return 0
+        if not self.plan_misses:
+            encoding = int(self.plan.demand_encoding[block])
+            if self.plan.target_hbm_encoding[block] != NONE:
+                return encoding  # its cost is in the plan's
+            assert self.snapshot is not None
+            drift = float(self.snapshot.blocks.sensitivity[block, encoding])
+            if drift > self._headroom:
+                return 0
+            self._headroom -= drift
+            return encoding
+        if self._miss_at != (sim.step, sim.position):
             self._miss_at = (sim.step, sim.position)
             needed = sim.needed(sim.step, sim.position)
             self._step(sim, demand=needed[sim.encoding[needed] < 0].tolist())
-        if self.plan is not None:
-            target = int(self.plan.target_hbm_encoding[block])
-            if target != NONE:
-                return target
-        return 0
+        target = int(self.plan.target_hbm_encoding[block])
+        return target if target != NONE else 0
 
     def victims(self, sim: Simulator, nbytes: int, protected: set[int]) -> list[int]:
         candidate = sim.encoding >= 0

@@ -151,8 +151,17 @@ def _expert_misses(plan_misses: bool) -> list[tuple[int, int, int]]:
 
 def test_planned_misses_come_at_the_encoding_the_step_gives_them() -> None:
     # Blocks: 2, 3 are layer 0's experts, 5, 6 layer 1's. Without a step on the miss, a block
-    # the last plan did not target comes at full precision; with one, at the step's INT8.
-    assert _expert_misses(False)[:2] == [(0, 6, FULL), (1, 3, FULL)]
+    # comes at the last plan's demand_encoding (INT8: the drift-free encoding of half the
+    # bytes); with a step on each miss, at that step's INT8 too (the misses differ at token 2
+    # and 3: the extra steps' plans order the victims differently).
+    assert _expert_misses(False) == [
+        (0, 6, INT8),
+        (1, 3, INT8),
+        (1, 5, INT8),
+        (2, 5, INT8),
+        (3, 3, INT8),
+        (3, 6, INT8),
+    ]
     assert _expert_misses(True) == [
         (0, 6, INT8),
         (1, 3, INT8),
