@@ -48,10 +48,10 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from policy.builder import execute_instantly  # noqa: E402
+from policy.builder import PoolShape, execute_instantly, tiers_for  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
 from policy.plan import Plan  # noqa: E402
-from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE, Snapshot, TierArrays  # noqa: E402
+from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE, Snapshot  # noqa: E402
 from policy.state import PolicyState, initial_state  # noqa: E402
 from policy.step import step  # noqa: E402
 from policy.synthetic import (  # noqa: E402
@@ -127,28 +127,14 @@ def _tiers(snapshot: Snapshot, two_devices: bool, cxl: bool) -> Snapshot:
     full = int(b.nbytes[:, 0].sum())
     hbm = int(tiers.capacity_bytes[0])
     devices = 2 if two_devices else 1
-    ids = [f"hbm{d}" for d in range(devices)] + ["host"]
-    levels = [HBM] * devices + [HOST]
-    capacity = [hbm // devices] * devices + [full // 2]
-    if cxl:
-        ids.append("cxl")
-        levels.append(CXL)
-        capacity.append(full // 3)
-    ids.append("storage")
-    levels.append(STORAGE)
-    capacity.append(1 << 62)
-    arrays = TierArrays(
-        tuple(ids),
-        np.array(levels, np.int8),
-        np.array(capacity, np.int64),
-        np.zeros(len(ids), np.int64),
-    )
+    shape = PoolShape(hbm_bytes=[hbm // devices] * devices, host_bytes=full // 2)
+    arrays, host, cxl_tier = tiers_for(replace(shape, cxl_bytes=full // 3 if cxl else 0))
     n = b.count
     blocks = replace(
         b,
         hbm_tier=(b.position % devices).astype(np.int64) if two_devices else np.zeros(n, np.int64),
-        host_tier=np.full(n, devices, np.int64),
-        cxl_tier=np.full(n, devices + 1 if cxl else NONE, np.int64),
+        host_tier=np.full(n, host, np.int64),
+        cxl_tier=np.full(n, cxl_tier, np.int64),
     )
     return replace(snapshot, tiers=arrays, blocks=blocks)
 
