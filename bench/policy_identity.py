@@ -58,6 +58,7 @@ from policy.synthetic import (  # noqa: E402
     MoELayout,
     Router,
     RoutingKnobs,
+    drawn_layer_times,
     routed_telemetry,
     synthetic_pool,
 )
@@ -297,8 +298,7 @@ def run_scenario(blocks: int, name: str, steps: int) -> dict[str, object]:
     rules: dict[int, int] = {}
     for tick in range(steps):
         now += config.tick_s
-        models, positions = snapshot.telemetry.layer_time_s.shape
-        layer_times = rng.normal(2e-4, 2e-5, (models, positions)).clip(1e-5)
+        layer_times = drawn_layer_times(snapshot, rng)
         telemetry = routed_telemetry(snapshot, router, tick, now, layer_times)
         if variant.busy:
             telemetry = replace(telemetry, link_busy_fraction=rng.uniform(0, 0.9, (4, 4)))

@@ -40,7 +40,13 @@ from bench.policy_scale import pool_for  # noqa: E402
 from policy.builder import execute_instantly  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
 from policy.state import initial_state  # noqa: E402
-from policy.synthetic import Router, RoutingKnobs, routed_telemetry, synthetic_pool  # noqa: E402
+from policy.synthetic import (  # noqa: E402
+    Router,
+    RoutingKnobs,
+    drawn_layer_times,
+    routed_telemetry,
+    synthetic_pool,
+)
 
 MODULES = (
     "policy.predict",
@@ -114,8 +120,7 @@ def profile(blocks: int, steps: int, warmup: int, timers: Timers) -> dict[str, o
         if tick == warmup:
             timers.totals.clear()
         now += config.tick_s
-        models, positions = snapshot.telemetry.layer_time_s.shape
-        layer_times = rng.normal(2e-4, 2e-5, (models, positions)).clip(1e-5)
+        layer_times = drawn_layer_times(snapshot, rng)
         telemetry = routed_telemetry(snapshot, router, tick, now, layer_times)
         snapshot = replace(snapshot, telemetry=telemetry)
         start = time.perf_counter()

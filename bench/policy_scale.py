@@ -42,6 +42,7 @@ from policy.synthetic import (  # noqa: E402
     MoELayout,
     Router,
     RoutingKnobs,
+    drawn_layer_times,
     routed_telemetry,
     synthetic_pool,
 )
@@ -66,8 +67,7 @@ def run(blocks: int, steps: int, warmup: int, config: PolicyConfig) -> dict[str,
     now = 0.0
     for tick in range(warmup + steps):
         now += config.tick_s
-        models, positions = snapshot.telemetry.layer_time_s.shape
-        layer_times = rng.normal(2e-4, 2e-5, (models, positions)).clip(1e-5)
+        layer_times = drawn_layer_times(snapshot, rng)
         telemetry = routed_telemetry(snapshot, router, tick, now, layer_times)
         snapshot = replace(snapshot, telemetry=telemetry)
         start = time.perf_counter()
