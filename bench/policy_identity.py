@@ -1,4 +1,4 @@
-"""Are the control step's plans bit-identical to a recorded run? ``--save FILE`` / ``--check FILE``.
+r"""Are the control step's plans bit-identical to a recorded run? ``--save F`` / ``--check F``.
 
 Builds 16 deterministic scenarios (pools of 1,000, 16,384, 100,000 and 1,000,000 blocks from
 ``policy.synthetic``, each in four variants), runs ``--steps`` steps of each with routed telemetry
@@ -335,8 +335,12 @@ def main() -> None:
     action.add_argument("--check", type=Path, help="compare this checkout with a record")
     parser.add_argument("--demand-save", type=Path, help="record the demand_encoding hashes")
     parser.add_argument("--demand-check", type=Path, help="compare demand_encoding hashes")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    parser.add_argument("--steps", type=int, default=6, help="steps per scenario (6)")
+    parser.add_argument(
+        "--sizes",
+        default=",".join(str(s) for s in SIZES),
+        help="comma-separated pool sizes in blocks",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     record = json.loads(args.check.read_text()) if args.check else None
