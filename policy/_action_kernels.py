@@ -269,6 +269,27 @@ def describe(
     link (0 for a drop), whether it shrinks a resident copy, is an upgrade the veto requires, is
     held, and is within reach; then how many transfers were left out (they wait)."""
     n = len(hbm_encoding)
+    # What _described reads of every row, bundled once for its two calls below.
+    rows = (
+        hbm_encoding,
+        target_hbm,
+        fallback_level,
+        target_fallback,
+        refetch,
+        hbm_kind,
+        demand,
+        quality_bound,
+        time_to_next_use_s,
+        nbytes,
+        decode_rate,
+        usable,
+        link_gbps,
+        link_latency_s,
+        regenerate_gbps,
+        now_s,
+        imminent_horizon_s,
+        safety_margin_s,
+    )
     # Within reach: per link, in (key, index) order, what its budget takes.
     reached = np.empty(heap_start[16], np.int64)
     count = 0
@@ -283,28 +304,7 @@ def describe(
         for j in order:
             a, r = items[j] // n, items[j] % n
             kind = _kind_of(a, group_start)
-            _, _, _, urgency, _, moved_bytes, _, _, _ = _described(
-                kind,
-                r,
-                hbm_encoding,
-                target_hbm,
-                fallback_level,
-                target_fallback,
-                refetch,
-                hbm_kind,
-                demand,
-                quality_bound,
-                time_to_next_use_s,
-                nbytes,
-                decode_rate,
-                usable,
-                link_gbps,
-                link_latency_s,
-                regenerate_gbps,
-                now_s,
-                imminent_horizon_s,
-                safety_margin_s,
-            )
+            _, _, _, urgency, _, moved_bytes, _, _, _ = _described(kind, r, *rows)
             moved = float(moved_bytes)
             used = busy + before / capacity[code]
             used_after = busy + (before + moved) / capacity[code]
@@ -334,28 +334,7 @@ def describe(
     for i in range(m):
         a, r = chosen[i] // n, chosen[i] % n
         kind = _kind_of(a, group_start)
-        fields = _described(
-            kind,
-            r,
-            hbm_encoding,
-            target_hbm,
-            fallback_level,
-            target_fallback,
-            refetch,
-            hbm_kind,
-            demand,
-            quality_bound,
-            time_to_next_use_s,
-            nbytes,
-            decode_rate,
-            usable,
-            link_gbps,
-            link_latency_s,
-            regenerate_gbps,
-            now_s,
-            imminent_horizon_s,
-            safety_margin_s,
-        )
+        fields = _described(kind, r, *rows)
         block[i], kinds[i] = r, kind
         src[i], dst[i], encoding[i], cls[i], deadline[i], size[i] = fields[:6]
         shrink[i], required_up[i], held[i] = fields[6:]
