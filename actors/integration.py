@@ -17,7 +17,11 @@ of its weights:
 - fused MoE expert tensors (one parameter ``[experts, ...]`` per layer, transformers 5) are
   leased per expert: a hook on the layer's router reads its top-k choice, reports it with
   :meth:`PoolClient.record_route`, and the experts module's pre-hook leases only those experts'
-  blocks and copies them into their slices of a workspace (:mod:`actors.integration_binding`);
+  blocks. By default (``experts_implementation="eager"``) ``manage`` switches a transformers
+  model to its eager experts loop, which reads each routed expert's leased tensor in place;
+  with any other implementation (``experts_implementation=None`` keeps the model's own, e.g.
+  ``grouped_mm``) the chosen experts are copied into a workspace on every call
+  (:mod:`actors.integration_binding`);
 - telemetry: the time spent in each layer goes to :meth:`PoolClient.record_layer` when the next
   layer starts, which also tells the controller where the model is (its step then promotes the
   blocks that come next); each forward's batch size is reported as the model's concurrency.
@@ -130,8 +134,9 @@ class ManagedModel:
         self.by_layer: dict[int, list[str]] = {}
         for binding in dense.values():
             self.by_layer.setdefault(binding.layer, []).append(binding.block_id)
-        # The dense blocks behind each materialized slot tuple (experts are copied into their
-        # workspace, so a running experts module holds no leased tensor).
+        # The blocks behind each materialized slot tuple: a dense group's; an experts module
+        # running on views sets its routed experts' at each call (one on a workspace holds no
+        # leased tensor: the experts were copied).
         self.blocks_of_slots = {id(g.slots): tuple(b for b, _ in g.blocks) for g in groups}
         self.own = set(specs)  # this model's blocks: the only ones its safe points release
         self.handles: list[Any] = []
@@ -275,6 +280,7 @@ def manage(
     prefix: str = "",
     routers: dict[str, nn.Module] | None = None,
     granularity: str = "layer",
+    experts_implementation: str | None = "eager",
 ) -> ManagedModel:
     """Serve ``model``'s weights from the pool, where its checkpoint is registered as
     ``model_name`` (see the module docstring for what changes and when).
@@ -292,6 +298,12 @@ def manage(
             holding them (an encoder layer), where that module holds no other layer's blocks
             and is not the root (else per block). Same leases and telemetry; far fewer hooks
             (see the README's overhead figures).
+        experts_implementation: for a model with fused experts that has transformers'
+            ``set_experts_implementation``, the implementation to switch it to. ``"eager"``
+            (the default): the per-expert loop, which reads each routed expert's leased tensor
+            in place (no copy); ``None``: keep the model's own; an implementation that needs
+            every expert in one tensor (``grouped_mm``, ``batched_mm``) runs on a workspace
+            into which each call copies its routed experts.
 
     Raises:
         UnknownBlockError: ``model_name`` is not registered in the pool.
@@ -315,6 +327,9 @@ def manage(
                 spec.block_id, spec.layer, spec.full_nbytes, path, slots
             )
     experts = bind_fused_experts(model, fused_specs, slots_of, routers or {})
+    switch = getattr(model, "set_experts_implementation", None)
+    if experts and experts_implementation is not None and callable(switch):
+        switch(experts_implementation)
     by_id = {s.block_id: s for s in specs}
     groups = hook_groups(model, dense, granularity)
     managed = ManagedModel(model, client, model_name, dense, groups, experts, by_id)

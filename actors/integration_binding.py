@@ -8,10 +8,20 @@ Part of :mod:`actors.integration` (see its docstring for the contract of ``manag
   module, or a whole layer's smallest enclosing module);
 - :class:`FusedExperts`: a transformers 5 experts module whose parameters hold every expert of a
   layer (``gate_up_proj[experts, ...]``). Its router's forward hook reads the top-k choice; the
-  experts' pre-hook leases only the chosen experts' blocks and copies each into its slice of a
-  workspace, which stands in for the fused parameters while the module runs. The workspace is
-  shared by every experts module of the same shapes (one layer's worth of memory for the whole
-  model); slices of experts not chosen hold stale values that no token is routed to.
+  experts' pre-hook leases only the chosen experts' blocks and puts them in place in one of two
+  ways:
+
+  - *views* (the module runs transformers' ``eager`` experts loop, which reads
+    ``gate_up_proj[expert]`` for each routed expert only): each fused parameter is replaced,
+    while the module runs, by an :class:`ExpertViews` whose ``[expert]`` is that expert's leased
+    tensor itself: no copy, no workspace;
+  - *workspace* (any other experts implementation, e.g. ``grouped_mm``, which needs every expert
+    in one tensor): each chosen expert is copied into its slice of a workspace, which stands in
+    for the fused parameters while the module runs. The workspace is shared by every experts
+    module of the same shapes (one layer's worth of memory for the whole model); slices of
+    experts not chosen hold stale values that no token is routed to. The copies are the cost:
+    every layer copies its chosen experts on every forward (on the main job's MoE model, a
+    third of a managed request's time on this CPU).
 """
 
 from __future__ import annotations
@@ -184,6 +194,45 @@ def common_path(paths: Iterable[str]) -> str:
     return ".".join(common)
 
 
+class ExpertViews:
+    """Stands in for one fused expert parameter ``[experts, ...]`` while an experts module runs
+    transformers' eager loop: ``views[expert]`` (an int or a 0-d tensor) is the routed expert's
+    leased tensor itself. ``shape`` and ``dtype`` are the fused parameter's."""
+
+    __slots__ = ("by_expert", "path", "placeholder")
+
+    def __init__(self, by_expert: dict[int, torch.Tensor], placeholder: torch.Tensor, path: str):
+        self.by_expert = by_expert
+        self.placeholder = placeholder
+        self.path = path
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        expert = int(index)
+        tensor = self.by_expert.get(expert)
+        if tensor is None:
+            raise IntegrationError(
+                f"experts module {self.path!r} read expert {expert}, which its router did not "
+                f"choose (chosen: {sorted(self.by_expert)}); only routed experts are leased"
+            )
+        return tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.placeholder.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.placeholder.dtype
+
+
+def runs_eager_loop(module: nn.Module) -> bool:
+    """The experts module dispatches to transformers' eager per-expert loop (its config's
+    ``_experts_implementation`` is ``"eager"``), which indexes each fused parameter by routed
+    expert only, so :class:`ExpertViews` can stand in for it."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_experts_implementation", None) == "eager"
+
+
 @dataclass(eq=False)
 class Workspace:
     """Full-shape tensors standing in for fused expert parameters, shared by same-shaped
@@ -239,6 +288,17 @@ class FusedExperts:
             client = managed.client
             ids = [self.block_ids[e] for e in chosen]
             managed.lease(ids)  # one remote call for every expert not leased yet (kept)
+            if runs_eager_loop(self.module):
+                # Views: the running module holds these blocks' leased tensors (safe points
+                # leave them alone until the forward hook puts the placeholders back).
+                managed.blocks_of_slots[id(self.slots)] = tuple(ids)
+                leased = [client.get(block_id, True) for block_id in ids]
+                for slot in self.slots:
+                    name = slot.tensor_name
+                    views = {e: t[name] for e, t in zip(chosen, leased, strict=True)}
+                    slot.table[slot.attr] = ExpertViews(views, slot.placeholder, self.path)
+                managed.state.materialized.append(self.slots)
+                return
             work = self.workspace.ready()
             loaded = self.workspace.loaded
             for expert, block_id in zip(chosen, ids, strict=True):

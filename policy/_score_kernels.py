@@ -259,9 +259,18 @@ def refine_precision(
     hbm_tiers: np.ndarray,
     budget_bytes: np.ndarray,
     rounds: int,
+    hysteresis: bool,
+    used: np.ndarray,
+    current: np.ndarray,
+    pinned: np.ndarray,
+    fallback_level: np.ndarray,
+    penalty_by_level: np.ndarray,
 ) -> np.ndarray:
     """Upgrade blocks to full precision with the HBM left after the veto, in place
-    (``policy.score.refine``); returns the blocks upgraded."""
+    (``policy.score.refine``); returns the blocks upgraded. With ``hysteresis``: a ``pinned``
+    block keeps its encoding, decode time saved counts the ``used`` uses within the horizon
+    (not the next use's imminence alone), and a block whose ``current`` HBM copy is not at full
+    precision pays the move's penalty (``penalty_by_level`` of its fallback level) per byte."""
     n = len(hbm)
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
@@ -280,15 +289,17 @@ def refine_precision(
             if hbm_tier[r] != tier or e == NONE:
                 continue
             held += nbytes[r, e]
-            if e == 0 or leased[r]:
+            if e == 0 or leased[r] or (hysteresis and pinned[r]):
                 continue
             p = use_probability[r]
             more = nbytes[r, 0] - nbytes[r, e]
             quality_gain = p * sensitivity[r, e]
             rate = decode_rate[e]  # policy.static.Static.decode_s, row by row
             decode_s = float(nbytes[r, 0]) / rate if rate > 0 else 0.0
-            decode_gain = p * imminence[r] * decode_s
+            decode_gain = (used[r] if hysteresis else p * imminence[r]) * decode_s
             gain = (quality_gain + decode_gain) / float(max(more, 1))
+            if hysteresis and current[r] != 0:
+                gain -= penalty_by_level[fallback_level[r]]
             rows[count] = r
             keys[count] = key_bits(-gain, scratch, bits)
             extra[count] = max(more, 0)

@@ -68,6 +68,11 @@ class PolicyConfig(BaseModel):
         1.0, gt=0, description="the value a move earns is counted over this horizon"
     )
     min_dwell_s: float = Field(0.5, ge=0, description="a block stays this long where it moved")
+    precision_hysteresis: bool = Field(
+        False,
+        description="precision upgrades with spare HBM obey the dwell time and the hysteresis "
+        "penalty, and count decode time over the horizon (policy.score.refine)",
+    )
 
     # -- veto ----------------------------------------------------------------------------------
     quality_budget: float = Field(

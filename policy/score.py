@@ -218,11 +218,24 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
 
 
 def refine(
-    snapshot: Snapshot, scores: Scores, targets: Targets, prediction: Prediction
+    snapshot: Snapshot,
+    scores: Scores,
+    targets: Targets,
+    prediction: Prediction,
+    config: PolicyConfig,
 ) -> np.ndarray:
     """Spend HBM left after the veto on precision: upgrade blocks to full precision in order of
     quality and decode time saved per extra byte (in place on ``targets``). Returns the blocks
-    upgraded."""
+    upgraded.
+
+    With ``config.precision_hysteresis``, precision obeys the placement's hysteresis: a block
+    within its dwell time keeps its encoding; the decode time saved counts the uses within the
+    horizon; and a block not at full precision in HBM now pays ``hysteresis_multiple`` times
+    its transfer time per byte, so the blocks already at full precision keep the spare room
+    unless another gains clearly more. Without it the upgrades follow the next use's
+    imminence, and the upgraded set turns with the layer schedule (a move each way per block
+    per pass through the model, measured on the main job: experts flipping between INT4 and
+    full every few forwards)."""
     b = snapshot.blocks
     upgraded: np.ndarray = refine_precision(
         targets.hbm_encoding,
@@ -236,5 +249,11 @@ def refine(
         _group_tiers(scores.static.hbm_groups),
         scores.hbm_budget_bytes,
         8,
+        config.precision_hysteresis,
+        scores.used,
+        b.hbm_encoding,
+        scores.pinned,
+        b.fallback_level,
+        config.hysteresis_multiple * scores.static.per_byte_to_hbm_s,
     )
     return upgraded

@@ -5,7 +5,8 @@ placed for its own tier: on the first alone (it fits: outputs bit-exact); on the
 24 MiB tenant that holds leases on all its blocks (about 67 MiB left: the model keeps its leases
 until the controller recalls them to make room, and streams through the rest); on the third calibrated, beside a 48 MiB tenant (demotion is forced; the veto keeps the
 embeddings within the cosine bound). A small Qwen2-MoE model with random weights shows that only
-the experts its router chose are leased.
+the experts its router chose are leased, and that its experts run on the leased tensors in place
+(transformers' eager loop) or on a workspace (grouped_mm), with the same logits.
 """
 
 from __future__ import annotations
@@ -251,9 +252,18 @@ def test_moe_leases_only_the_routed_experts(pool):
     with PoolClient(namespace=NAMESPACE) as client:
         managed = manage(model, client, "moe")
         assert set(managed.experts) == {f"model.layers.{i}.mlp.experts" for i in range(2)}
+        # By default the experts run transformers' eager loop on the leased tensors in place.
+        assert model.config._experts_implementation == "eager"
         with torch.inference_mode():
             got = model(tokens).logits
         assert torch.equal(got, want)
+        workspaces = {id(f.workspace): f.workspace for f in managed.experts.values()}
+        assert all(not w.tensors for w in workspaces.values())  # no copy was made
+        # An implementation that needs every expert in one tensor runs on the workspace.
+        model.set_experts_implementation("grouped_mm")
+        with torch.inference_mode():
+            assert torch.equal(model(tokens).logits, want)
+        assert all(w.tensors for w in workspaces.values())
         leased_experts = {b for b in managed.leased_blocks() if "/expert." in b}
         expected = {
             f"moe/model.layers.{layer}.mlp.experts/expert.{e}"
@@ -268,7 +278,7 @@ def test_moe_leases_only_the_routed_experts(pool):
             assert set(managed.experts[path].last_route) == routed[layer]
         managed.remove()
     wait_until(
-        lambda: counters(pool).get("telemetry_routes", 0) == before.get("telemetry_routes", 0) + 2,
+        lambda: counters(pool).get("telemetry_routes", 0) == before.get("telemetry_routes", 0) + 4,
         what="routes reported",
     )
 

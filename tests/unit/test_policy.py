@@ -204,6 +204,47 @@ def test_hysteresis_stops_oscillation_under_alternating_demand() -> None:
     assert moves(PolicyConfig(imminence_s=0.005)) == 1  # the first placement, then it stays
 
 
+def test_precision_hysteresis_keeps_a_settled_placement() -> None:
+    # Ten blocks of a 40-layer model, one every 4 layers, in host memory; HBM holds all of them
+    # at INT4 and four at full precision. The model moves 4 layers a tick.
+    shape = PoolShape(
+        hbm_bytes=(48 * MB,),
+        layers=(40,),
+        encodings=(Encoding(), Encoding.parse("int4")),
+        size_ratios=np.array([1.0, 0.25]),
+        decode_gbps=np.array([np.inf, 100.0]),
+    )
+    rows = [
+        BlockRow(f"m/{i}", 8 * MB, layer=4 * i, sensitivity=[0.0, 1e-6], fallback_level=HOST)
+        for i in range(10)
+    ]
+
+    def run_ticks(config: PolicyConfig) -> tuple[int, list[int]]:
+        """HBM encodings changed after the first tick, and the last placement."""
+        snapshot = build_snapshot(rows, shape, active(shape, 0, 0.0))
+        state = initial_state(snapshot, config)
+        changed = 0
+        for tick in range(40):
+            now = 0.1 * (tick + 1)
+            snapshot = replace(snapshot, telemetry=active(shape, (4 * tick) % 40, now))
+            plan, state = step(snapshot, state, config)
+            before = snapshot.blocks.hbm_encoding.copy()
+            snapshot = execute_instantly(snapshot, plan, now)
+            if tick > 0:
+                changed += int((before != snapshot.blocks.hbm_encoding).sum())
+        return changed, snapshot.blocks.hbm_encoding.tolist()
+
+    # Upgrades ranked by the next use's imminence turn with the layer schedule: every dwell
+    # time, blocks move between full precision, INT4 and out of HBM.
+    changed, _ = run_ticks(PolicyConfig())
+    assert changed >= 20
+    # With precision hysteresis the first placement stays: every block in HBM, four of them at
+    # full precision (the ones placed so first keep it).
+    changed, last = run_ticks(PolicyConfig(precision_hysteresis=True))
+    assert changed == 0
+    assert sorted(last) == [0] * 4 + [1] * 6  # this shape's encodings: 0 full, 1 int4
+
+
 def test_a_leased_block_is_never_demoted() -> None:
     shape = PoolShape(hbm_bytes=(10 * MB,), layers=(40,))
     rows = [
