@@ -260,8 +260,8 @@ def state_hashes(state: PolicyState) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in fields(state):
         value = getattr(state, f.name)
-        if f.name == "static":
-            continue
+        if f.name == "static" or (f.name == "quality_feedback" and value is None):
+            continue  # the cache; the feedback's record, absent while it is off (the default)
         if f.name == "coactivation":
             for i, c in enumerate(value):
                 if c is not None:

@@ -81,6 +81,14 @@ class PolicyConfig(BaseModel):
         description="bound on the sum over blocks of predicted drift at the chosen precision, "
         "weighted by predicted use",
     )
+    quality_feedback_decay: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="EMA weight of one step in the realized/predicted drift of the experts used "
+        "(policy.quality_feedback), by which the veto's budget is tightened (never loosened). "
+        "0: off",
+    )
 
     # -- schedule ------------------------------------------------------------------------------
     tick_s: float = Field(0.01, gt=0, description="period of the control loop")

@@ -55,6 +55,26 @@ class PredictionQuality:
 
 
 @dataclass
+class QualityFeedback:
+    """Realized against predicted drift of the experts used (``policy.quality_feedback``); kept
+    only while ``PolicyConfig.quality_feedback_decay`` is on."""
+
+    block_of: np.ndarray  # [M * L * E] the block row of each (model, layer, expert); NONE: none
+    expected_by_layer: np.ndarray  # [M * L] the last plan's expected drift of one layer visit
+    realized_drift: float = 0.0  # decayed sum
+    predicted_drift: float = 0.0  # decayed sum
+    certain_drift: float = 0.0  # the last plan's drift of the blocks that are not experts
+    planned: bool = False  # expected_by_layer holds a plan's figures
+    in_plan: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # [N] targeted
+    static: Static | None = None  # what block_of was built for
+
+    @property
+    def ratio(self) -> float:
+        """Realized over predicted drift (1 before any prediction)."""
+        return self.realized_drift / self.predicted_drift if self.predicted_drift > 0 else 1.0
+
+
+@dataclass
 class PolicyState:
     layer_time_s: np.ndarray  # [M, P] decayed time per schedule position
     popularity: np.ndarray  # [M, L, E] decayed share of steps in which the expert was chosen
@@ -67,6 +87,7 @@ class PolicyState:
     quality_total: PredictionQuality = field(default_factory=PredictionQuality)
     steps: int = 0
     static: Static | None = None  # derived from the snapshot's block descriptions, cached
+    quality_feedback: QualityFeedback | None = None  # only with quality_feedback_decay > 0
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -17,6 +17,7 @@ from policy._veto_kernels import placement_totals
 from policy.config import PolicyConfig
 from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
+from policy.quality_feedback import budget_config, remember_plan
 from policy.schedule import schedule
 from policy.score import choose_targets, refine, score
 from policy.snapshot import CXL, HBM, HOST, Snapshot
@@ -33,6 +34,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     quality = observe(snapshot, state, config)
     t1 = clock()
     static = state.static = static_for(snapshot, state.static, state.shape)
+    config = budget_config(snapshot, state, static, config)  # the veto's budget, see there
     prediction = predict(snapshot, state, static, config)
     t2 = clock()
     scores = score(snapshot, prediction, static, config)
@@ -58,6 +60,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     cost = vetoed.cost
     cost[upgraded] = prediction.use_probability[upgraded] * blocks.sensitivity[upgraded, 0]
     quality_cost = float(cost.sum())
+    remember_plan(state, static, cost, hbm, config)
     excess = quality_cost - config.quality_budget
     # demand_encoding (policy.plan.Plan): the budget rule's price where it fixed blocks (what
     # it left unspent is the overshoot of its last fix, shared by every demand before the next

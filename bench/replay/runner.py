@@ -33,6 +33,11 @@ ALL_POLICIES = (
 # (the synthetic traces swap 1 % of adjacent ranks a token). Chosen once, on qwen3-30b-a3b at
 # 25 % HBM, and used for every model, fraction and trace; the peers' own knobs are as published.
 REPLAY_POPULARITY_DECAY = 0.01
+# weightpool's quality feedback (policy.quality_feedback), off by default in the policy: the veto's
+# budget tightened by the realized/predicted drift of the experts used, decayed by this weight a
+# step (about 10 steps, 3 tokens of qwen3). Chosen once, on qwen3-30b-a3b at 25 % HBM, recorded
+# and synthetic traces, among 0.02, 0.05 and 0.1.
+REPLAY_QUALITY_FEEDBACK_DECAY = 0.1
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ def run_replay(
                 quality_budget=setup.quality_budget,
                 tick_s=2e-3,
                 popularity_decay=REPLAY_POPULARITY_DECAY,
+                quality_feedback_decay=REPLAY_QUALITY_FEEDBACK_DECAY,
             )
             policy = WeightpoolPolicy(
                 config, floors, precision=name == "weightpool", plan_misses=setup.plan_misses
