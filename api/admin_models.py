@@ -236,7 +236,11 @@ def _policy_update_model() -> type[BaseModel]:
             metadata.append(AllowInfNan(False))
         if name == "tick_s":
             metadata.append(Le(MAX_TICK_S))
-        annotated = Annotated[info.annotation, *metadata]  # type: ignore[name-defined]
+        annotated = (
+            Annotated[info.annotation, *metadata]  # type: ignore[name-defined]
+            if metadata
+            else info.annotation  # a field without constraints (a flag)
+        )
         fields[name] = (annotated | None, Field(None, description=info.description))
     model: type[BaseModel] = create_model(
         "PolicyUpdate",
