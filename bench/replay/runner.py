@@ -69,14 +69,16 @@ def run_replay(
     results = {}
     for name in policies:
         if name.startswith("weightpool"):
+            precise = name == "weightpool"
             config = PolicyConfig(
                 quality_budget=setup.quality_budget,
                 tick_s=2e-3,
                 popularity_decay=REPLAY_POPULARITY_DECAY,
-                quality_feedback_decay=REPLAY_QUALITY_FEEDBACK_DECAY,
+                # Placement only realizes no drift: nothing to feed back.
+                quality_feedback_decay=REPLAY_QUALITY_FEEDBACK_DECAY if precise else 0.0,
             )
             policy = WeightpoolPolicy(
-                config, floors, precision=name == "weightpool", plan_misses=setup.plan_misses
+                config, floors, precision=precise, plan_misses=setup.plan_misses
             )
         else:
             policy = POLICIES[name]()

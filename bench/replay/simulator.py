@@ -177,6 +177,12 @@ class Simulator:
         self.decode_gbps = decode_gbps  # [E], inf: usable as stored
         n = len(layout.block_names)
         self.encoding = np.full(n, -1, np.int64)  # in HBM at this encoding (or in flight to it)
+        # PERF: the same as ``encoding`` and ``sizes`` as Python lists, for reads of one block (a
+        # numpy scalar read costs several times a list's; they were a fifth of a qwen3 replay).
+        # Read-only for policies; the simulator keeps them in step (``sizes`` is read again when
+        # a run starts, so a caller may adjust it before).
+        self.encoding_of: list[int] = [-1] * n
+        self.size_of: list[list[int]] = sizes.tolist()
         self.transfer: list[Transfer | None] = [None] * n
         self.flying: set[int] = set()  # blocks whose transfer object is still held
         self.prefetched: set[int] = set()  # fetched by the policy itself, not read since
@@ -209,7 +215,7 @@ class Simulator:
 
     def ready(self, block: int) -> bool:
         """In HBM and arrived by now."""
-        if self.encoding[block] < 0:
+        if self.encoding_of[block] < 0:
             return False
         transfer = self.transfer[block]
         return transfer is None or (transfer.done_s is not None and transfer.done_s <= self.now_s)
@@ -237,17 +243,17 @@ class Simulator:
 
     def evictable(self, block: int) -> bool:
         """In HBM and either arrived or still cancellable (not on the wire)."""
-        if self.encoding[block] < 0:
+        if self.encoding_of[block] < 0:
             return False
         transfer = self.transfer[block]
         return transfer is None or transfer.done_s is None or transfer.done_s <= self.now_s
 
     def preload(self, block: int, encoding: int) -> bool:
         """Place a block before serving starts (free, at time 0); False if it does not fit."""
-        size = int(self.sizes[block, encoding])
-        if self.encoding[block] >= 0 or self.used + size > self.capacity:
+        size = self.size_of[block][encoding]
+        if self.encoding_of[block] >= 0 or self.used + size > self.capacity:
             return False
-        self.encoding[block] = encoding
+        self.encoding[block] = self.encoding_of[block] = encoding
         self.used += size
         return True
 
@@ -257,8 +263,8 @@ class Simulator:
         transfer = self.transfer[block]
         if transfer is not None:
             self.link.cancel(transfer)
-        self.used -= int(self.sizes[block, self.encoding[block]])
-        self.encoding[block] = -1
+        self.used -= self.size_of[block][self.encoding_of[block]]
+        self.encoding[block] = self.encoding_of[block] = -1
         self.transfer[block] = None
         self.flying.discard(block)
         self.prefetched.discard(block)
@@ -276,21 +282,24 @@ class Simulator:
         Returns False (and changes nothing) when room cannot be made. ``ahead``: the policy
         fetches it before it is needed (False only for the simulator's demand fetch of a miss);
         it counts towards the policy's prediction recall."""
-        if self.encoding[block] >= 0:
+        if self.encoding_of[block] >= 0:
             transfer = self.transfer[block]
             if transfer is not None:
                 self.link.raise_priority(transfer, priority)
             return True
-        size = int(self.sizes[block, encoding])
+        size = self.size_of[block][encoding]
         short = self.used + size - self.capacity
         if short > 0:
-            victims = policy.victims(self, short, protected | {block})
-            freed = sum(int(self.sizes[v, self.encoding[v]]) for v in victims)
+            victims = policy.victims(
+                self, short, protected if block in protected else protected | {block}
+            )
+            size_of, encoding_of = self.size_of, self.encoding_of
+            freed = sum(size_of[v][encoding_of[v]] for v in victims)
             if freed < short or any(v in protected or not self.evictable(v) for v in victims):
                 return False
             for victim in victims:
                 self.evict(victim)
-        self.encoding[block] = encoding
+        self.encoding[block] = self.encoding_of[block] = encoding
         self.used += size
         self.transfer[block] = self.link.submit(block, encoding, size, priority, self.now_s)
         self.flying.add(block)
@@ -315,6 +324,7 @@ class Simulator:
 
     def run(self, policy: Policy) -> Result:
         result = Result(policy.name, len(self.chosen))
+        self.size_of = self.sizes.tolist()
         policy.setup(self)
         positions = self.layout.positions
         decodes = np.isfinite(self.decode_gbps).tolist()

@@ -239,13 +239,13 @@ class WeightpoolPolicy:
         )
         for row in np.flatnonzero(plan.transition_rows.target_encoding == NONE).tolist():
             block = int(plan.transition_rows.block[row])
-            if sim.encoding[block] >= 0 and block not in protected and sim.evictable(block):
+            if sim.encoding_of[block] >= 0 and block not in protected and sim.evictable(block):
                 sim.evict(block)
         moves = plan.transfer_rows  # in priority, then deadline, order (the schedule's)
         for row in np.flatnonzero(moves.destination_level == HBM).tolist():
             block = int(moves.block[row])
             encoding = int(moves.encoding[row])
-            if sim.encoding[block] >= 0 and sim.encoding[block] != encoding:
+            if sim.encoding_of[block] >= 0 and sim.encoding_of[block] != encoding:
                 if block in protected or not sim.evictable(block):
                     continue
                 sim.evict(block)  # a re-encode, carried out as a fetch of the new encoding
@@ -316,7 +316,7 @@ class WeightpoolPolicy:
             if freed >= nbytes:
                 break
             chosen.append(block)
-            freed += int(sim.sizes[block, sim.encoding[block]])
+            freed += sim.size_of[block][sim.encoding_of[block]]
         return chosen
 
     @property
