@@ -3,9 +3,9 @@
 A round's candidates are the blocks with a quality cost that are not protected, in block order,
 each with what its fix (a move to its ``budget_fallback`` encoding) saves and costs in bytes.
 They are built once, in the pass of ``policy._veto_kernels.veto_entry`` that reads every block's
-tables, and carried from round to round: ``budget_round`` rewrites the candidates it moved in
-place, from the table rows it reads anyway, and ``compact_candidates`` drops those it left
-without a cost; a pass over every block's tables per round cost more than the round.
+tables, and carried from round to round: ``budget_round`` rewrites the candidates it moved, in
+place, from the table rows it reads anyway; a pass over every block's tables per round cost
+more than the round.
 
 Candidate arrays, one entry per candidate: ``rows`` (int64, ascending), ``current`` and
 ``fallback`` encodings (int8), ``saving`` (``cost - p(use) * sensitivity(fallback)``, float64),
@@ -216,26 +216,34 @@ def budget_round(
     tier_bytes: np.ndarray,
     vetoed_out: np.ndarray,
     quality_bound: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+) -> tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    float,
+    tuple[np.ndarray, ...],
+    float,
+    bool,
+    bool,
+]:
     """Fix the ``chosen`` candidates of a quality-budget round: each moves to its less
     sensitive fallback where its tier has room (``fit_tier``: most valuable first, then most
     saved per byte), else out of HBM; targets, flags, costs and ``tier_bytes`` updated in
     place. Returns the rows (ascending), their encodings before, after, their costs before,
-    and the round's next price: the most saving per extra byte among the candidates not
-    chosen (minus their sort key; 0 when every candidate is chosen).
-
-    The candidate arrays become the next round's, but for ``compact_candidates``: each chosen
-    candidate is rewritten as its block now is, or marked gone (row -1) when the block is left
-    without a cost."""
+    the round's next price (the most saving per extra byte among the candidates not chosen,
+    minus their sort key; 0 when every candidate is chosen), and the next round's candidates
+    with the sum of their savings and whether all are finite and >= 0 (``all_candidates``
+    would find them): a prefix of the candidate arrays given, rewritten in place, and True.
+    When some candidates are not chosen, the arrays are returned whole, some marked gone, for
+    ``compact_candidates`` (the sum and the flag are then meaningless), and False."""
     m = len(rows)
     n_tiers = len(budget_bytes)
-    tier_of = np.full(m, -1, np.int64)
     starts = np.zeros(n_tiers + 1, np.int64)
     least_key = _MAX  # the order key of the first candidate left (NaN: never)
     for k in range(m):
         if chosen[k]:
-            tier_of[k] = hbm_tier[rows[k]]
-            starts[tier_of[k] + 1] += 1
+            starts[hbm_tier[rows[k]] + 1] += 1
         else:
             least_key = min(least_key, order_key[k])
     total = starts.sum()
@@ -243,9 +251,9 @@ def budget_round(
     # candidate arrays are the tier's items as they are, without a grouped copy.
     whole = total == m and starts.max() == m
     starts = np.cumsum(starts)
-    local = np.arange(m) if whole else np.empty(total, np.int64)
-    ordinal = local if whole else np.empty(total, np.int64)
     keys = np.empty(total, np.int64)
+    local = np.empty(0 if whole else total, np.int64)  # grouped item -> candidate
+    ordinal = np.empty(0 if whole else total, np.int64)  # grouped item -> record
     second = order_key if whole else np.empty(total, np.int64)
     new_size = new_bytes if whole else np.empty(total, np.int64)
     old_size = old_bytes if whole else np.empty(total, np.int64)
@@ -258,9 +266,9 @@ def budget_round(
     bits = scratch.view(np.int64)
     count = 0
     for k in range(m):
-        tier = tier_of[k]
-        if tier < 0:
+        if not chosen[k]:
             continue
+        tier = hbm_tier[rows[k]]
         j = fill[tier]
         fill[tier] += 1
         keys[j] = key_bits(-chosen_density[rows[k]], scratch, bits)
@@ -281,6 +289,9 @@ def budget_round(
     placed = np.empty(total, np.int64)
     cost_before = np.empty(total, np.float64)
     fits = np.zeros(total, np.bool_)
+    kept = 0
+    next_total = 0.0
+    next_valid = True
     for tier in range(n_tiers):
         start, end = starts[tier], starts[tier + 1]
         if start == end:
@@ -291,9 +302,16 @@ def budget_round(
             first[tier], first_count[tier], least_grow[tier], total_old[tier], fits,
         )  # fmt: skip
         pivot_key, pivot_then = (keys[pivot], second[pivot]) if pivot >= 0 else (0, 0)
+        # The records, the targets, and the chosen candidates rewritten as their blocks now
+        # are. PERF: when every candidate is chosen (``whole``: items are candidates, in
+        # order) they are also moved up in place, written at ``kept`` <= ``j``, never over one
+        # still to be read (``second``, ``new_size`` and ``old_size`` are candidate arrays
+        # there); otherwise the candidates left are marked (row -1) for ``compact_candidates``
+        # should another round come (at 16,384 blocks, copying those not chosen cost more than
+        # the rest of the round, and one round is the usual case there).
         for j in range(start, end):
-            k = local[j]
-            o = ordinal[j]
+            k = j if whole else local[j]
+            o = j if whole else ordinal[j]
             r = rows[k]
             fixed[o] = r
             before[o] = current[k]
@@ -311,22 +329,33 @@ def budget_round(
             placed[o] = encoding
             hbm[r] = encoding
             if not cost[r] > 0:
-                rows[k] = NONE
+                if not whole:
+                    rows[k] = NONE
                 continue
-            # PERF: the next round's candidate, from the table rows just read.
+            # PERF: the block's next candidate, from the table rows just read.
             encoding, better, saved, key, old, new = candidate_values(
                 r, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes,
                 scratch, bits,
             )  # fmt: skip
-            current[k] = encoding
-            fallback[k] = better
-            saving[k] = saved
-            order_key[k] = key
-            old_bytes[k] = old
-            new_bytes[k] = new
+            at = kept if whole else k
+            rows[at] = r
+            current[at] = encoding
+            fallback[at] = better
+            saving[at] = saved
+            order_key[at] = key
+            old_bytes[at] = old
+            new_bytes[at] = new
+            next_valid &= np.isfinite(saved) and saved >= 0.0
+            next_total += saved
+            kept += 1
     best_left = 0.0
     if least_key != _MAX:
         bits[0] = least_key ^ _MAX if least_key < 0 else least_key
         if -scratch[0] > best_left:  # noqa: PLR1730 (-0.0 is not above 0.0)
             best_left = -scratch[0]
-    return fixed, before, placed, cost_before, best_left
+    size = kept if whole else m
+    candidates = (
+        rows[:size], current[:size], fallback[:size], saving[:size], order_key[:size],
+        old_bytes[:size], new_bytes[:size],
+    )  # fmt: skip
+    return fixed, before, placed, cost_before, best_left, candidates, next_total, next_valid, whole

@@ -155,12 +155,12 @@ def veto(
     # byte to a less sensitive encoding (or out of HBM); a block may need several rounds.
     # PERF: the candidates come from the entry's pass and are carried from round to round
     # (policy._veto_budget), instead of a pass over every block per round.
-    fixed: np.ndarray | None = None
+    compacted = True
     for _ in range(len(bits) + 1):
         excess = float(cost.sum()) - config.quality_budget
         if excess <= 1e-15:
             break
-        if fixed is not None:  # the last round rewrote the candidates it moved
+        if not compacted:  # the last round left its candidates to compact
             candidates, total, valid = compact_candidates(*candidates)
         contributors, current, fallback, saving, order_key, old_bytes, new_bytes = candidates
         if not len(contributors):
@@ -174,27 +174,29 @@ def veto(
             chosen = np.zeros(len(order_key), dtype=bool)
             chosen[order[:count]] = True
         # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
-        fixed, before, placed, cost_before, price = budget_round(
-            contributors,
-            current,
-            fallback,
-            saving,
-            order_key,
-            old_bytes,
-            new_bytes,
-            chosen,
-            cost,
-            p,
-            b.sensitivity,
-            scores.static.budget_fallback,
-            b.nbytes,
-            hbm,
-            b.hbm_tier,
-            targets.chosen_density,
-            scores.hbm_budget_bytes,
-            tier_bytes,
-            targets.vetoed_out,
-            targets.quality_bound,
+        fixed, before, placed, cost_before, price, candidates, total, valid, compacted = (
+            budget_round(
+                contributors,
+                current,
+                fallback,
+                saving,
+                order_key,
+                old_bytes,
+                new_bytes,
+                chosen,
+                cost,
+                p,
+                b.sensitivity,
+                scores.static.budget_fallback,
+                b.nbytes,
+                hbm,
+                b.hbm_tier,
+                targets.chosen_density,
+                scores.hbm_budget_bytes,
+                tier_bytes,
+                targets.vetoed_out,
+                targets.quality_bound,
+            )
         )
         rejections.add(
             Rule.QUALITY_BUDGET, fixed, before, placed, cost_before, config.quality_budget
