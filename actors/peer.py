@@ -1,19 +1,23 @@
-"""Peer copies between HBM tiers by a ``ray.util.collective`` group (DESIGN section 3).
+"""Peer copies between memory tiers on different nodes by a ``ray.util.collective`` group
+(DESIGN section 3): between HBM tiers, and large copies between any memory tiers (HBM, HOST, CXL;
+``actors.executor.by_group`` decides), since gloo's sockets cost less CPU than Ray's object
+transfer for the same bytes.
 
 Two halves:
 
 - :class:`PeerEndpoint`, mixed into :class:`actors.tier.TierActor`: join a collective group,
   send a held copy to a rank, receive one from a rank and keep it (verified against its checksum,
   exactly as an object transfer is);
-- :class:`PeerGroup`, used by the controller's executor: the one group of the pool's live HBM
-  tiers, formed on first use and formed again when those tiers (or their incarnations) change.
+- :class:`PeerGroup`, used by the controller's executor: the one group of the pool's live
+  memory tiers, formed on first use and formed again when those tiers (or their incarnations)
+  change.
 
 Backend: ``ray.util.collective``'s GLOO group (Ray 2.60 implements it on ``torch.distributed``'s
 gloo, so it runs on CPU and in CI). The bytes sent are the host bytes ``backend.read`` gives, also
 for a tier holding CUDA memory: an NCCL path (Ray's NCCL group needs cupy) is not built. The torch
 gloo group initialises ``torch.distributed``'s default process group once per process, so an
 actor is in one peer group at a time: joining a new group leaves the old one first, and the
-executor keeps one group for all HBM tiers.
+executor keeps one group for all memory tiers.
 
 Wire protocol, per copy, on the ordered pair (source rank, destination rank): an int64 header
 ``[status, skeleton bytes, chunk bytes]``, the pickled skeleton (block id, encoding and each
@@ -213,7 +217,7 @@ class Member:
 
 
 class PeerGroup:
-    """The executor's one collective group over the pool's live HBM tiers.
+    """The executor's one collective group over the pool's live memory tiers.
 
     :meth:`copy` forms the group when its members changed (ranks in tier-id order), makes one
     copy at a time through it, and raises :class:`PeerError` when the group cannot form or the

@@ -9,8 +9,8 @@ source's :meth:`TierActor.export` and reads it (within a node, a zero-copy view 
 object; across nodes, Ray's transfer of it), reserves its bytes, and copies it into its own object
 while a second thread computes the checksum of the same bytes; the copy is kept only if the
 checksum matches. Exact capacity accounting: a copy that does not fit is refused with
-:class:`CapacityError` before any byte is copied, nothing changed. Peer copies between HBM tiers
-by a collective group are :class:`actors.peer.PeerEndpoint`'s.
+:class:`CapacityError` before any byte is copied, nothing changed. Copies through the pool's
+collective group (between memory tiers on different nodes) are :class:`actors.peer.PeerEndpoint`'s.
 """
 
 from __future__ import annotations

@@ -10,15 +10,20 @@ float32) is imported into a storage tier and copied to the HOST tier; then, ``--
   destination's own object while a second thread computes its xxh3 checksum, keep the copy if the
   checksum matches), against ``numpy.copyto`` of the same bytes into a warm,
   pre-allocated buffer in one process (the best case of a plain memory copy);
-- cross-node: HOST on node A -> HBM on node B through the same path, against Ray's raw transfer
-  of the same bytes (an actor on node B ``ray.get``-ing a numpy array an actor on node A put);
-- peer: HBM on node A -> HBM on node B through the pool's collective group
-  (``actors.peer.PeerGroup``: gloo send/receive of the parts, then the same verify-and-keep).
+- cross-node: HOST on node A -> HBM on node B by the route the executor takes for it
+  (``actors.executor.by_group``: for a block this large, the pool's collective group of memory
+  tiers, ``actors.peer.PeerGroup``: gloo send/receive of the parts, each chunk's checksum computed
+  while the next arrives, then the same verify-and-keep), against Ray's raw transfer of the same
+  bytes (an actor on node B ``ray.get``-ing a numpy array an actor on node A put); also the same
+  copy by Ray's object transfer (``receive`` given the source copy's reference: the executor's
+  fallback when the group cannot form), reported beside it;
+- peer: HBM on node A -> HBM on node B through the same group.
 
 Every copy is verified against the block's xxh3 checksum before it is kept. Each destination copy
 is dropped before the next repeat; the paths take turns within each repeat. Figures are medians
-of the repeats, GB/s of block bytes. Prints a markdown table and, as its last line, one JSON
-object.
+of the repeats, GB/s of block bytes; beside them, the median CPU seconds that the cluster's
+processes spent on each timed copy (all nodes share this machine's CPUs) and the load average.
+Prints a markdown table and, as its last line, one JSON object.
 
     python bench/movement.py --quick --json
 """
@@ -27,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +48,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from actors.executor import by_group
 from actors.peer import Member, PeerGroup
 from actors.tier import TierActor
 from pool.encoding import FULL
@@ -58,6 +66,23 @@ class RawHolder:
 
 def on(node_id: str) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node_id, soft=False)
+
+
+def cluster_cpu_s() -> float:
+    """CPU seconds used so far by this process's children (the cluster's raylets, stores and
+    workers); 0 where psutil is missing (the figures then read 0)."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            times = child.cpu_times()
+        except psutil.Error:
+            continue  # exited meanwhile
+        total += times.user + times.system
+    return total
 
 
 def main() -> None:
@@ -126,78 +151,87 @@ def main() -> None:
             )
             return handle
 
-        def move(dst) -> float:
+        figures: dict[str, list[float]] = {}
+        cpu_s: dict[str, list[float]] = {}
+
+        def timed(path: str, copy: Callable[[], object]) -> None:
+            """Run ``copy`` once; record its GB/s and the cluster's CPU seconds under ``path``."""
+            cpu = cluster_cpu_s()
+            start = time.perf_counter()
+            copy()
+            seconds = time.perf_counter() - start
+            cpu_s.setdefault(path, []).append(cluster_cpu_s() - cpu)
+            figures.setdefault(path, []).append(entry.nbytes / seconds / 1e9)
+
+        def received(dst, handle: list) -> Callable[[], object]:
             # As the executor does: the source copy's reference (returned by its own receive)
             # goes straight to the destination, which pulls, verifies and keeps it.
-            handle = refresh_host()
-            start = time.perf_counter()
-            ray.get(dst.receive.remote(block, FULL, handle, 2, entry.checksum))
-            seconds = time.perf_counter() - start
-            ray.get(dst.drop.remote(block, FULL))
-            return entry.nbytes / seconds / 1e9
+            return lambda: ray.get(dst.receive.remote(block, FULL, handle, 2, entry.checksum))
+
+        group = PeerGroup("bench-movement", timeout_s=120)
+        members = [
+            Member("a/host", "1", host),
+            Member("a/hbm0", "1", hbm_a),
+            Member("b/hbm0", "1", hbm_b),
+        ]
+        # The route the executor takes for this copy (asserted, so the figure is the pool's path).
+        assert by_group(TierKind.HOST, TierKind.HBM, True, True, entry.nbytes)
+
+        def grouped(src: str, dst: str) -> Callable[[], object]:
+            return lambda: group.copy(members, src, dst, block, FULL, 3, entry.checksum)
+
+        def intra() -> None:
+            timed("intra", received(hbm_a, refresh_host()))
+            ray.get(hbm_a.drop.remote(block, FULL))
+
+        def cross() -> None:
+            refresh_host()
+            timed("cross", grouped("a/host", "b/hbm0"))
+            ray.get(hbm_b.drop.remote(block, FULL))
+
+        def cross_object() -> None:
+            timed("cross_object", received(hbm_b, refresh_host()))
+            ray.get(hbm_b.drop.remote(block, FULL))
 
         src = np.random.default_rng(1).integers(0, 255, entry.nbytes, dtype=np.uint8)
         dst = np.empty_like(src)
         np.copyto(dst, src)
 
-        def memcpy() -> float:
-            start = time.perf_counter()
-            np.copyto(dst, src)
-            return entry.nbytes / (time.perf_counter() - start) / 1e9
+        def memcpy() -> None:
+            timed("memcpy", lambda: np.copyto(dst, src))
 
         holder_a = RawHolder.options(scheduling_strategy=on(a)).remote()
         holder_b = RawHolder.options(scheduling_strategy=on(b)).remote()
 
-        def raw() -> float:
+        def raw() -> None:
             handle = ray.get(holder_a.put.remote(entry.nbytes))
-            start = time.perf_counter()
-            ray.get(holder_b.fetch.remote(handle))
-            seconds = time.perf_counter() - start
-            del handle
-            return entry.nbytes / seconds / 1e9
+            timed("raw", lambda: ray.get(holder_b.fetch.remote(handle)))
 
-        group = PeerGroup("bench-movement", timeout_s=120)
-        members = [Member("a/hbm0", "1", hbm_a), Member("b/hbm0", "1", hbm_b)]
-
-        def peer() -> float:
-            start = time.perf_counter()
-            group.copy(members, "a/hbm0", "b/hbm0", block, FULL, 3, entry.checksum)
-            seconds = time.perf_counter() - start
-            ray.get(hbm_b.drop.remote(block, FULL))
-            return entry.nbytes / seconds / 1e9
-
-        figures: dict[str, list[float]] = {
-            "intra": [],
-            "memcpy": [],
-            "cross": [],
-            "raw": [],
-            "peer": [],
-        }
-        move(hbm_a), move(hbm_b), raw()  # warm-up: first-touch of object-store pages
-        ray.get(
-            hbm_a.receive.remote(
-                block, FULL, host.export.remote(block_spec, FULL, FULL), 2, entry.checksum
-            )
-        )
-        peer()  # warm-up, and the group forms
-        ray.get(hbm_a.drop.remote(block, FULL))
-        for _ in range(repeats):
-            figures["intra"].append(move(hbm_a))
-            figures["memcpy"].append(memcpy())
-            figures["cross"].append(move(hbm_b))
-            figures["raw"].append(raw())
+        def peer() -> None:
             ray.get(
                 hbm_a.receive.remote(
                     block, FULL, host.export.remote(block_spec, FULL, FULL), 2, entry.checksum
                 )
             )
-            figures["peer"].append(peer())
-            ray.get(hbm_a.drop.remote(block, FULL))
+            timed("peer", grouped("a/hbm0", "b/hbm0"))
+            ray.get([hbm_b.drop.remote(block, FULL), hbm_a.drop.remote(block, FULL)])
+
+        paths = (intra, memcpy, cross, raw, cross_object, peer)
+        load_start = os.getloadavg()[0]
+        for path in paths:  # warm-up: first-touch of object-store pages; the group forms
+            path()
+        figures.clear()
+        cpu_s.clear()
+        for _ in range(repeats):  # the paths take turns within each repeat
+            for path in paths:
+                path()
+        load_end = os.getloadavg()[0]
     finally:
         ray.shutdown()
         cluster.shutdown()
 
     med = {k: round(statistics.median(v), 3) for k, v in figures.items()}
+    cpu = {k: round(statistics.median(v), 3) for k, v in cpu_s.items()}
     result = {
         "bench": "movement",
         "block_mib": round(entry.nbytes / 2**20, 1),
@@ -206,20 +240,33 @@ def main() -> None:
         "cross_node_gbps": med["cross"],
         "ray_raw_cross_node_gbps": med["raw"],
         "peer_cross_node_gbps": med["peer"],
+        "cross_node_object_transfer_gbps": med["cross_object"],
         "intra_vs_memcpy": round(med["intra"] / med["memcpy"], 3),
         "cross_vs_ray_raw": round(med["cross"] / med["raw"], 3),
         "peer_vs_ray_raw": round(med["peer"] / med["raw"], 3),
+        "object_transfer_vs_ray_raw": round(med["cross_object"] / med["raw"], 3),
+        "cluster_cpu_s_median": cpu,
+        "load_avg_1m": [round(load_start, 2), round(load_end, 2)],
         "repeats": repeats,
         "hbm_emulated": True,
     }
-    print("| path | GB/s (median) | ratio |")
-    print("|---|---:|---:|")
-    print(f"| HOST -> HBM, same node | {med['intra']} | {result['intra_vs_memcpy']}x memcpy |")
-    print(f"| memcpy (numpy.copyto) | {med['memcpy']} | |")
-    print(f"| HOST -> HBM, across nodes | {med['cross']} | {result['cross_vs_ray_raw']}x Ray |")
-    print(f"| Ray raw transfer across nodes | {med['raw']} | |")
-    peer_ratio = result["peer_vs_ray_raw"]
-    print(f"| HBM -> HBM across nodes, peer group (gloo) | {med['peer']} | {peer_ratio}x Ray |")
+
+    def vs_raw(key: str) -> str:
+        return f"{round(med[key] / med['raw'], 3)}x Ray raw"
+
+    rows = [
+        ("HOST -> HBM, same node (object store)", "intra", f"{result['intra_vs_memcpy']}x memcpy"),
+        ("memcpy (numpy.copyto, one process)", "memcpy", ""),
+        ("HOST -> HBM, across nodes (group: the pool's route)", "cross", vs_raw("cross")),
+        ("HOST -> HBM, across nodes (object transfer)", "cross_object", vs_raw("cross_object")),
+        ("HBM -> HBM, across nodes (group)", "peer", vs_raw("peer")),
+        ("Ray raw transfer across nodes", "raw", ""),
+    ]
+    print(f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end")
+    print("| path | GB/s (median) | ratio | cluster CPU s (median) |")
+    print("|---|---:|---:|---:|")
+    for label, key, ratio in rows:
+        print(f"| {label} | {med[key]} | {ratio} | {cpu[key]} |")
     if args.json:
         print(json.dumps(result))
 
