@@ -156,9 +156,12 @@ def veto(
     # PERF: the candidates come from the entry's pass and are carried from round to round
     # (policy._veto_budget), instead of a pass over every block per round.
     compacted = True
+    quality: float | None = None  # the cost's sum where the loop ended on it, unchanged since
     for _ in range(len(bits) + 1):
-        excess = float(cost.sum()) - config.quality_budget
+        total_cost = float(cost.sum())
+        excess = total_cost - config.quality_budget
         if excess <= 1e-15:
+            quality = total_cost
             break
         if not compacted:  # the last round left its candidates to compact
             candidates, total, valid = compact_candidates(*candidates)
@@ -203,7 +206,8 @@ def veto(
         )
 
     # 4. Capacity guard.
-    quality = float(cost.sum())
+    if quality is None:  # PERF: else the sum the loop ended on (0.5 ms at a million)
+        quality = float(cost.sum())
     _enforce_capacity(snapshot, scores, targets, protected, tier_bytes, rejections, cost)
     return VetoResult(rejections, quality, cost, price)
 
