@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from policy._select import _inline, _jit, boundary, key_bits, mark_before, order_keys
-from policy._veto_fit import FIRST, fit_tier, fits_after, passes_last, track_first
+from policy._veto_fit import FIRST, fit_tier, fits_after, group_chosen, whole_tier
 from policy.snapshot import NONE
 
 _ROUNDING = 2.0**-52  # twice the unit roundoff of float64
@@ -239,51 +239,34 @@ def budget_round(
     ``compact_candidates`` (the sum and the flag are then meaningless), and False."""
     m = len(rows)
     n_tiers = len(budget_bytes)
-    starts = np.zeros(n_tiers + 1, np.int64)
-    least_key = _MAX  # the order key of the first candidate left (NaN: never)
-    for k in range(m):
-        if chosen[k]:
-            starts[hbm_tier[rows[k]] + 1] += 1
-        else:
-            least_key = min(least_key, order_key[k])
-    total = starts.sum()
-    # PERF: every candidate chosen, in one tier (the first round at a million blocks): the
-    # candidate arrays are the tier's items as they are, without a grouped copy.
-    whole = total == m and starts.max() == m
-    starts = np.cumsum(starts)
-    keys = np.empty(total, np.int64)
-    local = np.empty(0 if whole else total, np.int64)  # grouped item -> candidate
-    ordinal = np.empty(0 if whole else total, np.int64)  # grouped item -> record
-    second = order_key if whole else np.empty(total, np.int64)
-    new_size = new_bytes if whole else np.empty(total, np.int64)
-    old_size = old_bytes if whole else np.empty(total, np.int64)
+    keys = np.empty(m, np.int64)  # of the items grouped by tier (``fit_tier``)
     first = np.zeros((n_tiers, FIRST), np.int64)
     first_count = np.zeros(n_tiers, np.int64)
-    least_grow = np.full(n_tiers, np.iinfo(np.int64).max, np.int64)
+    least_grow = np.full(n_tiers, _MAX, np.int64)
     total_old = np.zeros(n_tiers, np.int64)
-    fill = starts[:n_tiers].copy()
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
-    count = 0
-    for k in range(m):
-        if not chosen[k]:
-            continue
-        tier = hbm_tier[rows[k]]
-        j = fill[tier]
-        fill[tier] += 1
-        keys[j] = key_bits(-chosen_density[rows[k]], scratch, bits)
-        if not whole:
-            local[j] = k
-            ordinal[j] = count
-            second[j] = order_key[k]
-            new_size[j] = new_bytes[k]
-            old_size[j] = old_bytes[k]
-        count += 1
-        least_grow[tier] = min(least_grow[tier], max(new_size[j] - old_size[j], 0))
-        total_old[tier] += old_size[j]
-        last = first[tier, FIRST - 1]
-        if passes_last(first_count[tier], keys[j], second[j], j, keys[last], second[last], last):
-            track_first(tier, j, keys, second, True, first, first_count)
+    # PERF: every candidate chosen, in one tier (the first round at a million blocks): the
+    # candidate arrays are the tier's items as they are, without a grouped copy or a pass to
+    # count the tiers (a pass found the tier, or that there are several).
+    whole = whole_tier(
+        chosen, rows, hbm_tier, chosen_density, order_key, old_bytes, new_bytes, keys,
+        first, first_count, least_grow, total_old,
+    )  # fmt: skip
+    if whole:
+        starts = np.zeros(n_tiers + 1, np.int64)
+        starts[hbm_tier[rows[0]] + 1 :] = m
+        total = m
+        least_key = _MAX
+        local = np.empty(0, np.int64)
+        ordinal = local
+        second, new_size, old_size = order_key, new_bytes, old_bytes
+    else:
+        starts, local, ordinal, second, new_size, old_size, least_key = group_chosen(
+            chosen, rows, hbm_tier, chosen_density, order_key, old_bytes, new_bytes, keys,
+            first, first_count, least_grow, total_old,
+        )  # fmt: skip
+        total = len(local)
     fixed = np.empty(total, np.int64)
     before = np.empty(total, np.int64)
     placed = np.empty(total, np.int64)

@@ -1,8 +1,9 @@
-"""Compiled two-round fit of the veto: which moved blocks keep an HBM copy.
+"""Compiled two-round fit of the veto: which moved blocks keep an HBM copy, and the grouping of
+the moved blocks by tier that it starts from.
 
 A veto rule moves blocks to another encoding; in each HBM tier the moved blocks are taken most
 valuable first (``chosen_density`` descending, then a second key ascending when used, then
-position) in two greedy rounds (``fit_tier``). The callers (``policy._veto_kernels.fit_rows`` for
+position) in two greedy rounds (``fit_tier``). The callers (``fit_rows`` here, for
 rule 2, ``policy._veto_budget.budget_round`` for rule 3) group their items by tier, contiguous
 and in position order within a tier, and track each tier's first few items in the order while
 they do (``track_first``), so that a full tier (the usual case: nothing, or one block, fits the
@@ -15,6 +16,7 @@ import numpy as np
 
 from policy._select import (
     _DIGIT_BITS,
+    _MAX,
     _SAMPLE,
     _bucket,
     _inline,
@@ -301,3 +303,112 @@ def fit_rows(
                 placed[local[j]] = fallback[local[j]]
                 tier_bytes[tier] += new_size[j]
     return placed
+
+
+@_jit
+def whole_tier(
+    chosen: np.ndarray,
+    rows: np.ndarray,
+    hbm_tier: np.ndarray,
+    chosen_density: np.ndarray,
+    order_key: np.ndarray,
+    old_bytes: np.ndarray,
+    new_bytes: np.ndarray,
+    keys: np.ndarray,
+    first: np.ndarray,
+    first_count: np.ndarray,
+    least_grow: np.ndarray,
+    total_old: np.ndarray,
+) -> bool:
+    """Whether every candidate is ``chosen`` and in one tier (a round's ``whole`` case); if
+    so, each candidate's key (minus its ``chosen_density``) and its tier's first items, least
+    growth and old bytes, as ``group_chosen`` finds them for grouped items.
+
+    PERF: this and ``group_chosen`` are kernels of their own; written inside
+    ``policy._veto_budget.budget_round``, the compiled round took 0.55 ms instead of 0.2 ms
+    at 16,384 blocks (where the whole case is not taken)."""
+    m = len(rows)
+    for k in range(m):
+        if not chosen[k]:
+            return False
+    if m == 0:
+        return False
+    tier = hbm_tier[rows[0]]
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
+    for k in range(m):
+        if hbm_tier[rows[k]] != tier:
+            first_count[tier] = 0
+            least_grow[tier] = _MAX
+            total_old[tier] = 0
+            return False
+        keys[k] = key_bits(-chosen_density[rows[k]], scratch, bits)
+        least_grow[tier] = min(least_grow[tier], max(new_bytes[k] - old_bytes[k], 0))
+        total_old[tier] += old_bytes[k]
+        last = first[tier, FIRST - 1]
+        if passes_last(
+            first_count[tier], keys[k], order_key[k], k, keys[last], order_key[last], last
+        ):
+            track_first(tier, k, keys, order_key, True, first, first_count)
+    return True
+
+
+@_jit
+def group_chosen(
+    chosen: np.ndarray,
+    rows: np.ndarray,
+    hbm_tier: np.ndarray,
+    chosen_density: np.ndarray,
+    order_key: np.ndarray,
+    old_bytes: np.ndarray,
+    new_bytes: np.ndarray,
+    keys: np.ndarray,
+    first: np.ndarray,
+    first_count: np.ndarray,
+    least_grow: np.ndarray,
+    total_old: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The ``chosen`` candidates grouped by tier, as ``budget_round`` fits them: each tier's
+    start, then per grouped item its candidate, its record (its rank among the chosen), order
+    key, and bytes at the fallback and current encodings; ``keys`` (minus the density) and each
+    tier's first items, least growth and old bytes filled in; and the order key of the first
+    candidate not chosen (``_MAX``: none)."""
+    m = len(rows)
+    n_tiers = len(first_count)
+    scratch = np.empty(1)
+    bits = scratch.view(np.int64)
+    starts = np.zeros(n_tiers + 1, np.int64)
+    least_key = _MAX
+    # PERF: branch-free (chosen candidates lie at random positions and mispredict).
+    picked = np.empty(m, np.int64)
+    total = 0
+    for k in range(m):
+        taken = chosen[k]
+        picked[total] = k
+        total += int(taken)
+        starts[hbm_tier[rows[k]] + 1] += int(taken)
+        least_key = min(least_key, _MAX if taken else order_key[k])
+    starts = np.cumsum(starts)
+    local = np.empty(total, np.int64)
+    ordinal = np.empty(total, np.int64)
+    second = np.empty(total, np.int64)
+    new_size = np.empty(total, np.int64)
+    old_size = np.empty(total, np.int64)
+    fill = starts[:n_tiers].copy()
+    for count in range(total):
+        k = picked[count]
+        tier = hbm_tier[rows[k]]
+        j = fill[tier]
+        fill[tier] += 1
+        keys[j] = key_bits(-chosen_density[rows[k]], scratch, bits)
+        local[j] = k
+        ordinal[j] = count
+        second[j] = order_key[k]
+        new_size[j] = new_bytes[k]
+        old_size[j] = old_bytes[k]
+        least_grow[tier] = min(least_grow[tier], max(new_size[j] - old_size[j], 0))
+        total_old[tier] += old_size[j]
+        last = first[tier, FIRST - 1]
+        if passes_last(first_count[tier], keys[j], second[j], j, keys[last], second[last], last):
+            track_first(tier, j, keys, second, True, first, first_count)
+    return starts, local, ordinal, second, new_size, old_size, least_key
