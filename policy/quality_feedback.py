@@ -106,9 +106,11 @@ def budget_config(
         fb.realized_drift = (1 - decay) * fb.realized_drift + realized
         fb.predicted_drift = (1 - decay) * fb.predicted_drift + predicted
     ratio = fb.ratio
+    if ratio <= 1.0:  # (0 when nothing predicted was used)
+        return config
     budget = config.quality_budget
-    tightened = min(budget, (budget + (ratio - 1.0) * fb.certain_drift) / ratio)
-    if ratio <= 1.0 or tightened >= budget:
+    tightened = (budget + (ratio - 1.0) * fb.certain_drift) / ratio
+    if tightened >= budget:
         return config
     return config.model_copy(update={"quality_budget": tightened})
 

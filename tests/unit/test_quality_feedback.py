@@ -101,6 +101,10 @@ def test_the_budget_is_tightened_by_the_ratio_never_loosened() -> None:
     assert budget_config(snapshot, state, static, on).quality_budget == pytest.approx(0.012)
     fb.realized_drift = 0.05  # below the prediction: the configured budget
     assert budget_config(snapshot, state, static, on) is on
+    fb.realized_drift = 0.0  # none of what was predicted realized
+    assert budget_config(snapshot, state, static, on) is on
+    fb.realized_drift, fb.certain_drift = 0.2, 0.03  # certain drift past the budget: as it is
+    assert budget_config(snapshot, state, static, on) is on
 
 
 def test_the_step_remembers_its_plan_and_folds_the_next_window() -> None:
