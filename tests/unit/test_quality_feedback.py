@@ -96,9 +96,10 @@ def test_the_budget_is_tightened_by_the_ratio_never_loosened() -> None:
     assert budget_config(snapshot, state, static, on) is on  # no plan remembered: nothing folded
     fb = state.quality_feedback
     assert fb is not None and fb.ratio == 1.0
-    # Realized twice the prediction, 0.004 of certain (not expert) drift: (0.02 + 0.004) / 2.
+    # Realized twice the prediction, 0.004 of certain (not expert) drift: with one budget added
+    # to both as a prior, r = 0.22 / 0.12 = 11 / 6 and (0.02 + 5 / 6 * 0.004) / r = 0.14 / 11.
     fb.realized_drift, fb.predicted_drift, fb.certain_drift = 0.2, 0.1, 0.004
-    assert budget_config(snapshot, state, static, on).quality_budget == pytest.approx(0.012)
+    assert budget_config(snapshot, state, static, on).quality_budget == pytest.approx(0.14 / 11)
     fb.realized_drift = 0.05  # below the prediction: the configured budget
     assert budget_config(snapshot, state, static, on) is on
     fb.realized_drift = 0.0  # none of what was predicted realized
