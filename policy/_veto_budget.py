@@ -17,8 +17,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _inline, _jit, boundary, key_bits, mark_before, order_keys
-from policy._veto_fit import FIRST, fit_tier, fits_after, group_chosen, whole_tier
+from policy._select import _inline, _jit, key_bits, order_keys
+from policy._veto_fit import (
+    FIRST,
+    fit_tier,
+    fits_after,
+    group_chosen,
+    range_boundary,
+    whole_tier,
+)
 from policy.snapshot import NONE
 
 _ROUNDING = 2.0**-52  # twice the unit roundoff of float64
@@ -156,15 +163,17 @@ def choose_fixes(
     if total + margin < target:  # every candidate together does not reach it
         chosen[:] = True
         return chosen, True
-    subset = np.arange(n)
-    # The first candidate at which the running saving reaches the target.
-    pivot, before = boundary(order_key, order_key, False, saving, target, subset)
+    # The first candidate at which the running saving reaches the target. PERF: over the
+    # range (range_boundary), marked in one branch-free pass (a million blocks' second round:
+    # 479,000 candidates).
+    pivot, before = range_boundary(order_key, order_key, False, saving, target, 0, n)
     if pivot < 0:
         return chosen[:0], False
     if not (before + margin < target and before + saving[pivot] - margin > target):
         return chosen[:0], False
-    mark_before(order_key, order_key, False, subset, pivot, chosen)
-    chosen[pivot] = True
+    key = order_key[pivot]
+    for i in range(n):
+        chosen[i] = (order_key[i] < key) | ((order_key[i] == key) & (i <= pivot))
     return chosen, True
 
 

@@ -96,19 +96,20 @@ def range_boundary(
     limit: float,
     start: int,
     end: int,
-) -> int:
-    """``boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))``'s item
-    for ``int64`` weights: its first level runs over the range itself, and ``boundary`` goes on
-    in the bucket where the running weight passes ``limit``, with the limit less the weight of
-    the buckets before it (exact while the weights sum below 2**53; else, or when the keys
-    barely spread, ``boundary`` does it all).
+) -> tuple[int, float]:
+    """``boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))``: its
+    first level runs over the range itself, and ``boundary`` goes on in the bucket where the
+    running weight passes ``limit``, with the limit less the weight of the buckets before it.
+    Exact for ``int64`` weights summing below 2**53 (else, or when the keys barely spread,
+    ``boundary`` does it all); for float weights, the weight before the item is within the
+    rounding of a sum in another order, as ``boundary``'s is.
 
     PERF: a million items: no index array to write, and one pass less over the keys
     (``boundary`` first spans them).
     """
     m = end - start
     if m <= _SAMPLE or not limit >= 0.0:
-        return int(boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))[0])
+        return boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))
     # Buckets over a strided sample less its outer sixteenths, as ``boundary``'s levels.
     sample = np.sort(keys[start : end : m // _SAMPLE])
     trim = len(sample) // 16
@@ -120,15 +121,15 @@ def range_boundary(
         width += 1
     shift = np.uint64(max(width - _DIGIT_BITS, 0))
     top = int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
-    totals = np.zeros(top + 1, np.int64)
+    totals = np.zeros(top + 1, weight.dtype)
     counts = np.zeros(top + 1, np.int64)
     for j in range(start, end):
         bucket = _bucket(keys[j], lo, hi, shift, top)
         totals[bucket] += weight[j]
         counts[bucket] += 1
     if totals.sum() >= 2**53 or counts.max() == m:
-        return int(boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))[0])
-    before = 0
+        return boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))
+    before = totals[0] - totals[0]  # in the weights' type: integers are summed exactly
     chosen = -1
     for bucket in range(top + 1):
         if not float(before + totals[bucket]) <= limit:
@@ -136,14 +137,15 @@ def range_boundary(
             break
         before += totals[bucket]
     if chosen < 0:
-        return -1
+        return -1, float(before)
     narrowed = np.empty(counts[chosen], np.int64)
     count = 0
     for j in range(start, end):
         if _bucket(keys[j], lo, hi, shift, top) == chosen:
             narrowed[count] = j
             count += 1
-    return int(boundary(keys, second, use_secondary, weight, limit - float(before), narrowed)[0])
+    pivot, rest = boundary(keys, second, use_secondary, weight, limit - float(before), narrowed)
+    return pivot, float(before) + rest
 
 
 @_jit
@@ -218,7 +220,7 @@ def fit_tier(
                 grown += grow_all[j]
                 fit_old += old_size[j]
     spare = room - float(grown) + float(total_old - fit_old)
-    pivot = range_boundary(keys, second, use_secondary, weight, spare, start, end)
+    pivot, _ = range_boundary(keys, second, use_secondary, weight, spare, start, end)
     if decided:
         for i in range(fitted):
             new_size[first[i]] = held[i]
