@@ -4,8 +4,9 @@ A round's candidates are the blocks with a quality cost that are not protected, 
 each with what its fix (a move to its ``budget_fallback`` encoding) saves and costs in bytes.
 They are built once, in the pass of ``policy._veto_kernels.veto_entry`` that reads every block's
 tables, and carried from round to round: ``budget_round`` rewrites the candidates it moved, in
-place, from the table rows it reads anyway; a pass over every block's tables per round cost
-more than the round.
+place, from the table rows it reads anyway (a pass over every block's tables per round cost
+more than the round), and ``compact_candidates`` drops those it left without a cost when the
+round fixed only some and another round comes.
 
 Candidate arrays, one entry per candidate: ``rows`` (int64, ascending), ``current`` and
 ``fallback`` encodings (int8), ``saving`` (``cost - p(use) * sensitivity(fallback)``, float64),
@@ -164,8 +165,9 @@ def choose_fixes(
         chosen[:] = True
         return chosen, True
     # The first candidate at which the running saving reaches the target. PERF: over the
-    # range (range_boundary), marked in one branch-free pass (a million blocks' second round:
-    # 479,000 candidates).
+    # range (range_boundary), marked in one branch-free pass (captured inputs: 16,384 blocks
+    # 0.144 -> 0.077 ms; a million blocks' second round, 479,000 candidates, 6.1 -> 2.6 ms
+    # with the order keys from the entry's pass).
     pivot, before = range_boundary(order_key, order_key, False, saving, target, 0, n)
     if pivot < 0:
         return chosen[:0], False
