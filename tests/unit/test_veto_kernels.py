@@ -43,8 +43,8 @@ def _pool(rng: np.random.Generator, n: int, tiers: int, distinct: int) -> dict[s
 
 
 def reference_candidates(pool, cost, protected):
-    """``policy._kernels.budget_candidates`` as numpy (rows, current, fallback, saving,
-    order key, bytes at current and fallback encodings)."""
+    """The quality budget's candidates (built by ``veto_entry``) as numpy: rows, current,
+    fallback, saving, order key, bytes at current and fallback encodings."""
     rows = np.flatnonzero((cost > 0) & ~protected)
     current = pool["hbm"][rows]
     better = pool["budget_fallback"][rows, current].astype(np.int64)
