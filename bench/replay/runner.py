@@ -36,7 +36,7 @@ REPLAY_POPULARITY_DECAY = 0.01
 # weightpool's quality feedback (policy.quality_feedback), off by default in the policy: the veto's
 # budget tightened by the realized/predicted drift of the experts used, decayed by this weight a
 # step (about 10 steps, 3 tokens of qwen3). Chosen once, on qwen3-30b-a3b at 25 % HBM, recorded
-# and synthetic traces, among 0.02, 0.05 and 0.1.
+# and synthetic traces, among 0.02, 0.05 and 0.1 (before the feedback's prior was added).
 REPLAY_QUALITY_FEEDBACK_DECAY = 0.1
 
 
