@@ -83,12 +83,7 @@ class PoolConfig(BaseModel):
     node_scan_s: float = Field(
         5.0, gt=0, description="how often the controller looks for nodes that joined (their tiers)"
     )
-    # Precision hysteresis on: in the runtime a precision change also recalls the kept leases
-    # of the block, so an upgrade set that turns with the layer schedule costs misses (the main
-    # job's MoE model: 575 recalls and 3x slower requests without it).
-    policy: PolicyConfig = Field(
-        default_factory=lambda: PolicyConfig(tick_s=0.05, precision_hysteresis=True)
-    )
+    policy: PolicyConfig = Field(default_factory=lambda: PolicyConfig(tick_s=0.05))
 
     @field_validator("encodings")
     @classmethod

@@ -210,9 +210,7 @@ def run_main_job(
         emulated_devices_per_node=1,
         host_bytes=config.host_mib * MIB,
         encodings=tuple(e.name for e in DEMO_ENCODINGS),
-        policy=PolicyConfig(
-            tick_s=0.05, quality_budget=config.quality_budget, precision_hysteresis=True
-        ),
+        policy=PolicyConfig(tick_s=0.05, quality_budget=config.quality_budget),
     )
     stop_pool(NAMESPACE)  # a pool left behind by an interrupted run
     server = None

@@ -18,7 +18,7 @@ request by request, on the same prompts:
   routed expert's leased tensor in place.
 
 ``--precision-hysteresis off`` runs the policy without ``PolicyConfig.precision_hysteresis``
-(the runtime's default turns it on) to show what it changes: the controller's transitions and
+(on by default) to show what it changes: the controller's transitions and
 lease recalls during the timed requests are reported either way. Prints a markdown table and,
 as its last line, one JSON object.
 

@@ -69,9 +69,10 @@ class PolicyConfig(BaseModel):
     )
     min_dwell_s: float = Field(0.5, ge=0, description="a block stays this long where it moved")
     precision_hysteresis: bool = Field(
-        False,
+        True,
         description="precision upgrades with spare HBM obey the dwell time and the hysteresis "
-        "penalty, and count decode time over the horizon (policy.score.refine)",
+        "penalty, and count decode time over the horizon (policy.score.refine); False: they "
+        "follow the next use's imminence (the behaviour before, kept for comparison)",
     )
 
     # -- veto ----------------------------------------------------------------------------------

@@ -234,13 +234,13 @@ def test_precision_hysteresis_keeps_a_settled_placement() -> None:
                 changed += int((before != snapshot.blocks.hbm_encoding).sum())
         return changed, snapshot.blocks.hbm_encoding.tolist()
 
-    # Upgrades ranked by the next use's imminence turn with the layer schedule: every dwell
-    # time, blocks move between full precision, INT4 and out of HBM.
-    changed, _ = run_ticks(PolicyConfig())
+    # Without precision hysteresis, upgrades ranked by the next use's imminence turn with the
+    # layer schedule: every dwell time, blocks move between full precision, INT4 and out of HBM.
+    changed, _ = run_ticks(PolicyConfig(precision_hysteresis=False))
     assert changed >= 20
-    # With precision hysteresis the first placement stays: every block in HBM, four of them at
+    # With it (the default) the first placement stays: every block in HBM, four of them at
     # full precision (the ones placed so first keep it).
-    changed, last = run_ticks(PolicyConfig(precision_hysteresis=True))
+    changed, last = run_ticks(PolicyConfig())
     assert changed == 0
     assert sorted(last) == [0] * 4 + [1] * 6  # this shape's encodings: 0 full, 1 int4
 
