@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -153,7 +154,12 @@ def start(
         f"--address auto (or --address {gcs} with RAY_AUTH_MODE=token set, as Ray requires for "
         "an explicit address to a cluster with token authentication)"
     )
-    click.echo("Ctrl-C stops the pool and this Ray.")
+    click.echo("Ctrl-C (SIGINT) or SIGTERM stops the pool and this Ray.")
+    # Both stop it even when this process started with them ignored: a shell without job
+    # control starts background commands with SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt (a test run started with `&` left the pool running).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(1.0)
