@@ -18,6 +18,7 @@ from actors.leases import LeaseTable
 from actors.registry import CopyStatus, Registry
 from policy.plan import RULE_CODES
 from pool.blocks import BlockSpec
+from pool.encoding import Encoding
 from pool.errors import UnknownBlockError
 from pool.states import Copy, derive_state
 from pool.states import CopyStatus as PoolCopyStatus
@@ -150,20 +151,36 @@ class PoolQueries:
         return records[-limit:]
 
     def consistency(self) -> list[str]:
-        """Differences between the registry and the tier inventories (empty when they agree)."""
+        """Differences between the registry and the tier inventories (empty when they agree).
+
+        Copies in transition are left out on both sides: one ``IN_FLIGHT`` may already be on
+        its tier, one ``EVICTING`` may already be gone from it, and so may one whose status
+        changed while the tier was asked (a drop the loop started after the caller last saw
+        the controller idle, e.g. a drain's). The registry is read before and after the tier's
+        inventory; only copies ``READY`` in both reads count as known."""
         problems = []
         for tier_id in self.handles:
             if tier_id in self.registry.dead:
                 continue
+            known_before, moving = self._ready_and_moving(tier_id)
             held = {(c.block_id, c.encoding) for c in self.call(tier_id, "inventory")}
-            with self.lock:
-                known = {
-                    (c.block_id, c.encoding)
-                    for c in self.registry.copies_on(tier_id)
-                    if c.status is not CopyStatus.IN_FLIGHT
-                }
+            known_after, moving_after = self._ready_and_moving(tier_id)
+            known = known_before & known_after
+            moving |= moving_after | (known_before ^ known_after)
+            held -= moving
             for block_id, enc in sorted(held - known, key=str):
                 problems.append(f"{tier_id}: holds {block_id}@{enc.name}, registry does not know")
             for block_id, enc in sorted(known - held, key=str):
                 problems.append(f"{tier_id}: registry lists {block_id}@{enc.name}, tier lacks it")
         return problems
+
+    def _ready_and_moving(
+        self, tier_id: str
+    ) -> tuple[set[tuple[str, Encoding]], set[tuple[str, Encoding]]]:
+        """The registry's copies on ``tier_id``: those ``READY``, and those in transition."""
+        ready: set[tuple[str, Encoding]] = set()
+        moving: set[tuple[str, Encoding]] = set()
+        with self.lock:
+            for c in self.registry.copies_on(tier_id):
+                (ready if c.status is CopyStatus.READY else moving).add((c.block_id, c.encoding))
+        return ready, moving

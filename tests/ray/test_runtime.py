@@ -14,6 +14,7 @@ import torch
 
 from actors.client import PoolClient
 from actors.config import ConfigError, load_config
+from pool.encoding import Encoding
 from pool.errors import DuplicateBlockError, UnknownBlockError
 from tests.ray.helpers import make_pool, reference_tensors, settled, teardown, wait_until
 
@@ -111,6 +112,17 @@ def test_bad_input_is_refused_and_changes_nothing(roomy, minilm_path, tmp_path):
     bad.write_text("host_bytes: -5\nnot_a_key: 1\n")
     with pytest.raises(ConfigError, match=r"host_bytes=-5.*not_a_key=1"):
         load_config(bad)
+
+
+def test_consistency_names_a_copy_lost_behind_the_registrys_back(roomy):
+    # The last test of this pool: it leaves the registry and a tier disagreeing on purpose.
+    wait_until(lambda: settled(roomy), what="settled")
+    block = "minilm/encoder.layer.5.output.dense"
+    copies = ray.get(roomy.controller.copies.remote(block))
+    tier_id, encoding = next((t, e) for t, e, status, _ in copies if t.endswith("/hbm0"))
+    ray.get(roomy.tier(tier_id).drop.remote(block, Encoding.parse(encoding)))
+    problems = ray.get(roomy.controller.consistency.remote())
+    assert f"{tier_id}: registry lists {block}@{encoding}, tier lacks it" in problems
 
 
 def synthetic_weights(blocks: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
