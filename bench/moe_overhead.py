@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actors.client import PoolClient
 from actors.config import PoolConfig
 from actors.integration import manage
-from actors.pool import start_pool, stop_pool
+from actors.pool import Pool, start_pool, stop_pool
 from api.main_job import DEMO_ENCODINGS, VOCAB, _generate, build_moe
 from policy.config import PolicyConfig
 from pool.calibration import OutputForward, calibrate
@@ -54,7 +54,7 @@ NAMESPACE = "bench-moe-overhead"
 VARIANTS = ("plain grouped_mm", "plain eager", "managed workspace", "managed views")
 
 
-def counters(pool) -> dict[str, int]:  # type: ignore[no-untyped-def]
+def counters(pool: Pool) -> dict[str, int]:
     values: dict[str, int] = ray.get(pool.controller.counter_values.remote())
     return values
 

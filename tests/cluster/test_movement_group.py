@@ -7,10 +7,9 @@ from __future__ import annotations
 import ray
 import torch
 
-from actors.client import PoolClient
 from actors.executor import GROUP_MIN_BYTES, by_group
 from pool.tiers import TierKind
-from tests.ray.helpers import make_pool, settled, teardown, wait_until
+from tests.ray.helpers import make_pool, reads_back_on, settled, teardown, wait_until
 
 MB = 1 << 20
 HBM, HOST, CXL, STORAGE = TierKind.HBM, TierKind.HOST, TierKind.CXL, TierKind.STORAGE
@@ -65,12 +64,7 @@ def test_a_drain_moves_large_blocks_through_the_group(ray_cluster, tmp_path):
         assert counters.get("peer_fallbacks", 0) == 0
         assert counters["bytes:host->peer"] == 2 * 16 * MB
         want = weights()
-        with PoolClient(namespace="t-move-group", device=successor) as client:
-            for i, block in enumerate(blocks):
-                got = client.get(block)
-                assert client.lease_of(block).tier_id == successor
-                assert torch.equal(got["weight"], want[f"layers.{i}.weight"]), block
-        wait_until(lambda: settled(pool), what="settled")
-        assert ray.get(pool.controller.consistency.remote()) == []
+        expected = {block: want[f"layers.{i}.weight"] for i, block in enumerate(blocks)}
+        reads_back_on(pool, "t-move-group", successor, expected)
     finally:
         teardown("t-move-group")

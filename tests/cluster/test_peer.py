@@ -16,7 +16,7 @@ from pool.codecs import EncodedBlock, EncodedTensor, Part
 from pool.encoding import FULL, Precision
 from pool.errors import CorruptBlockError
 from pool.tiers import TierKind, TierSpec
-from tests.ray.helpers import make_pool, settled, teardown, wait_until
+from tests.ray.helpers import make_pool, reads_back_on, settled, teardown, wait_until
 
 MB = 1 << 20
 LAYERS = 4
@@ -64,13 +64,8 @@ def drain_while_leased(pool, hbm: dict[str, str], tier: str) -> tuple[str, dict[
 
 def read_back(pool, successor: str) -> None:
     want = weights()
-    with PoolClient(namespace="t-peer", device=successor) as client:
-        for i, block in enumerate(BLOCKS):
-            got = client.get(block)
-            assert client.lease_of(block).tier_id == successor
-            assert torch.equal(got["weight"], want[f"layers.{i}.weight"]), block
-    wait_until(lambda: settled(pool), what="settled")
-    assert ray.get(pool.controller.consistency.remote()) == []
+    expected = {block: want[f"layers.{i}.weight"] for i, block in enumerate(BLOCKS)}
+    reads_back_on(pool, "t-peer", successor, expected)
 
 
 def test_a_drained_device_fills_its_successor_by_peer_copies(peered):

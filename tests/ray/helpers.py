@@ -11,6 +11,7 @@ import ray
 import torch
 from safetensors.torch import load_file
 
+from actors.client import PoolClient
 from actors.config import PoolConfig
 from actors.pool import Pool, start_pool, stop_pool
 
@@ -18,6 +19,20 @@ from actors.pool import Pool, start_pool, stop_pool
 def make_pool(namespace: str, storage: Path, **overrides: Any) -> Pool:
     config = PoolConfig(namespace=namespace, storage_dir=str(storage), **overrides)
     return start_pool(config)
+
+
+def reads_back_on(
+    pool: Pool, namespace: str, device: str, expected: dict[str, torch.Tensor]
+) -> None:
+    """Each block of ``expected`` (block id -> its ``weight`` tensor) is leased on ``device`` and
+    reads back bit-exact; then, the controller settled, the registry matches the tiers."""
+    with PoolClient(namespace=namespace, device=device) as client:
+        for block, tensor in expected.items():
+            got = client.get(block)
+            assert client.lease_of(block).tier_id == device
+            assert torch.equal(got["weight"], tensor), block
+    wait_until(lambda: settled(pool), what="settled")
+    assert ray.get(pool.controller.consistency.remote()) == []
 
 
 def wait_until(check: Callable[[], bool], timeout_s: float = 60.0, what: str = "") -> None:
