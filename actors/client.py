@@ -27,6 +27,7 @@ used any more; after a release, the next ``get`` of the block re-acquires.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -165,6 +166,8 @@ class PoolClient:
 
     def _map(self, grant: Grant, start: float) -> dict[str, torch.Tensor]:
         encoded = ray.get(grant.handle[0])  # zero-copy on the copy's node
+        if grant.shared_of and encoded.block_id == grant.shared_of:
+            encoded = dataclasses.replace(encoded, block_id=grant.spec.block_id)  # tied: no copy
         tensors = decode_block(grant.spec, encoded)
         with self.lock:
             if grant.lease.block_id in self.cache:

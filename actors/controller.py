@@ -36,7 +36,8 @@ from policy.plan import REASONS, STATE_CODES
 from policy.state import initial_state
 from policy.step import step
 from pool.blocks import BlockSpec
-from pool.errors import DuplicateBlockError, UnknownBlockError
+from pool.errors import DuplicateBlockError, UnknownBlockError, WeightpoolError
+from pool.regen import LowRankDelta, Tied
 from pool.tiers import TierKind
 
 log = logging.getLogger(__name__)
@@ -149,6 +150,12 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         for model, home in meta.items():
             if model in by_model and home in self.registry.tiers:
                 self.registry.add_model(model, by_model[model], home)
+        recipes = self.call(storage, "load_recipes")
+        known = {b: r for b, r in recipes.items() if b in self.registry.specs}
+        try:
+            self.registry.add_recipes(known)
+        except WeightpoolError as err:  # the pool serves them by copy, as any other block
+            self.record("fault", "", f"regenerators not restored: {err}")
         self._check_tiers()  # no tier is known yet: every inventory is reconciled
 
     def _check_tiers(self) -> None:
@@ -189,16 +196,34 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
 
     # -- models -----------------------------------------------------------------------------------
 
-    def register_model(self, model: str, specs: list[BlockSpec], home_hbm: str | None) -> str:
+    def register_model(
+        self,
+        model: str,
+        specs: list[BlockSpec],
+        home_hbm: str | None,
+        recipes: dict[str, Tied | LowRankDelta] | None = None,
+    ) -> str:
         """Register an imported model's blocks, placed for ``home_hbm`` (default: the live HBM
-        tier with the most capacity left after the models already placed). Returns the home."""
+        tier with the most capacity left after the models already placed), the blocks named in
+        ``recipes`` REGENERABLE by them. Returns the home.
+
+        Raises:
+            SpecError, UnknownBlockError: a recipe does not fit (nothing registered).
+        """
         self.check_new_model(model, home_hbm)
         storage = self._storage_id()
         inventory = self.call(storage, "inventory")
-        with self.lock:  # the blocks and their storage copies appear to the loop together
+        with self.lock:
             if home_hbm is None:
                 home_hbm = self._least_loaded_hbm()
+            self.registry.check_recipes(recipes or {}, specs, home_hbm)
+        if recipes:
+            with self.lock:
+                persisted = {**self.registry.recipes, **recipes}
+            self.call(storage, "save_recipes", persisted)
+        with self.lock:  # the blocks and their storage copies appear to the loop together
             self.registry.add_model(model, specs, home_hbm)
+            self.registry.add_recipes(recipes or {})
             self.registry.reconcile(storage, inventory, self.now())
             self.policy_state = None  # the model set changed: the policy's arrays are resized
             meta = {m: e.home_hbm for m, e in self.registry.models.items()}
@@ -206,6 +231,34 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         self.record("execute", "", f"model {model}: {len(specs)} blocks placed for {home_hbm}")
         self.wake.set()
         return home_hbm
+
+    def home_of_model(self, model: str) -> str:
+        """The HBM tier ``model``'s blocks are placed for.
+
+        Raises:
+            UnknownBlockError: no such model.
+        """
+        with self.lock:
+            if model not in self.registry.models:
+                raise UnknownBlockError(
+                    f"no model {model!r} in the pool; models: {list(self.registry.models)}"
+                )
+            return self.registry.models[model].home_hbm
+
+    def check_recipes(
+        self,
+        recipes: dict[str, Tied | LowRankDelta],
+        specs: list[BlockSpec],
+        home_hbm: str | None,
+    ) -> None:
+        """What ``register_model`` checks of ``recipes`` for a model of ``specs`` to be placed
+        for ``home_hbm`` (None: not chosen yet), before anything is imported.
+
+        Raises:
+            SpecError, UnknownBlockError: as ``Registry.check_recipes``.
+        """
+        with self.lock:
+            self.registry.check_recipes(recipes, specs, home_hbm or "(not chosen yet)")
 
     def check_new_model(self, model: str, home_hbm: str | None) -> None:
         """Everything ``register_model`` checks before anything is imported (bad input leaves

@@ -28,6 +28,8 @@ from actors.registry import CopyEntry, CopyStatus
 from policy.snapshot import CXL, HOST, LEVEL_KINDS, STORAGE
 from pool.blocks import BlockSpec
 from pool.encoding import FULL, Encoding, Precision
+from pool.errors import CapacityError
+from pool.regen import LowRankDelta, Tied, inputs_of
 from pool.tiers import TierKind
 
 if TYPE_CHECKING:
@@ -44,6 +46,7 @@ GROUP_KINDS = frozenset({TierKind.HBM, TierKind.HOST, TierKind.CXL})  # the peer
 # runs) 30 ms against 37 by object transfer; 1 MiB 12 ms against 11. Below the threshold the
 # object transfer stays: it runs several copies at once, the group one at a time.
 GROUP_MIN_BYTES = 16 << 20
+ROOM_WAIT_S = 2.0  # how long a copy refused for room waits for a drop of the same plan
 
 
 def by_group(
@@ -65,6 +68,7 @@ class Executor:
         self.busy: set[str] = set()
         self.handles: dict[tuple[str, str, Encoding], Any] = {}
         self.queued = 0
+        self.drops_done: dict[str, int] = {}  # tier id -> drops ended (under the ctl's lock)
         self.lock = threading.Lock()
         self.peers = PeerGroup(ctl.config.namespace, ctl.config.call_timeout_s)
 
@@ -127,7 +131,11 @@ class Executor:
             tier = warm[fallback_level]
             if tier is not None and not self._has(block_id, tier.tier_id, FULL):
                 self._copy(spec, tier.tier_id, FULL)
-        if target is not None and not self._has(block_id, home, target):
+        if (
+            target is not None
+            and not self._has(block_id, home, target)
+            and not self._regenerate(spec, home, target)  # else rebuilt from its inputs there
+        ):
             self._copy(spec, home, target)
         with ctl.lock:
             stale = [
@@ -158,6 +166,7 @@ class Executor:
             for c in reg.copies_of(block_id)
             if c.status is CopyStatus.READY
             and c.tier_id != dst
+            and not c.shared_of  # holds its source's bytes, labelled as the source's
             and c.tier_id not in self.ctl.registry.dead
             and (
                 c.encoding == encoding
@@ -175,6 +184,101 @@ class Executor:
             ),
         )
 
+    def _regenerate(self, spec: BlockSpec, dst: str, encoding: Encoding) -> bool:
+        """Rebuild a REGENERABLE block's copy on ``dst`` from its inputs there, if they are:
+        a tied block shares its source's copy at ``encoding``; a low-rank delta is merged into
+        the base's full-precision copy, the factors pulled from their nearest full copy. False
+        (nothing changed) when the block has no recipe, an input is not there, or the rebuild
+        fails: the caller copies the block's own bytes instead."""
+        ctl, reg = self.ctl, self.ctl.registry
+        block_id = spec.block_id
+        with ctl.lock:
+            recipe = reg.recipes.get(block_id)
+            if recipe is None:
+                return False
+            base_id, base_encoding = (
+                (recipe.source, encoding) if isinstance(recipe, Tied) else (recipe.base, FULL)
+            )
+            base = reg.copy(base_id, dst, base_encoding)
+            if isinstance(recipe, Tied) and base is not None:
+                # The source arriving (promoted in the same plan): share it once it has landed.
+                ctl.copies_changed.wait_for(
+                    lambda: not self._arriving(base_id, dst, base_encoding),
+                    timeout=ctl.config.call_timeout_s,
+                )
+                base = reg.copy(base_id, dst, base_encoding)
+            if base is None or base.status is not CopyStatus.READY:
+                return False
+            delta = None
+            if isinstance(recipe, LowRankDelta):
+                delta = reg.copy(recipe.delta, dst, FULL)
+                if delta is None or delta.status is not CopyStatus.READY:
+                    try:
+                        delta = self._source(recipe.delta, dst, FULL)  # lossless: full precision
+                    except RuntimeError:
+                        return False
+            epoch = reg.new_epoch()
+            reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
+            checksum = reg.checksums.get((block_id, encoding), "")
+            inputs = [reg.spec(i) for i in inputs_of(recipe)]
+        moved = 0
+        try:
+            if isinstance(recipe, Tied):
+                call = ctl.handles[dst].alias.remote(block_id, encoding, base_id, epoch, checksum)
+            else:
+                assert delta is not None
+                sources: list[Any] = [None, None]
+                if delta.tier_id != dst:
+                    moved = delta.nbytes
+                    export = ctl.handles[delta.tier_id].export
+                    sources[1] = export.remote(inputs[1], delta.encoding, FULL)
+                call = ctl.handles[dst].regenerate.remote(
+                    spec, recipe, inputs, encoding, epoch, checksum, *sources
+                )
+            entry, handle = ray.get(call, timeout=ctl.config.call_timeout_s)
+        except Exception as err:
+            with ctl.lock:
+                current = reg.copy(block_id, dst, encoding)
+                if current is not None and current.epoch == epoch:
+                    reg.remove_copy(block_id, dst, encoding)
+            ctl.count("regenerate_fallbacks")
+            ctl.record(
+                "fault", block_id, f"not rebuilt, copied instead: {type(err).__name__}: {err}"
+            )
+            return False
+        with ctl.lock:
+            current = reg.copy(block_id, dst, encoding)
+            if current is None or current.epoch != epoch:
+                return True  # the destination failed meanwhile; its copies were forgotten
+            entry.created_s = ctl.now()
+            reg.add_copy(entry)
+            reg.checksums.setdefault((block_id, encoding), entry.checksum)
+            reg.measured(block_id, encoding, entry.nbytes)
+            self.handles[(block_id, dst, encoding)] = handle[0]
+            ctl.copies_changed.notify_all()
+        ctl.count("regenerations")
+        ctl.count("bytes:regenerate", moved)
+        how = f"shares {base_id}'s copy" if isinstance(recipe, Tied) else f"{base_id} + delta"
+        ctl.record("execute", block_id, f"regenerated on {dst}@{encoding.name}: {how}")
+        return True
+
+    def _wait_for_room(self, tier_id: str) -> bool:
+        """After a copy to ``tier_id`` was refused for room: whether a drop there ended while
+        other transitions (of the same plan, whose drops may free that room) were still
+        running, waiting up to ``ROOM_WAIT_S`` for one. Transitions run side by side, so a
+        promotion can reach its tier before the eviction that makes room for it."""
+        with self.ctl.lock:
+            before = self.drops_done.get(tier_id, 0)
+            self.ctl.copies_changed.wait_for(
+                lambda: self.drops_done.get(tier_id, 0) > before or self.queued <= 1,
+                timeout=ROOM_WAIT_S,
+            )
+            return self.drops_done.get(tier_id, 0) > before
+
+    def _arriving(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
+        c = self.ctl.registry.copy(block_id, tier_id, encoding)
+        return c is not None and c.status is CopyStatus.IN_FLIGHT
+
     def _copy(self, spec: BlockSpec, dst: str, encoding: Encoding) -> None:
         ctl, reg = self.ctl, self.ctl.registry
         block_id = spec.block_id
@@ -187,7 +291,13 @@ class Executor:
             dst_kind = reg.tiers[dst].kind
         start = time.perf_counter()
         try:
-            entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
+            try:
+                entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
+            except CapacityError:
+                if not self._wait_for_room(dst):
+                    raise
+                ctl.count("copies_retried_for_room")
+                entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
         except BaseException:
             # Which actor failed (source or destination) is not known here: the controller's
             # health check finds a dead tier within a second and forgets its copies.
@@ -195,6 +305,7 @@ class Executor:
                 current = reg.copy(block_id, dst, encoding)
                 if current is not None and current.epoch == epoch:
                     reg.remove_copy(block_id, dst, encoding)
+                ctl.copies_changed.notify_all()  # a tied block waiting on it copies instead
             raise
         seconds = time.perf_counter() - start
         with ctl.lock:
@@ -295,5 +406,7 @@ class Executor:
                 if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
                     ctl.count("lease_violations")  # an invariant: must stay 0
                 reg.remove_copy(c.block_id, c.tier_id, c.encoding)
+                self.drops_done[c.tier_id] = self.drops_done.get(c.tier_id, 0) + 1
+                ctl.copies_changed.notify_all()  # a copy refused for room may try again
         ctl.count("drops")
         return True

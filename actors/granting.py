@@ -162,7 +162,7 @@ class LeaseService:
             spec = self.registry.spec(block_id)
         self.record("lease", block_id, f"lease {lease.lease_id} to {holder} on {chosen.tier_id}")
         peer = device is not None and chosen.tier_id != device
-        return Grant(lease, [handle], spec, peer, self.config.lease_ttl_s)
+        return Grant(lease, [handle], spec, peer, self.config.lease_ttl_s, current.shared_of)
 
     def _best_hbm_copy(self, block_id: str, device: str | None) -> CopyEntry | None:
         """The ready HBM copy to lease: the holder's own device first; none on a draining tier

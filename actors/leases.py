@@ -52,14 +52,16 @@ class Lease:
 @dataclass(frozen=True)
 class Grant:
     """What ``acquire`` returns per block: the lease, the copy's bytes as an object-store
-    reference (mapped without copying on the holder's node), the spec to decode them, and whether
-    the copy is a peer (an HBM copy on another device than the holder's)."""
+    reference (mapped without copying on the holder's node), the spec to decode them, whether
+    the copy is a peer (an HBM copy on another device than the holder's), and, for a tied
+    block's shared copy, the block whose bytes (labelled with its id) the reference holds."""
 
     lease: Lease
     handle: list[Any]  # [ObjectRef]: wrapped so that Ray passes the reference, not the value
     spec: BlockSpec
     peer: bool
     ttl_s: float
+    shared_of: str = ""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ find them by name; nodes that join later get their tiers from the controller.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.config import PoolConfig
@@ -26,6 +27,7 @@ from pool.codecs import DEFAULT_OPTIONS
 from pool.encoding import FULL, Encoding, Precision
 from pool.errors import UnknownBlockError
 from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
+from pool.regen import LowRankDelta, Tied, adapter_state, tied_recipes
 from pool.store import check_fits
 from pool.tiers import TierKind
 
@@ -75,13 +77,63 @@ class Pool:
         home: str | None = None,
         encodings: tuple[Encoding, ...] = (FULL,),
         calibration: Any = None,
+        regenerators: Mapping[str, Tied | LowRankDelta] | None = None,
+        tie: bool = True,
     ) -> str:
         """Import a state dict into storage and register it; returns its home tier
-        (``calibration`` as for :meth:`load_checkpoint`)."""
+        (``calibration`` as for :meth:`load_checkpoint`).
+
+        With ``tie``, a block whose tensors share storage with an earlier block's (tied
+        weights, as ``module.state_dict()`` gives them) is REGENERABLE, :class:`Tied` to it:
+        the HBM tier shares the source's copy instead of holding a second one. ``regenerators``
+        (block id -> recipe) adds recipes of its own, checked with the blocks before anything
+        is registered."""
         planned = None if calibration is None else StateDictSource(state_dict)
+        recipes: dict[str, Tied | LowRankDelta] = {}
+        if tie or regenerators:
+            specs = plan_blocks(StateDictSource(state_dict), model)
+            if tie:
+                recipes.update(tied_recipes(specs, state_dict))
+            recipes.update(regenerators or {})
+            if recipes:  # checked before anything is imported
+                ray.get(self.controller.check_recipes.remote(recipes, specs, home))
         return self._load(
-            "import_state_dict", state_dict, model, home, encodings, None, calibration, planned
+            "import_state_dict",
+            state_dict,
+            model,
+            home,
+            encodings,
+            None,
+            calibration,
+            planned,
+            recipes,
         )
+
+    def load_adapter(
+        self,
+        base: str,
+        base_state_dict: Mapping[str, torch.Tensor],
+        model: str,
+        factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        scale: float = 1.0,
+    ) -> str:
+        """Register ``model``: the model ``base`` (registered from ``base_state_dict``) with a
+        low-rank delta merged into some of its tensors, as a LoRA adapter is (``W + scale * up
+        @ down``; ``factors`` maps a tensor's key, e.g. ``"layers.0.q_proj.weight"``, to ``(up
+        [out, rank], down [rank, in])``). Each adapted block is REGENERABLE by
+        :class:`LowRankDelta` (rebuilt in HBM from the base's copy there and the factors, which
+        are blocks of their own, ``<module path>.delta``); every other block is :class:`Tied` to
+        the base's (it shares the base's copy). Placed for the base's HBM tier. Storage keeps
+        every block's bytes, as for any model. Returns the home tier.
+
+        Raises:
+            SpecError: a factor key is not a matrix of the base, or factors of the wrong shape.
+            UnknownBlockError: ``base`` is not registered.
+        """
+        bases = plan_blocks(StateDictSource(dict(base_state_dict)), base)
+        state, recipes = adapter_state(bases, base_state_dict, model, factors, scale)
+        home = str(ray.get(self.controller.home_of_model.remote(base)))
+        return self.load_state_dict(state, model, home, regenerators=recipes, tie=False)
 
     def _load(
         self,
@@ -93,6 +145,7 @@ class Pool:
         progress: Callable[[int, int], None] | None = None,
         calibration: Any = None,
         planned: CheckpointSource | None = None,
+        recipes: dict[str, Tied | LowRankDelta] | None = None,
     ) -> str:
         ray.get(self.controller.check_new_model.remote(model, home))
         quality = None
@@ -110,7 +163,7 @@ class Pool:
         if quality:
             by_id = {s.block_id: s for s in ray.get(storage.update_quality.remote(quality))}
             specs = [by_id.get(s.block_id, s) for s in specs]
-        return str(ray.get(self.controller.register_model.remote(model, specs, home)))
+        return str(ray.get(self.controller.register_model.remote(model, specs, home, recipes)))
 
     def status(self) -> dict[str, Any]:
         return dict(ray.get(self.controller.status.remote()))

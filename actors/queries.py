@@ -20,6 +20,7 @@ from policy.plan import RULE_CODES
 from pool.blocks import BlockSpec
 from pool.encoding import Encoding
 from pool.errors import UnknownBlockError
+from pool.regen import LowRankDelta, Tied
 from pool.states import Copy, derive_state
 from pool.states import CopyStatus as PoolCopyStatus
 from pool.tiers import TierKind
@@ -65,7 +66,7 @@ class PoolQueries:
                     else PoolCopyStatus.READY
                 )
                 copies.append(Copy(c.tier_id, kind, c.encoding, status))
-        return derive_state(copies).value
+        return derive_state(copies, regenerable=block_id in self.registry.recipes).value
 
     def status(self) -> dict[str, Any]:
         refs = {
@@ -111,6 +112,11 @@ class PoolQueries:
                 "demand": block_id in self.demand,
                 "rejections": [str(r) for r in plan.rejections if r.block_id == block_id],
             }
+
+    def regenerator(self, block_id: str) -> Tied | LowRankDelta | None:
+        """The block's recipe (``pool.regen``); None for a block that is not REGENERABLE."""
+        with self.lock:
+            return self.registry.recipes.get(block_id)
 
     def model_blocks(self, model: str) -> tuple[str, list[BlockSpec], int]:
         """A registered model's home HBM tier, its block specs in layer order, and the

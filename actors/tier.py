@@ -36,6 +36,7 @@ from pool.codecs import EncodedBlock, decode_block, encode_block
 from pool.encoding import FULL, Encoding, Precision
 from pool.errors import CorruptBlockError, UnknownBlockError
 from pool.importer import CheckpointSource, SafetensorsSource, StateDictSource, plan_blocks
+from pool.regen import RECIPES, LowRankDelta, Tied, regenerate
 from pool.store import BlockStore
 from pool.tiers import TierKind, TierSpec
 
@@ -213,6 +214,64 @@ class TierActor(PeerEndpoint):
             self.backend.commit(held, entry)
             return entry, [self.backend.handle(block_id, encoding)]
 
+    def alias(
+        self, block_id: str, encoding: Encoding, source_id: str, epoch: int, checksum: str
+    ) -> tuple[CopyEntry, list[Any]]:
+        """Hold a tied block's copy as the copy of ``source_id`` this tier holds at the same
+        encoding: one buffer for both, its bytes counted once (:meth:`receive`'s result).
+
+        Raises:
+            UnknownBlockError: no such source copy, or this tier's memory cannot be shared.
+            CapacityError: the copy is held or arriving already.
+            CorruptBlockError: the source's checksum is not ``checksum`` (when given).
+        """
+        alias = getattr(self.backend, "alias", None)
+        if alias is None:
+            raise UnknownBlockError(f"tier {self.spec_.tier_id!r} does not share copies")
+        entry = CopyEntry(
+            block_id,
+            self.spec_.tier_id,
+            encoding,
+            CopyStatus.READY,
+            epoch,
+            created_s=time.time(),
+            shared_of=source_id,
+        )
+        with self.lock:
+            ref = alias(source_id, entry)
+            if checksum and entry.checksum != checksum:
+                self.backend.drop(block_id, encoding)
+                raise CorruptBlockError(
+                    f"copy {block_id!r}@{encoding.name} shares {source_id!r}'s, whose checksum "
+                    f"{entry.checksum} is not the block's {checksum}"
+                )
+            return entry, [ref]
+
+    def regenerate(
+        self,
+        spec: BlockSpec,
+        recipe: Tied | LowRankDelta,
+        inputs: list[BlockSpec],
+        encoding: Encoding,
+        epoch: int,
+        checksum: str,
+        *sources: list[Any] | None,
+    ) -> tuple[CopyEntry, list[Any]]:
+        """Rebuild ``spec``'s block by ``recipe`` from its ``inputs`` at full precision (each
+        read from this tier where its source is None, else from the ``export`` result given),
+        encode it at ``encoding`` and hold it as :meth:`keep` does (verified against
+        ``checksum``). Returns what :meth:`receive` returns."""
+        tensors = []
+        for input_spec, source in zip(inputs, sources, strict=True):
+            if source is None:
+                with self.lock:
+                    encoded = self.backend.read(input_spec.block_id, FULL)
+            else:
+                encoded = ray.get(source[0])
+            tensors.append(decode_block(input_spec, encoded))
+        rebuilt = encode_block(spec, regenerate(recipe, tensors), encoding)
+        return self.keep(spec.block_id, encoding, rebuilt, epoch, checksum)
+
     def handle(self, block_id: str, encoding: Encoding) -> list[Any]:
         with self.lock:
             return [self.backend.handle(block_id, encoding)]
@@ -298,6 +357,17 @@ class TierActor(PeerEndpoint):
         with self.lock:
             problems = self._store().verify()
         return [f"{c.block_id}@{c.encoding.name}: {c.reason}" for c in problems]
+
+    def load_recipes(self) -> dict[str, Tied | LowRankDelta]:
+        """The pool's regenerators (block id -> recipe), kept beside the catalog."""
+        path = self._store().root / "pool-recipes.json"
+        return RECIPES.validate_json(path.read_bytes()) if path.exists() else {}
+
+    def save_recipes(self, recipes: dict[str, Tied | LowRankDelta]) -> None:
+        path = self._store().root / "pool-recipes.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(RECIPES.dump_json(recipes))
+        tmp.replace(path)
 
     def load_meta(self) -> dict[str, str]:
         """The pool's placement metadata (model -> home HBM tier), kept beside the catalog."""

@@ -53,21 +53,26 @@ class MemoryBackend:
     the same key counts as freed, since it is replaced); :meth:`materialize` it (the copy, outside
     the lock); then, under the lock, :meth:`commit` it once verified or :meth:`cancel` the
     reservation. Only committed copies are used, served and inventoried; one reservation per key
-    at a time.
+    at a time. A tied block's copy may :meth:`alias` another's: both keys hold one object, whose
+    bytes count once, until the last of them is dropped.
     """
 
     def __init__(self, spec: TierSpec):
         self.capacity = spec.capacity_bytes or 0
         self.held: dict[tuple[str, Encoding], _Held] = {}
         self.reserved: dict[tuple[str, Encoding], int] = {}
+        self.holders: dict[int, int] = {}  # id(ref) -> keys holding it (shared copies share it)
         self.used = 0
+
+    def _freed_by(self, key: tuple[str, Encoding]) -> int:
+        old = self.held.get(key)
+        return old.entry.nbytes if old and self.holders[id(old.ref)] == 1 else 0
 
     def reserve(self, block_id: str, encoding: Encoding, nbytes: int) -> None:
         key = (block_id, encoding)
         if key in self.reserved:
             raise CapacityError(f"copy {block_id!r}@{encoding.name} is already arriving")
-        old = self.held.get(key)
-        freed = old.entry.nbytes if old else 0
+        freed = self._freed_by(key)
         pending = sum(self.reserved.values())
         if self.used + pending - freed + nbytes > self.capacity:
             raise CapacityError(
@@ -81,6 +86,27 @@ class MemoryBackend:
         actor (the one copy of a move)."""
         return ray.put(encoded)
 
+    def _hold(self, key: tuple[str, Encoding], held: _Held) -> None:
+        self._release(key)
+        obj = id(held.ref)
+        if self.holders.get(obj, 0) == 0:
+            self.used += held.entry.nbytes
+        self.holders[obj] = self.holders.get(obj, 0) + 1
+        self.held[key] = held
+
+    def _release(self, key: tuple[str, Encoding]) -> int:
+        """Forget the copy under ``key``; the bytes freed (none while another key shares it)."""
+        held = self.held.pop(key, None)
+        if held is None:
+            return 0
+        obj = id(held.ref)
+        self.holders[obj] -= 1
+        if self.holders[obj]:
+            return 0
+        del self.holders[obj]
+        self.used -= held.entry.nbytes
+        return held.entry.nbytes
+
     def commit(self, held: Any, entry: CopyEntry) -> None:
         key = (entry.block_id, entry.encoding)
         if self.reserved.get(key) != entry.nbytes:
@@ -89,9 +115,26 @@ class MemoryBackend:
                 "reserved"
             )
         del self.reserved[key]
-        old = self.held.get(key)
-        self.held[key] = _Held(held, entry)
-        self.used += entry.nbytes - (old.entry.nbytes if old else 0)
+        self._hold(key, _Held(held, entry))
+
+    def alias(self, source_id: str, entry: CopyEntry) -> Any:
+        """Hold ``entry``'s copy as the one of ``source_id`` at the same encoding (tied weights):
+        no byte copied, none counted. Returns the shared object's reference.
+
+        Raises:
+            UnknownBlockError: no such source copy here.
+            CapacityError: the key is arriving or held already.
+        """
+        key = (entry.block_id, entry.encoding)
+        source = self.held.get((source_id, entry.encoding))
+        if source is None:
+            raise UnknownBlockError(f"no copy {source_id!r}@{entry.encoding.name} on this tier")
+        if key in self.reserved or key in self.held:
+            raise CapacityError(f"copy {entry.block_id!r}@{entry.encoding.name} exists already")
+        entry.nbytes, entry.checksum = source.entry.nbytes, source.entry.checksum
+        entry.shared_of = source.entry.shared_of or source_id  # whose id labels the bytes
+        self._hold(key, _Held(source.ref, entry))
+        return source.ref
 
     def cancel(self, block_id: str, encoding: Encoding) -> None:
         self.reserved.pop((block_id, encoding), None)
@@ -107,11 +150,7 @@ class MemoryBackend:
         return encoded
 
     def drop(self, block_id: str, encoding: Encoding) -> int:
-        held = self.held.pop((block_id, encoding), None)
-        if held is None:
-            return 0
-        self.used -= held.entry.nbytes
-        return held.entry.nbytes
+        return self._release((block_id, encoding))
 
     def inventory(self) -> list[CopyEntry]:
         return [h.entry for h in self.held.values()]

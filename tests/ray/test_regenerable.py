@@ -1,0 +1,172 @@
+"""REGENERABLE blocks in the runtime: tied weights share their source's HBM copy, and a model
+fine-tuned by a low-rank adapter is rebuilt in HBM from its base's copy and the factors.
+
+The models are small transformers models built from a config (no download); every check reads
+the rebuilt blocks back through leases and compares them, bit for bit, with the tensors the
+driver holds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from actors.client import PoolClient
+from pool.errors import SpecError, UnknownBlockError
+from pool.regen import Tied, merged
+from tests.ray.helpers import make_pool, settled, teardown, wait_until
+
+MB = 1 << 20
+NAMESPACE = "t-regen"
+
+
+def tiny_model(seed: int, tie: bool) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.Qwen2Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tie,
+    )
+    return transformers.Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def regen(ray_cluster, tmp_path_factory):
+    pool = make_pool(NAMESPACE, tmp_path_factory.mktemp("regen"), hbm_bytes_per_device=16 * MB)
+    yield pool
+    teardown(NAMESPACE)
+
+
+def blocks_of(pool, model: str) -> list[str]:
+    return [s.block_id for s in ray.get(pool.controller.model_blocks.remote(model))[1]]
+
+
+def all_premium(pool, model: str) -> bool:
+    states = [ray.get(pool.controller.block_state.remote(b)) for b in blocks_of(pool, model)]
+    return set(states) == {"premium"} and settled(pool)
+
+
+def test_tied_weights_share_one_copy_in_hbm(regen):
+    model = tiny_model(seed=0, tie=True)
+    state = model.state_dict()
+    home = regen.load_state_dict(state, "tied")
+    wait_until(lambda: all_premium(regen, "tied"), what="every block premium")
+
+    with PoolClient(namespace=NAMESPACE) as client:
+        head = client.get("tied/lm_head")["weight"]
+        embed = client.get("tied/model.embed_tokens")["weight"]
+    assert torch.equal(head, state["lm_head.weight"])
+    assert torch.equal(head, embed)
+    shared = [
+        r.detail
+        for r in ray.get(regen.controller.audit.remote("execute", "tied/lm_head"))
+        if "regenerated" in r.detail
+    ]
+    assert shared == [f"regenerated on {home}@full: shares tied/model.embed_tokens's copy"]
+    # The tier counts the shared buffer once: every block's bytes but the head's.
+    specs = ray.get(regen.controller.model_blocks.remote("tied"))[1]
+    distinct = sum(s.full_nbytes for s in specs if s.block_id != "tied/lm_head")
+    report = ray.get(regen.tier(home).report.remote())
+    assert report.used_bytes == distinct
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
+def test_an_adapter_is_rebuilt_from_its_base_in_hbm(regen):
+    base = tiny_model(seed=1, tie=False)
+    state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    home = regen.load_state_dict(state, "base")
+    wait_until(lambda: all_premium(regen, "base"), what="the base premium")
+    used_base = ray.get(regen.tier(home).report.remote()).used_bytes
+
+    generator = torch.Generator().manual_seed(2)
+    q, down = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    factors = {
+        q: (torch.randn(64, 4, generator=generator), torch.randn(4, 64, generator=generator)),
+        down: (torch.randn(64, 2, generator=generator), torch.randn(2, 128, generator=generator)),
+    }
+    before = regen.status()["counters"]
+    assert regen.load_adapter("base", state, "ft", factors, scale=0.5) == home
+    wait_until(lambda: all_premium(regen, "ft"), what="the adapted model premium")
+
+    rebuilt = [b for b in blocks_of(regen, "ft") if not b.endswith(".delta")]
+    counters = regen.status()["counters"]
+    assert counters["regenerations"] - before.get("regenerations", 0) == len(rebuilt)
+    for block in rebuilt:  # no block of the variant was copied into HBM: each was rebuilt there
+        moved = ray.get(regen.controller.audit.remote("execute", block))
+        assert not [r for r in moved if f"-> {home}@" in r.detail], block
+
+    with PoolClient(namespace=NAMESPACE) as client:
+        got_q = client.get("ft/model.layers.0.self_attn.q_proj")["weight"]
+        got_k = client.get("ft/model.layers.0.self_attn.k_proj")["weight"]
+        got_down = client.get("ft/model.layers.1.mlp.down_proj")["weight"]
+    assert torch.equal(got_q, merged(state[q], *factors[q], 0.5))
+    assert torch.allclose(got_q, state[q] + 0.5 * factors[q][0] @ factors[q][1], atol=1e-5)
+    assert torch.equal(got_down, merged(state[down], *factors[down], 0.5))
+    assert torch.equal(got_k, state["model.layers.0.self_attn.k_proj.weight"])
+    # In HBM the variant costs its two merged blocks and the factors, not a second model.
+    added = ray.get(regen.tier(home).report.remote()).used_bytes - used_base
+    specs = {s.block_id: s for s in ray.get(regen.controller.model_blocks.remote("ft"))[1]}
+    adapted = ("ft/model.layers.0.self_attn.q_proj", "ft/model.layers.1.mlp.down_proj")
+    merged_and_factors = sum(
+        specs[b].full_nbytes + specs[b + ".delta"].full_nbytes for b in adapted
+    )
+    assert added == merged_and_factors
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
+def test_bad_regenerators_are_refused_before_anything_is_imported(regen):
+    model = tiny_model(seed=3, tie=False)
+    state = model.state_dict()
+    with pytest.raises(UnknownBlockError, match="not registered"):
+        regen.load_state_dict(state, "bad", regenerators={"bad/nope": Tied(source="bad/lm_head")})
+    with pytest.raises(SpecError, match="differ"):
+        regen.load_state_dict(
+            state, "bad", regenerators={"bad/lm_head": Tied(source="bad/model.norm")}
+        )
+    with pytest.raises(SpecError, match="ranks 2 and 3"):
+        regen.load_adapter(
+            "base",
+            state,
+            "bad",
+            {"model.layers.0.self_attn.q_proj.weight": (torch.ones(64, 2), torch.ones(3, 64))},
+        )
+    assert "bad" not in regen.status()["models"]
+    assert not [s for s in ray.get(regen.storage().specs.remote()) if s.model == "bad"]
+
+
+def test_a_restarted_controller_keeps_the_regenerators_and_the_shared_copies(regen):
+    wait_until(lambda: settled(regen), what="settled")
+    q = "ft/model.layers.0.self_attn.q_proj"
+    before = {b: sorted(ray.get(regen.controller.copies.remote(b))) for b in ("tied/lm_head", q)}
+    ray.kill(regen.controller, no_restart=False)
+
+    def answers() -> bool:
+        try:
+            ray.get(regen.controller.status.remote(), timeout=2)
+            return True
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return False
+
+    wait_until(answers, what="the controller back")
+    assert ray.get(regen.controller.regenerator.remote("tied/lm_head")) == Tied(
+        source="tied/model.embed_tokens"
+    )
+    recipe = ray.get(regen.controller.regenerator.remote(q))
+    assert (recipe.kind, recipe.base, recipe.delta, recipe.scale) == (
+        "low-rank-delta",
+        "base/model.layers.0.self_attn.q_proj",
+        q + ".delta",
+        0.5,
+    )
+    after = {b: sorted(ray.get(regen.controller.copies.remote(b))) for b in before}
+    assert after == before  # adopted from the inventories, the shared copy included
+    with PoolClient(namespace=NAMESPACE) as client:
+        head = client.get("tied/lm_head")["weight"]
+    assert torch.equal(head, tiny_model(seed=0, tie=True).state_dict()["lm_head.weight"])
+    assert ray.get(regen.controller.consistency.remote()) == []
