@@ -172,6 +172,32 @@ def test_planned_misses_come_at_the_encoding_the_step_gives_them() -> None:
     ]
 
 
+def _placement_only(sim: Simulator) -> WeightpoolPolicy:
+    policy = WeightpoolPolicy(
+        PolicyConfig(tick_s=2e-3), np.full(len(sim.encoding), 8, np.int16), precision=False
+    )
+    sim.size_of = sim.sizes.tolist()  # as Simulator.run sets it before the policy's setup
+    policy.setup(sim)
+    return policy
+
+
+def test_the_first_plan_is_placed_before_serving_at_no_cost() -> None:
+    # As every peer places its initial set (Simulator.preload): with room for three experts
+    # less the 5 % headroom, the first plan (no router history yet) targets the blocks that are
+    # not experts and layer 0's two experts; all are in HBM at time 0 and nothing crossed the
+    # link. The run then misses only layer 1's e1 at token 0 (1 GB, 1 s).
+    sim = tiny_sim(TRACE, hbm_experts=3)
+    policy = _placement_only(sim)
+    assert policy.plan is not None
+    assert policy.plan.target_hbm_encoding.tolist() == [0, 0, 0, 0, 0, -1, -1, 0]
+    assert sim.encoding.tolist() == [0, 0, 0, 0, 0, -1, -1, 0]
+    assert (sim.now_s, sim.link.bytes_moved) == (0.0, 0)
+    result = tiny_sim(TRACE, hbm_experts=3).run(
+        WeightpoolPolicy(PolicyConfig(tick_s=2e-3), np.full(8, 8, np.int16), precision=False)
+    )
+    assert (result.stall_s, result.bytes_moved, result.hits) == (1.0, GB, 11)
+
+
 def test_trace_files_round_trip_and_bad_files_are_refused(tmp_path) -> None:
     trace = synthesize(4, 8, 2, 10, SyntheticKnobs(concurrency=3), seed=1)
     for name in ("t.arrow", "t.parquet"):
