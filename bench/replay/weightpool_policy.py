@@ -9,7 +9,8 @@ a re-encode in HBM is carried out as a fetch of the new encoding (the simulator 
 link only, so this charges it to the host link). Misses between steps are fetched on demand at
 the last plan's ``demand_encoding`` for the block (its target where the plan has one; else the
 encoding the step would promote it at if it were demanded: see ``policy.plan.Plan``); room is
-made by evicting the resident blocks of lowest value density in the last plan. Before serving
+made by evicting the resident blocks of lowest value density in the last plan, and among the
+blocks it does not target (all of density 0) the one whose layer runs again last. Before serving
 starts, the first step's targets are placed at no cost, as every peer places its initial set
 (before, weightpool alone started from an empty HBM and filled it over the link: on qwen3 at
 50 % HBM that cold start was about 0.8 ms of its 27.5 ms stall a token over 300 tokens).
@@ -319,7 +320,14 @@ class WeightpoolPolicy:
         candidate[sim.on_the_wire()] = False
         resident = np.flatnonzero(candidate)
         if self.plan is not None:
-            resident = resident[np.argsort(self.plan.value_density[resident], kind="stable")]
+            # Lowest value density in the last plan first; among equals (the blocks the plan
+            # does not target, all 0), the one whose layer runs again last (Belady's choice
+            # by the schedule: the layers just run come round last, the current one after a
+            # whole pass).
+            positions = sim.layout.positions
+            ahead = (sim.layout.position[resident] - sim.position - 1) % positions + 1
+            order = np.lexsort((-ahead, self.plan.value_density[resident]))
+            resident = resident[order]
         chosen, freed = [], 0
         for block in resident.tolist():
             if freed >= nbytes:

@@ -3,6 +3,8 @@ synthetic generator's calibration, and the oracle against the peer policies."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -196,6 +198,29 @@ def test_the_first_plan_is_placed_before_serving_at_no_cost() -> None:
         WeightpoolPolicy(PolicyConfig(tick_s=2e-3), np.full(8, 8, np.int16), precision=False)
     )
     assert (result.stall_s, result.bytes_moved, result.hits) == (1.0, GB, 11)
+
+
+def test_misses_evict_the_untargeted_block_whose_layer_runs_again_last() -> None:
+    # Blocks: 2, 3 are layer 0's experts (position 1), 5, 6 layer 1's (position 2). Resident
+    # besides the blocks that are not experts: 3 and 5, neither targeted by the last plan
+    # (value density 0). While layer 1 runs (position 2) and needs 6, layer 0 comes round
+    # next and layer 1 only after a whole pass: 5 goes, not 3 (the lower index, the order
+    # before). A block with a higher density in the plan still stays, whatever its next use.
+    sim = tiny_sim(TRACE, hbm_experts=3)
+    policy = _placement_only(sim)
+    assert policy.plan is not None
+    sim.evict(2)
+    sim.preload(5, FULL)
+    assert np.flatnonzero(sim.encoding >= 0).tolist() == [0, 1, 3, 4, 5, 7]
+    sim.position = 2
+    assert policy.victims(sim, GB, {6}) == [5]
+    sim.position = 1  # layer 0 runs and needs 2: 3 comes round after a whole pass, 5 next
+    assert policy.victims(sim, GB, {2}) == [3]
+    sim.position = 2
+    density = policy.plan.value_density.copy()
+    density[5] = 1e-9
+    policy.plan = replace(policy.plan, value_density=density)
+    assert policy.victims(sim, GB, {6}) == [3]
 
 
 def test_trace_files_round_trip_and_bad_files_are_refused(tmp_path) -> None:
