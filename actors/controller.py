@@ -29,7 +29,8 @@ from actors.granting import LeaseService
 from actors.leases import LeaseTable
 from actors.names import tier_actor_name
 from actors.queries import AuditRecord, PoolQueries
-from actors.registry import Registry, TierInfo
+from actors.regenerate import unshared_ties
+from actors.registry import CopyStatus, Registry, TierInfo
 from actors.telemetry import TelemetryBatch, TelemetryBuffer
 from actors.topology import alive_nodes, create_tier_actor, plan_tiers
 from policy.plan import REASONS, STATE_CODES
@@ -68,6 +69,8 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         self.counters: Counter[str] = Counter()
         self.counter_lock = threading.Lock()
         self.copies_changed = threading.Condition(self.lock)  # a copy became ready
+        self.recipes_saving = threading.Lock()  # serializes writes of pool-recipes.json
+        self.unrestored_recipes: dict[str, Tied | LowRankDelta] = {}
         self.telemetry = TelemetryBuffer()
         self.demand: dict[str, int] = {}
         self.last_use: dict[str, float] = {}
@@ -150,13 +153,26 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         for model, home in meta.items():
             if model in by_model and home in self.registry.tiers:
                 self.registry.add_model(model, by_model[model], home)
-        recipes = self.call(storage, "load_recipes")
-        known = {b: r for b, r in recipes.items() if b in self.registry.specs}
         try:
-            self.registry.add_recipes(known)
-        except WeightpoolError as err:  # the pool serves them by copy, as any other block
-            self.record("fault", "", f"regenerators not restored: {err}")
+            recipes = self.call(storage, "load_recipes")
+        except Exception as err:  # the pool serves every block by copy, as without recipes
+            self.record("fault", "", f"regenerators not read: {type(err).__name__}: {err}")
+            recipes = {}
+        for block_id, recipe in recipes.items():
+            try:
+                self.registry.add_recipes({block_id: recipe})
+            except WeightpoolError as err:  # served by copy; kept in the file for later
+                self.unrestored_recipes[block_id] = recipe
+                self.record("fault", block_id, f"regenerator not restored: {err}")
         self._check_tiers()  # no tier is known yet: every inventory is reconciled
+
+    def _save_recipes(self) -> None:
+        """Write the registry's recipes (and those not restored) beside the catalog; one
+        writer at a time, each writing the latest set."""
+        with self.recipes_saving:
+            with self.lock:
+                recipes = {**self.unrestored_recipes, **self.registry.recipes}
+            self.call(self._storage_id(), "save_recipes", recipes)
 
     def _check_tiers(self) -> None:
         """Detect restarted (emptied) and dead tier actors; reconcile the restarted ones."""
@@ -213,24 +229,44 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         self.check_new_model(model, home_hbm)
         storage = self._storage_id()
         inventory = self.call(storage, "inventory")
-        with self.lock:
+        with self.lock:  # the blocks and their storage copies appear to the loop together
             if home_hbm is None:
                 home_hbm = self._least_loaded_hbm()
             self.registry.check_recipes(recipes or {}, specs, home_hbm)
-        if recipes:
-            with self.lock:
-                persisted = {**self.registry.recipes, **recipes}
-            self.call(storage, "save_recipes", persisted)
-        with self.lock:  # the blocks and their storage copies appear to the loop together
             self.registry.add_model(model, specs, home_hbm)
             self.registry.add_recipes(recipes or {})
             self.registry.reconcile(storage, inventory, self.now())
             self.policy_state = None  # the model set changed: the policy's arrays are resized
             meta = {m: e.home_hbm for m, e in self.registry.models.items()}
         self.call(storage, "save_meta", meta)
+        if recipes:
+            self._save_recipes()
         self.record("execute", "", f"model {model}: {len(specs)} blocks placed for {home_hbm}")
         self.wake.set()
         return home_hbm
+
+    def add_regenerators(self, recipes: dict[str, Tied | LowRankDelta]) -> int:
+        """Make registered blocks REGENERABLE by ``recipes`` (all or none), persisted; a tied
+        block already holding its own copy where its source's copy is shares it from now on
+        (unless a lease pins it). Returns the number of copies queued to be shared.
+
+        Raises:
+            SpecError, UnknownBlockError: as ``Registry.check_recipes`` (nothing changed).
+        """
+        with self.lock:
+            self.registry.add_recipes(recipes)
+            queued = [
+                (block_id, c.tier_id, c.encoding)
+                for block_id, recipe in recipes.items()
+                if isinstance(recipe, Tied)
+                for c in self.registry.copies_of(recipe.source)
+                if c.status is CopyStatus.READY
+                and self.registry.tiers[c.tier_id].kind is TierKind.HBM
+                and block_id in unshared_ties(self.executor, recipe.source, c.tier_id, c.encoding)
+            ]
+        self._save_recipes()
+        self.record("execute", "", f"regenerators added for {len(recipes)} blocks")
+        return sum(self.executor.submit_reshare(*q) for q in queued)
 
     def home_of_model(self, model: str) -> str:
         """The HBM tier ``model``'s blocks are placed for.
@@ -391,7 +427,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         rows = plan.transition_rows
         encodings = self.registry.encodings
         held = self.recall_for_plan(plan)  # moves of copies that kept leases pin wait
-        for i in range(len(rows.block)):
+        for i in self._submission_order(plan):
             if i in held:
                 continue
             block_id = plan.block_ids[int(rows.block[i])]
@@ -404,6 +440,22 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
                 REASONS[int(rows.reason[i])],
             )
         self.count("step_us", int((time.perf_counter() - started) * 1e6))
+
+    def _submission_order(self, plan: Any) -> list[int]:
+        """The plan's transitions in the order they are handed to the executor's threads:
+        evictions first (their drops make the room promotions need), tied blocks last (they
+        share the copy their source's transition makes), the plan's order otherwise."""
+        rows = plan.transition_rows
+        with self.lock:
+            recipes = self.registry.recipes
+
+            def rank(i: int) -> int:
+                if int(rows.target_encoding[i]) < 0:
+                    return 0
+                block_id = plan.block_ids[int(rows.block[i])]
+                return 2 if isinstance(recipes.get(block_id), Tied) else 1
+
+            return sorted(range(len(rows.block)), key=rank)
 
     # -- leases -----------------------------------------------------------------------------------
 

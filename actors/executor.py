@@ -24,12 +24,12 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.peer import Member, PeerError, PeerGroup
+from actors.regenerate import rebuild, reshare, unshared_ties
 from actors.registry import CopyEntry, CopyStatus
 from policy.snapshot import CXL, HOST, LEVEL_KINDS, STORAGE
 from pool.blocks import BlockSpec
 from pool.encoding import FULL, Encoding, Precision
 from pool.errors import CapacityError
-from pool.regen import LowRankDelta, Tied, inputs_of
 from pool.tiers import TierKind
 
 if TYPE_CHECKING:
@@ -93,6 +93,28 @@ class Executor:
         self.pool.submit(self._run, block_id, target, fallback_level, to_state, reason)
         return True
 
+    def submit_reshare(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
+        """Queue :func:`actors.regenerate.reshare` unless the block has a chain queued."""
+        with self.lock:
+            if block_id in self.busy:
+                return False
+            self.busy.add(block_id)
+            self.queued += 1
+
+        def run() -> None:
+            try:
+                reshare(self, block_id, tier_id, encoding)
+            except Exception as err:
+                self.ctl.count("execute_errors")
+                self.ctl.record("fault", block_id, f"reshare failed: {type(err).__name__}: {err}")
+            finally:
+                with self.lock:
+                    self.busy.discard(block_id)
+                    self.queued -= 1
+
+        self.pool.submit(run)
+        return True
+
     def _run(
         self,
         block_id: str,
@@ -118,6 +140,8 @@ class Executor:
             with self.lock:
                 self.busy.discard(block_id)
                 self.queued -= 1
+            with ctl.lock:
+                ctl.copies_changed.notify_all()  # a tied block may wait for this chain
 
     # -- one transition ---------------------------------------------------------------------------
 
@@ -185,95 +209,25 @@ class Executor:
         )
 
     def _regenerate(self, spec: BlockSpec, dst: str, encoding: Encoding) -> bool:
-        """Rebuild a REGENERABLE block's copy on ``dst`` from its inputs there, if they are:
-        a tied block shares its source's copy at ``encoding``; a low-rank delta is merged into
-        the base's full-precision copy, the factors pulled from their nearest full copy. False
-        (nothing changed) when the block has no recipe, an input is not there, or the rebuild
-        fails: the caller copies the block's own bytes instead."""
-        ctl, reg = self.ctl, self.ctl.registry
-        block_id = spec.block_id
-        with ctl.lock:
-            recipe = reg.recipes.get(block_id)
-            if recipe is None:
-                return False
-            base_id, base_encoding = (
-                (recipe.source, encoding) if isinstance(recipe, Tied) else (recipe.base, FULL)
-            )
-            base = reg.copy(base_id, dst, base_encoding)
-            if isinstance(recipe, Tied) and base is not None:
-                # The source arriving (promoted in the same plan): share it once it has landed.
-                ctl.copies_changed.wait_for(
-                    lambda: not self._arriving(base_id, dst, base_encoding),
-                    timeout=ctl.config.call_timeout_s,
-                )
-                base = reg.copy(base_id, dst, base_encoding)
-            if base is None or base.status is not CopyStatus.READY:
-                return False
-            delta = None
-            if isinstance(recipe, LowRankDelta):
-                delta = reg.copy(recipe.delta, dst, FULL)
-                if delta is None or delta.status is not CopyStatus.READY:
-                    try:
-                        delta = self._source(recipe.delta, dst, FULL)  # lossless: full precision
-                    except RuntimeError:
-                        return False
-            epoch = reg.new_epoch()
-            reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
-            checksum = reg.checksums.get((block_id, encoding), "")
-            inputs = [reg.spec(i) for i in inputs_of(recipe)]
-        moved = 0
-        try:
-            if isinstance(recipe, Tied):
-                call = ctl.handles[dst].alias.remote(block_id, encoding, base_id, epoch, checksum)
-            else:
-                assert delta is not None
-                sources: list[Any] = [None, None]
-                if delta.tier_id != dst:
-                    moved = delta.nbytes
-                    export = ctl.handles[delta.tier_id].export
-                    sources[1] = export.remote(inputs[1], delta.encoding, FULL)
-                call = ctl.handles[dst].regenerate.remote(
-                    spec, recipe, inputs, encoding, epoch, checksum, *sources
-                )
-            entry, handle = ray.get(call, timeout=ctl.config.call_timeout_s)
-        except Exception as err:
-            with ctl.lock:
-                current = reg.copy(block_id, dst, encoding)
-                if current is not None and current.epoch == epoch:
-                    reg.remove_copy(block_id, dst, encoding)
-            ctl.count("regenerate_fallbacks")
-            ctl.record(
-                "fault", block_id, f"not rebuilt, copied instead: {type(err).__name__}: {err}"
-            )
-            return False
-        with ctl.lock:
-            current = reg.copy(block_id, dst, encoding)
-            if current is None or current.epoch != epoch:
-                return True  # the destination failed meanwhile; its copies were forgotten
-            entry.created_s = ctl.now()
-            reg.add_copy(entry)
-            reg.checksums.setdefault((block_id, encoding), entry.checksum)
-            reg.measured(block_id, encoding, entry.nbytes)
-            self.handles[(block_id, dst, encoding)] = handle[0]
-            ctl.copies_changed.notify_all()
-        ctl.count("regenerations")
-        ctl.count("bytes:regenerate", moved)
-        how = f"shares {base_id}'s copy" if isinstance(recipe, Tied) else f"{base_id} + delta"
-        ctl.record("execute", block_id, f"regenerated on {dst}@{encoding.name}: {how}")
-        return True
+        return rebuild(self, spec, dst, encoding)
 
-    def _wait_for_room(self, tier_id: str) -> bool:
-        """After a copy to ``tier_id`` was refused for room: whether a drop there ended while
-        other transitions (of the same plan, whose drops may free that room) were still
-        running, waiting up to ``ROOM_WAIT_S`` for one. Transitions run side by side, so a
-        promotion can reach its tier before the eviction that makes room for it."""
-        with self.ctl.lock:
-            before = self.drops_done.get(tier_id, 0)
-            self.ctl.copies_changed.wait_for(
-                lambda: self.drops_done.get(tier_id, 0) > before or self.queued <= 1,
+    def _wait_for_room(self, tier_id: str, drops_before: int) -> bool:
+        """After a copy to ``tier_id`` was refused for room: whether a drop there freed bytes
+        since ``drops_before`` (``drops_done`` when the copy was registered), waiting up to
+        ``ROOM_WAIT_S`` while one is under way. Transitions run side by side, so a promotion
+        can reach its tier before the eviction that makes room for it; a drop not yet started
+        is not waited for (it may be queued behind this very worker)."""
+        ctl = self.ctl
+        with ctl.lock:
+
+            def dropping() -> bool:
+                return any(c.status is CopyStatus.EVICTING for c in ctl.registry.copies_on(tier_id))
+
+            ctl.copies_changed.wait_for(
+                lambda: self.drops_done.get(tier_id, 0) > drops_before or not dropping(),
                 timeout=ROOM_WAIT_S,
             )
-            return self.drops_done.get(tier_id, 0) > before
+            return self.drops_done.get(tier_id, 0) > drops_before
 
     def _arriving(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
         c = self.ctl.registry.copy(block_id, tier_id, encoding)
@@ -287,6 +241,7 @@ class Executor:
             epoch = reg.new_epoch()
             reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
             checksum = reg.checksums.get((block_id, encoding), "")
+            drops_before = self.drops_done.get(dst, 0)
             src_kind = reg.tiers[source.tier_id].kind
             dst_kind = reg.tiers[dst].kind
         start = time.perf_counter()
@@ -294,7 +249,7 @@ class Executor:
             try:
                 entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
             except CapacityError:
-                if not self._wait_for_room(dst):
+                if not self._wait_for_room(dst, drops_before):
                     raise
                 ctl.count("copies_retried_for_room")
                 entry, handle = self._transfer(spec, source, dst, encoding, epoch, checksum)
@@ -319,6 +274,13 @@ class Executor:
             self.handles[(block_id, dst, encoding)] = handle[0]
             link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
             ctl.copies_changed.notify_all()  # waiting acquires look again
+            ties = (
+                unshared_ties(self, block_id, dst, encoding)
+                if reg.tied_by and dst_kind is TierKind.HBM
+                else []
+            )
+        for tied in ties:
+            self.submit_reshare(tied, dst, encoding)
         ctl.count(f"bytes:{link}", entry.nbytes)
         ctl.count("transfers")
         ctl.record(
@@ -399,14 +361,16 @@ class Executor:
                 return False
             current.status = CopyStatus.EVICTING
             self.handles.pop((c.block_id, c.tier_id, c.encoding), None)
+        freed = 0
         try:
-            ctl.call(c.tier_id, "drop", c.block_id, c.encoding)
+            freed = ctl.call(c.tier_id, "drop", c.block_id, c.encoding)
         finally:
             with ctl.lock:
                 if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
                     ctl.count("lease_violations")  # an invariant: must stay 0
                 reg.remove_copy(c.block_id, c.tier_id, c.encoding)
-                self.drops_done[c.tier_id] = self.drops_done.get(c.tier_id, 0) + 1
+                if freed:  # a shared copy's drop frees nothing while its buffer is held
+                    self.drops_done[c.tier_id] = self.drops_done.get(c.tier_id, 0) + 1
                 ctl.copies_changed.notify_all()  # a copy refused for room may try again
         ctl.count("drops")
         return True

@@ -109,6 +109,12 @@ class Pool:
             recipes,
         )
 
+    def add_regenerators(self, recipes: Mapping[str, Tied | LowRankDelta]) -> int:
+        """Make registered blocks REGENERABLE (block id -> recipe), e.g. ties declared after
+        loading; see ``PlacementController.add_regenerators``. Returns the copies queued to be
+        shared."""
+        return int(ray.get(self.controller.add_regenerators.remote(dict(recipes))))
+
     def load_adapter(
         self,
         base: str,

@@ -41,7 +41,7 @@ from pool.blocks import BlockSpec
 from pool.codecs import encoded_nbytes
 from pool.encoding import FULL, PRECISION_BITS, Compression, Encoding, Precision
 from pool.errors import DuplicateBlockError, SpecError, UnknownBlockError
-from pool.regen import LowRankDelta, Tied, check_recipe
+from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
 from pool.tiers import TierKind, TierSpec
 
 LEVEL_OF_KIND = {
@@ -121,6 +121,7 @@ class Registry:
     checksums: dict[tuple[str, Encoding], str] = field(default_factory=dict)
     measured_nbytes: dict[tuple[str, Encoding], int] = field(default_factory=dict)
     recipes: dict[str, Tied | LowRankDelta] = field(default_factory=dict)  # REGENERABLE blocks
+    tied_by: dict[str, list[str]] = field(default_factory=dict)  # source -> its tied blocks
     next_epoch: int = 1
     _order: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
@@ -211,6 +212,17 @@ class Registry:
         def home(block_id: str) -> str:
             return new_home if block_id in new else self.home_of(block_id).tier_id
 
+        combined = {**self.recipes, **recipes}
+
+        def follow(path: list[str]) -> None:  # a rebuild must not need its own result
+            for source in inputs_of(combined[path[-1]]):
+                if source in path:
+                    raise SpecError(f"regenerators form a cycle: {' -> '.join([*path, source])}")
+                if source in combined:
+                    follow([*path, source])
+
+        for block_id in recipes:
+            follow([block_id])
         for block_id, recipe in recipes.items():
             if block_id not in specs:
                 raise UnknownBlockError(f"recipe for block {block_id!r}, which is not registered")
@@ -226,6 +238,9 @@ class Registry:
         :meth:`check_recipes`, nothing changed)."""
         self.check_recipes(recipes)
         self.recipes.update(recipes)
+        for block_id, recipe in recipes.items():
+            if isinstance(recipe, Tied):
+                self.tied_by.setdefault(recipe.source, []).append(block_id)
         self._static = None
 
     def spec(self, block_id: str) -> BlockSpec:

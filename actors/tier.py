@@ -226,7 +226,7 @@ class TierActor(PeerEndpoint):
             CorruptBlockError: the source's checksum is not ``checksum`` (when given).
         """
         alias = getattr(self.backend, "alias", None)
-        if alias is None:
+        if alias is None or not getattr(self.backend, "shares_copies", False):
             raise UnknownBlockError(f"tier {self.spec_.tier_id!r} does not share copies")
         entry = CopyEntry(
             block_id,

@@ -14,6 +14,7 @@ Backends are not thread-safe: :class:`actors.tier.TierActor` calls them under it
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -56,6 +57,8 @@ class MemoryBackend:
     at a time. A tied block's copy may :meth:`alias` another's: both keys hold one object, whose
     bytes count once, until the last of them is dropped.
     """
+
+    shares_copies = True  # :meth:`alias` is supported (a device backend's memory is not shared)
 
     def __init__(self, spec: TierSpec):
         self.capacity = spec.capacity_bytes or 0
@@ -123,7 +126,8 @@ class MemoryBackend:
 
         Raises:
             UnknownBlockError: no such source copy here.
-            CapacityError: the key is arriving or held already.
+            CapacityError: the key is arriving or held already, or the source is being replaced
+                (its reservation counted its bytes as freed).
         """
         key = (entry.block_id, entry.encoding)
         source = self.held.get((source_id, entry.encoding))
@@ -131,6 +135,8 @@ class MemoryBackend:
             raise UnknownBlockError(f"no copy {source_id!r}@{entry.encoding.name} on this tier")
         if key in self.reserved or key in self.held:
             raise CapacityError(f"copy {entry.block_id!r}@{entry.encoding.name} exists already")
+        if (source_id, entry.encoding) in self.reserved:
+            raise CapacityError(f"copy {source_id!r}@{entry.encoding.name} is being replaced")
         entry.nbytes, entry.checksum = source.entry.nbytes, source.entry.checksum
         entry.shared_of = source.entry.shared_of or source_id  # whose id labels the bytes
         self._hold(key, _Held(source.ref, entry))
@@ -146,7 +152,10 @@ class MemoryBackend:
         return held.ref
 
     def read(self, block_id: str, encoding: Encoding) -> EncodedBlock:
-        encoded: EncodedBlock = ray.get(self.handle(block_id, encoding))  # a zero-copy view
+        """The copy's bytes (a zero-copy view), labelled as ``block_id``'s even when shared."""
+        encoded: EncodedBlock = ray.get(self.handle(block_id, encoding))
+        if encoded.block_id != block_id and self.held[(block_id, encoding)].entry.shared_of:
+            encoded = dataclasses.replace(encoded, block_id=block_id)  # the same buffers
         return encoded
 
     def drop(self, block_id: str, encoding: Encoding) -> int:

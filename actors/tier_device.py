@@ -42,6 +42,8 @@ class DeviceBackend(MemoryBackend):
     """Copies in device memory (module docstring); the memory backend's protocol and
     accounting, with :meth:`materialize` uploading to the device."""
 
+    shares_copies = False  # a shared key would hold no device parts of its own (not built)
+
     def __init__(self, spec: TierSpec):
         super().__init__(spec)
         self.device = torch.device("cuda", spec.device or 0)

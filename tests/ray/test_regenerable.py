@@ -120,6 +120,41 @@ def test_an_adapter_is_rebuilt_from_its_base_in_hbm(regen):
     assert ray.get(regen.controller.consistency.remote()) == []
 
 
+def test_an_adapter_on_a_tied_block_is_merged_into_the_shared_copy(regen):
+    wait_until(lambda: all_premium(regen, "tied"), what="the tied model premium")
+    state = tiny_model(seed=0, tie=True).state_dict()
+    generator = torch.Generator().manual_seed(4)
+    up, down = torch.randn(512, 2, generator=generator), torch.randn(2, 64, generator=generator)
+    regen.load_adapter("tied", state, "tied-ft", {"lm_head.weight": (up, down)}, scale=0.25)
+    wait_until(lambda: all_premium(regen, "tied-ft"), what="the adapted model premium")
+    # Its base, tied/lm_head, is a shared copy labelled as tied/model.embed_tokens's bytes.
+    records = ray.get(regen.controller.audit.remote("execute", "tied-ft/lm_head"))
+    assert [r.detail.split(": ", 1)[1] for r in records if "regenerated" in r.detail] == [
+        "tied/lm_head + delta"
+    ]
+    with PoolClient(namespace=NAMESPACE) as client:
+        head = client.get("tied-ft/lm_head")["weight"]
+    assert torch.equal(head, merged(state["lm_head.weight"], up, down, 0.25))
+
+
+def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
+    state = tiny_model(seed=5, tie=True).state_dict()
+    home = regen.load_state_dict(state, "late", tie=False)  # two copies of one tensor
+    wait_until(lambda: all_premium(regen, "late"), what="every block premium")
+    used = ray.get(regen.tier(home).report.remote()).used_bytes
+    head = state["lm_head.weight"]
+    before = regen.status()["counters"].get("reshared", 0)
+    assert regen.add_regenerators({"late/lm_head": Tied(source="late/model.embed_tokens")}) == 1
+    wait_until(lambda: all_premium(regen, "late"), what="premium again")
+    assert regen.status()["counters"]["reshared"] == before + 1
+    copies = [c for c in ray.get(regen.controller.copies.remote("late/lm_head")) if c[0] == home]
+    assert [c[1:3] for c in copies] == [("full", "ready")]
+    assert ray.get(regen.tier(home).report.remote()).used_bytes == used - head.numel() * 4
+    with PoolClient(namespace=NAMESPACE) as client:
+        assert torch.equal(client.get("late/lm_head")["weight"], head)
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
 def test_bad_regenerators_are_refused_before_anything_is_imported(regen):
     model = tiny_model(seed=3, tie=False)
     state = model.state_dict()

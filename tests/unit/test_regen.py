@@ -133,6 +133,11 @@ def test_the_registry_marks_regenerable_blocks_and_refuses_ties_across_tiers():
         reg.check_recipes({"n/x": Tied(source="m/layers.0")}, [other], "n1/hbm1")
     with pytest.raises(UnknownBlockError, match="not registered"):
         reg.add_recipes({"m/nope": Tied(source="m/layers.0")})
+    with pytest.raises(SpecError, match=r"cycle: m/layers\.0 -> m/layers\.1 -> m/layers\.0"):
+        reg.add_recipes(
+            {"m/layers.0": Tied(source="m/layers.1"), "m/layers.1": Tied(source="m/layers.0")}
+        )
+    assert reg.recipes == {}
     reg.add_recipes({"m/layers.2": Tied(source="m/layers.0")})
     assert reg.recipes == {"m/layers.2": Tied(source="m/layers.0")}
     telemetry = TelemetryBuffer().drain(reg.model_names(), reg.positions(), 0.0)
