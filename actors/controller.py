@@ -29,22 +29,22 @@ from actors.granting import LeaseService
 from actors.leases import LeaseTable
 from actors.names import tier_actor_name
 from actors.queries import AuditRecord, PoolQueries
-from actors.regenerate import unshared_ties
-from actors.registry import CopyStatus, Registry, TierInfo
+from actors.regen_ops import RegenOps
+from actors.registry import Registry, TierInfo
 from actors.telemetry import TelemetryBatch, TelemetryBuffer
 from actors.topology import alive_nodes, create_tier_actor, plan_tiers
 from policy.plan import REASONS, STATE_CODES
 from policy.state import initial_state
 from policy.step import step
 from pool.blocks import BlockSpec
-from pool.errors import DuplicateBlockError, UnknownBlockError, WeightpoolError
+from pool.errors import DuplicateBlockError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied
 from pool.tiers import TierKind
 
 log = logging.getLogger(__name__)
 
 
-class PlacementController(LeaseService, PoolQueries, AdminOps):
+class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
     """The controller actor (see the module docstring); leases in :mod:`actors.granting`,
     read-only views in :mod:`actors.queries`, admin goals and views in :mod:`actors.admin_ops`."""
 
@@ -69,8 +69,6 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         self.counters: Counter[str] = Counter()
         self.counter_lock = threading.Lock()
         self.copies_changed = threading.Condition(self.lock)  # a copy became ready
-        self.recipes_saving = threading.Lock()  # serializes writes of pool-recipes.json
-        self.unrestored_recipes: dict[str, Tied | LowRankDelta] = {}
         self.telemetry = TelemetryBuffer()
         self.demand: dict[str, int] = {}
         self.last_use: dict[str, float] = {}
@@ -80,6 +78,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.init_goals()
+        self.init_recipes()
         # Holders of leases granted by a previous instance renew within one TTL; until then
         # every HBM copy counts as pinned (DESIGN section 4: a leased copy is never dropped).
         self.grace_until_s = 0.0
@@ -153,26 +152,8 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
         for model, home in meta.items():
             if model in by_model and home in self.registry.tiers:
                 self.registry.add_model(model, by_model[model], home)
-        try:
-            recipes = self.call(storage, "load_recipes")
-        except Exception as err:  # the pool serves every block by copy, as without recipes
-            self.record("fault", "", f"regenerators not read: {type(err).__name__}: {err}")
-            recipes = {}
-        for block_id, recipe in recipes.items():
-            try:
-                self.registry.add_recipes({block_id: recipe})
-            except WeightpoolError as err:  # served by copy; kept in the file for later
-                self.unrestored_recipes[block_id] = recipe
-                self.record("fault", block_id, f"regenerator not restored: {err}")
+        self.restore_recipes(storage)
         self._check_tiers()  # no tier is known yet: every inventory is reconciled
-
-    def _save_recipes(self) -> None:
-        """Write the registry's recipes (and those not restored) beside the catalog; one
-        writer at a time, each writing the latest set."""
-        with self.recipes_saving:
-            with self.lock:
-                recipes = {**self.unrestored_recipes, **self.registry.recipes}
-            self.call(self._storage_id(), "save_recipes", recipes)
 
     def _check_tiers(self) -> None:
         """Detect restarted (emptied) and dead tier actors; reconcile the restarted ones."""
@@ -240,61 +221,10 @@ class PlacementController(LeaseService, PoolQueries, AdminOps):
             meta = {m: e.home_hbm for m, e in self.registry.models.items()}
         self.call(storage, "save_meta", meta)
         if recipes:
-            self._save_recipes()
+            self.save_recipes()
         self.record("execute", "", f"model {model}: {len(specs)} blocks placed for {home_hbm}")
         self.wake.set()
         return home_hbm
-
-    def add_regenerators(self, recipes: dict[str, Tied | LowRankDelta]) -> int:
-        """Make registered blocks REGENERABLE by ``recipes`` (all or none), persisted; a tied
-        block already holding its own copy where its source's copy is shares it from now on
-        (unless a lease pins it). Returns the number of copies queued to be shared.
-
-        Raises:
-            SpecError, UnknownBlockError: as ``Registry.check_recipes`` (nothing changed).
-        """
-        with self.lock:
-            self.registry.add_recipes(recipes)
-            queued = [
-                (block_id, c.tier_id, c.encoding)
-                for block_id, recipe in recipes.items()
-                if isinstance(recipe, Tied)
-                for c in self.registry.copies_of(recipe.source)
-                if c.status is CopyStatus.READY
-                and self.registry.tiers[c.tier_id].kind is TierKind.HBM
-                and block_id in unshared_ties(self.executor, recipe.source, c.tier_id, c.encoding)
-            ]
-        self._save_recipes()
-        self.record("execute", "", f"regenerators added for {len(recipes)} blocks")
-        return sum(self.executor.submit_reshare(*q) for q in queued)
-
-    def home_of_model(self, model: str) -> str:
-        """The HBM tier ``model``'s blocks are placed for.
-
-        Raises:
-            UnknownBlockError: no such model.
-        """
-        with self.lock:
-            if model not in self.registry.models:
-                raise UnknownBlockError(
-                    f"no model {model!r} in the pool; models: {list(self.registry.models)}"
-                )
-            return self.registry.models[model].home_hbm
-
-    def check_recipes(
-        self,
-        recipes: dict[str, Tied | LowRankDelta],
-        specs: list[BlockSpec],
-        home_hbm: str | None,
-    ) -> None:
-        """What ``register_model`` checks of ``recipes`` for a model of ``specs`` to be placed
-        for ``home_hbm`` (None: not chosen yet), before anything is imported.
-
-        Raises:
-            SpecError, UnknownBlockError: as ``Registry.check_recipes``.
-        """
-        with self.lock:
-            self.registry.check_recipes(recipes, specs, home_hbm or "(not chosen yet)")
 
     def check_new_model(self, model: str, home_hbm: str | None) -> None:
         """Everything ``register_model`` checks before anything is imported (bad input leaves

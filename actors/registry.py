@@ -16,11 +16,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.registry_recipes import RecipeBook
 from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_ENCODINGS, h100_pcie5_links
 from policy.snapshot import (
     CXL,
@@ -40,8 +41,8 @@ from policy.snapshot import (
 from pool.blocks import BlockSpec
 from pool.codecs import encoded_nbytes
 from pool.encoding import FULL, PRECISION_BITS, Compression, Encoding, Precision
-from pool.errors import DuplicateBlockError, SpecError, UnknownBlockError
-from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
+from pool.errors import DuplicateBlockError, UnknownBlockError
+from pool.regen import LowRankDelta, Tied
 from pool.tiers import TierKind, TierSpec
 
 LEVEL_OF_KIND = {
@@ -107,7 +108,7 @@ class _Static:
 
 
 @dataclass
-class Registry:
+class Registry(RecipeBook):
     """Blocks, tiers and copies. Not thread-safe: the controller holds its lock around calls."""
 
     encodings: tuple[Encoding, ...] = DEFAULT_ENCODINGS
@@ -189,58 +190,6 @@ class Registry:
             self.copies.setdefault(spec.block_id, {})
             self._index[spec.block_id] = len(self._order)
             self._order.append(spec.block_id)
-        self._static = None
-
-    def check_recipes(
-        self,
-        recipes: Mapping[str, Tied | LowRankDelta],
-        new_specs: Sequence[BlockSpec] = (),
-        new_home: str = "",
-    ) -> None:
-        """Whether ``recipes`` can make their blocks REGENERABLE, counting ``new_specs`` (a
-        model about to be registered for ``new_home``) as registered. A tied block must be
-        placed for the same HBM tier as its source (that tier shares the source's copy).
-
-        Raises:
-            UnknownBlockError: a recipe is for a block that is not registered.
-            SpecError: a recipe does not fit its block (see ``pool.regen.check_recipe``), or a
-                tied block's model has another home than its source's.
-        """
-        specs = {**self.specs, **{s.block_id: s for s in new_specs}}
-        new = {s.block_id for s in new_specs}
-
-        def home(block_id: str) -> str:
-            return new_home if block_id in new else self.home_of(block_id).tier_id
-
-        combined = {**self.recipes, **recipes}
-
-        def follow(path: list[str]) -> None:  # a rebuild must not need its own result
-            for source in inputs_of(combined[path[-1]]):
-                if source in path:
-                    raise SpecError(f"regenerators form a cycle: {' -> '.join([*path, source])}")
-                if source in combined:
-                    follow([*path, source])
-
-        for block_id in recipes:
-            follow([block_id])
-        for block_id, recipe in recipes.items():
-            if block_id not in specs:
-                raise UnknownBlockError(f"recipe for block {block_id!r}, which is not registered")
-            check_recipe(specs[block_id], recipe, specs)
-            if isinstance(recipe, Tied) and home(block_id) != home(recipe.source):
-                raise SpecError(
-                    f"block {block_id!r} is tied to {recipe.source!r}, placed for another HBM "
-                    f"tier ({home(recipe.source)}); expected the same tier"
-                )
-
-    def add_recipes(self, recipes: Mapping[str, Tied | LowRankDelta]) -> None:
-        """Make blocks REGENERABLE by their recipes, all or none (raises as
-        :meth:`check_recipes`, nothing changed)."""
-        self.check_recipes(recipes)
-        self.recipes.update(recipes)
-        for block_id, recipe in recipes.items():
-            if isinstance(recipe, Tied):
-                self.tied_by.setdefault(recipe.source, []).append(block_id)
         self._static = None
 
     def spec(self, block_id: str) -> BlockSpec:
@@ -406,28 +355,6 @@ class Registry:
         if self._static is None:
             self._static = self._build_static()
         return self._static
-
-    def _regenerable(self, st: _Static) -> np.ndarray:
-        """Blocks the runtime can rebuild in their home HBM tier now: those whose recipe's
-        input is there (a tied source at any encoding, a base at full precision). The array is
-        the same object while that set is the same (the policy caches by identity)."""
-        rows = []
-        for block_id, recipe in self.recipes.items():
-            home = self.home_of(block_id).tier_id
-            base = recipe.source if isinstance(recipe, Tied) else recipe.base
-            if any(
-                c.tier_id == home
-                and c.status is CopyStatus.READY
-                and (isinstance(recipe, Tied) or c.encoding == FULL)
-                for c in self.copies[base].values()
-            ):
-                rows.append(self._index[block_id])
-        key = tuple(sorted(rows))
-        if self._regen_static is not st or self._regen_rows != key:
-            array = np.zeros(st.blocks.count, bool)
-            array[rows] = True
-            self._regen_static, self._regen_rows, self._regen_array = st, key, array
-        return self._regen_array
 
     def model_names(self) -> list[str]:
         return list(self.models)
