@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _inline, _jit, key_bits, order_keys
+from policy._select import _inline, _jit, key_bits, order_keys, range_boundary
 from policy._veto_fit import (
     FIRST,
     fit_tier,
     fits_after,
     group_chosen,
-    range_boundary,
     whole_tier,
 )
 from policy.snapshot import NONE

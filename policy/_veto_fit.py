@@ -15,16 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from policy._select import (
-    _DIGIT_BITS,
     _MAX,
-    _SAMPLE,
-    _bucket,
     _inline,
     _jit,
     _less,
     boundary,
     key_bits,
     mark_before,
+    range_boundary,
 )
 from policy.snapshot import NONE
 
@@ -85,67 +83,6 @@ def fits_after(
     """Whether item ``j`` (``key``, ``then``; ``fitted``: it fit the first round) fits, given
     the second round's ``pivot`` (its keys ``pivot_*``) from ``fit_tier``. Scalars only."""
     return fitted or pivot < 0 or _less(key, then, j, pivot_key, pivot_then, pivot)
-
-
-@_jit
-def range_boundary(
-    keys: np.ndarray,
-    second: np.ndarray,
-    use_secondary: bool,
-    weight: np.ndarray,
-    limit: float,
-    start: int,
-    end: int,
-) -> tuple[int, float]:
-    """``boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))``: its
-    first level runs over the range itself, and ``boundary`` goes on in the bucket where the
-    running weight passes ``limit``, with the limit less the weight of the buckets before it.
-    Exact for ``int64`` weights summing below 2**53 (else, or when the keys barely spread,
-    ``boundary`` does it all); for float weights, the weight before the item is within the
-    rounding of a sum in another order, as ``boundary``'s is.
-
-    PERF: a million items: no index array to write, and one pass less over the keys
-    (``boundary`` first spans them).
-    """
-    m = end - start
-    if m <= _SAMPLE or not limit >= 0.0:
-        return boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))
-    # Buckets over a strided sample less its outer sixteenths, as ``boundary``'s levels.
-    sample = np.sort(keys[start : end : m // _SAMPLE])
-    trim = len(sample) // 16
-    lo, hi = sample[trim], sample[len(sample) - 1 - trim]
-    span = np.uint64(hi) - np.uint64(lo)
-    width = 0
-    while span != 0:
-        span >>= np.uint64(1)
-        width += 1
-    shift = np.uint64(max(width - _DIGIT_BITS, 0))
-    top = int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
-    totals = np.zeros(top + 1, weight.dtype)
-    counts = np.zeros(top + 1, np.int64)
-    for j in range(start, end):
-        bucket = _bucket(keys[j], lo, hi, shift, top)
-        totals[bucket] += weight[j]
-        counts[bucket] += 1
-    if totals.sum() >= 2**53 or counts.max() == m:
-        return boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))
-    before = totals[0] - totals[0]  # in the weights' type: integers are summed exactly
-    chosen = -1
-    for bucket in range(top + 1):
-        if not float(before + totals[bucket]) <= limit:
-            chosen = bucket
-            break
-        before += totals[bucket]
-    if chosen < 0:
-        return -1, float(before)
-    narrowed = np.empty(counts[chosen], np.int64)
-    count = 0
-    for j in range(start, end):
-        if _bucket(keys[j], lo, hi, shift, top) == chosen:
-            narrowed[count] = j
-            count += 1
-    pivot, rest = boundary(keys, second, use_secondary, weight, limit - float(before), narrowed)
-    return pivot, float(before) + rest
 
 
 @_jit
