@@ -299,3 +299,29 @@ def transitions(
         reason,
         seen,
     )
+
+
+@_jit
+def tiers_at(
+    rows: np.ndarray,
+    level: np.ndarray,
+    hbm_tier: np.ndarray,
+    host_tier: np.ndarray,
+    cxl_tier: np.ndarray,
+    storage_tier: int,
+) -> np.ndarray:
+    """The tier of each of ``rows`` at ``level`` (its HBM, host or CXL tier; storage else).
+
+    PERF: one call instead of six numpy calls (twice a step)."""
+    out = np.empty(len(rows), np.int64)
+    for i in range(len(rows)):
+        lv, r = level[i], rows[i]
+        if lv == HBM:
+            out[i] = hbm_tier[r]
+        elif lv == HOST:
+            out[i] = host_tier[r]
+        elif lv == CXL:
+            out[i] = cxl_tier[r]
+        else:
+            out[i] = storage_tier
+    return out

@@ -40,7 +40,7 @@ from policy._select import take_by_density as take_by_density_kernel
 from policy.config import PolicyConfig
 from policy.predict import Prediction
 from policy.snapshot import CXL, HOST, STORAGE, Snapshot
-from policy.static import Rows, Static
+from policy.static import Static
 
 
 @dataclass(frozen=True)
@@ -146,10 +146,6 @@ def score(
     )
 
 
-def _group_tiers(groups: tuple[tuple[int, Rows], ...]) -> np.ndarray:
-    return np.array([tier for tier, _ in groups], np.int64)
-
-
 def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> Targets:
     """Target placement before the veto (see the module docstring)."""
     b, tel, static = snapshot.blocks, snapshot.telemetry, scores.static
@@ -165,7 +161,7 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
         scores.preferred,
         scores.preferred_density,
         config.hysteresis_multiple * per_byte,
-        _group_tiers(static.hbm_groups),
+        static.hbm_group_tiers,
         scores.hbm_budget_bytes,
         float(tel.now_s),
         config.min_dwell_s,
@@ -206,8 +202,8 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
         scores.imminence,
         b.host_tier,
         b.cxl_tier,
-        _group_tiers(scores.static.host_groups),
-        _group_tiers(scores.static.cxl_groups),
+        scores.static.host_group_tiers,
+        scores.static.cxl_group_tiers,
         per_byte,
         latency,
         copy_cost,
@@ -246,7 +242,7 @@ def refine(
         scores.static.decode_rate,
         prediction.use_probability,
         scores.imminence,
-        _group_tiers(scores.static.hbm_groups),
+        scores.static.hbm_group_tiers,
         scores.hbm_budget_bytes,
         8,
         config.precision_hysteresis,

@@ -67,6 +67,12 @@ class EncodingTable:
         return np.array([e.directly_usable for e in self.encodings], dtype=bool)
 
     @cached_property
+    def precision_index(self) -> np.ndarray:
+        """Per encoding, the index of its precision in ``Precision``'s order (int64)."""
+        order = list(Precision)
+        return np.array([order.index(e.precision) for e in self.encodings], np.int64)
+
+    @cached_property
     def full_precision(self) -> np.ndarray:
         return np.array([e.precision is Precision.FULL for e in self.encodings], dtype=bool)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy.snapshot import CXL, EXPERT_CODE, HBM, HOST, Snapshot
+from policy.snapshot import CXL, EXPERT_CODE, HBM, HOST, NONE, STORAGE, Snapshot
 
 Rows = np.ndarray | slice  # an index array, or slice(None) for "every block"
 
@@ -27,6 +27,10 @@ class Static:
     hbm_groups: tuple[tuple[int, Rows], ...]  # per HBM tier, its blocks
     host_groups: tuple[tuple[int, Rows], ...]
     cxl_groups: tuple[tuple[int, Rows], ...]
+    # The tiers of each group, as the kernels take them. PERF: built once, not per step.
+    hbm_group_tiers: np.ndarray  # [G] int64
+    host_group_tiers: np.ndarray
+    cxl_group_tiers: np.ndarray
     expert_rows: np.ndarray
     expert_model: np.ndarray
     expert_layer: np.ndarray
@@ -41,6 +45,7 @@ class Static:
     decode_rate: np.ndarray  # [E] bytes per second of decode (0: read as it is); see decode_s
     per_byte_to_hbm_s: np.ndarray  # [4] seconds per byte from each level to HBM (inf: no link)
     latency_to_hbm_s: np.ndarray  # [4] latency from each level to HBM
+    storage_tier: int  # the storage tier's index (NONE: none)
 
 
 def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -61,6 +66,10 @@ def _groups(tier_of: np.ndarray, tiers: np.ndarray) -> tuple[tuple[int, Rows], .
         elif len(rows):
             groups.append((tier, rows))
     return tuple(groups)
+
+
+def _group_tiers(groups: tuple[tuple[int, Rows], ...]) -> np.ndarray:
+    return np.array([tier for tier, _ in groups], np.int64)
 
 
 def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, int]) -> Static:
@@ -119,6 +128,10 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         tied = per_encoding >= best - np.abs(best) * 1e-12
         preferred[level] = np.argmin(np.where(tied, b.sensitivity, np.inf), axis=1)
         unit[level] = per_encoding[np.arange(len(full_bytes)), preferred[level]]
+    storage = np.flatnonzero(tiers.level == STORAGE)
+    hbm_groups = _groups(b.hbm_tier, levels[HBM])
+    host_groups = _groups(b.host_tier, levels[HOST])
+    cxl_groups = _groups(b.cxl_tier, levels[CXL])
     budget_fallback = np.zeros(b.nbytes.shape, np.int8)
     for e in range(b.nbytes.shape[1]):
         better = allowed & (b.sensitivity < b.sensitivity[:, e : e + 1])
@@ -129,9 +142,12 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         full_nbytes=np.ascontiguousarray(b.nbytes[:, 0]),
         decode_s=decode_s,
         allowed=allowed,
-        hbm_groups=_groups(b.hbm_tier, levels[HBM]),
-        host_groups=_groups(b.host_tier, levels[HOST]),
-        cxl_groups=_groups(b.cxl_tier, levels[CXL]),
+        hbm_groups=hbm_groups,
+        host_groups=host_groups,
+        cxl_groups=cxl_groups,
+        hbm_group_tiers=_group_tiers(hbm_groups),
+        host_group_tiers=_group_tiers(host_groups),
+        cxl_group_tiers=_group_tiers(cxl_groups),
         expert_rows=expert_rows,
         expert_model=model,
         expert_layer=layer,
@@ -146,4 +162,5 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         decode_rate=np.where(needs_decode, enc.decode_gbps * 1e9, 0.0),
         per_byte_to_hbm_s=per_byte,
         latency_to_hbm_s=links.latency_s[:, HBM],  # a strided view, as the kernels take it
+        storage_tier=int(storage[0]) if len(storage) else NONE,
     )

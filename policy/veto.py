@@ -39,6 +39,14 @@ _NO_KEY = np.zeros(0)
 _NO_MASK = np.zeros(0, dtype=bool)
 
 
+def _column(values: np.ndarray | float, n: int, dtype: type) -> np.ndarray:
+    """``values`` (an array of ``n``, or one value for all) as ``n`` values of ``dtype``.
+    PERF: ``np.full`` for one value, not a broadcast view of it (four a batch)."""
+    if isinstance(values, np.ndarray) and values.ndim:
+        return np.asarray(values, dtype)
+    return np.full(n, values, dtype)
+
+
 @dataclass
 class Rejections:
     block: list[np.ndarray] = field(default_factory=list)
@@ -62,10 +70,10 @@ class Rejections:
             return
         self.block.append(np.asarray(block, np.int64))
         self.rule.append(np.full(n, RULE_CODES.index(rule), np.int8))
-        self.proposed.append(np.broadcast_to(np.asarray(proposed, np.int64), (n,)))
-        self.fallback.append(np.broadcast_to(np.asarray(fallback, np.int64), (n,)))
-        self.value.append(np.broadcast_to(np.asarray(value, np.float64), (n,)))
-        self.limit.append(np.broadcast_to(np.asarray(limit, np.float64), (n,)))
+        self.proposed.append(_column(proposed, n, np.int64))
+        self.fallback.append(_column(fallback, n, np.int64))
+        self.value.append(_column(value, n, np.float64))
+        self.limit.append(_column(limit, n, np.float64))
 
     def arrays(self) -> tuple[np.ndarray, ...]:
         def cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
