@@ -258,6 +258,7 @@ def refine_precision(
     imminence: np.ndarray,
     hbm_tiers: np.ndarray,
     budget_bytes: np.ndarray,
+    held_bytes: np.ndarray,
     rounds: int,
     hysteresis: bool,
     used: np.ndarray,
@@ -267,19 +268,26 @@ def refine_precision(
     penalty_by_level: np.ndarray,
 ) -> np.ndarray:
     """Upgrade blocks to full precision with the HBM left after the veto, in place
-    (``policy.score.refine``); returns the blocks upgraded. With ``hysteresis``: a ``pinned``
-    block keeps its encoding, decode time saved counts the ``used`` uses within the horizon
-    (not the next use's imminence alone), and a block whose ``current`` HBM copy is not at full
-    precision pays the move's penalty (``penalty_by_level`` of its fallback level) per byte."""
+    (``policy.score.refine``); returns the blocks upgraded. ``held_bytes``: per tier, the
+    bytes of the HBM copies ``hbm`` holds. With ``hysteresis``: a ``pinned`` block keeps its
+    encoding, decode time saved counts the ``used`` uses within the horizon (not the next
+    use's imminence alone), and a block whose ``current`` HBM copy is not at full precision
+    pays the move's penalty (``penalty_by_level`` of its fallback level) per byte."""
     n = len(hbm)
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
     upgraded = np.empty(n, np.int64)
     n_upgraded = 0
     for tier in hbm_tiers:
-        # PERF: one pass: the bytes held, and the candidates with their order keys (built
-        # before knowing whether there is room; the rare tier without room wastes them).
-        held = 0
+        room = budget_bytes[tier] - float(held_bytes[tier])
+        if room <= 0:
+            continue
+        # PERF: with the bytes held known (the veto's tally), only the blocks whose upgrade
+        # fits the room at all are candidates (``take_by_keys`` leaves out the others): after
+        # the veto the room is a few blocks' worth (a million blocks: 462,000 candidates, each
+        # with its gain and order key, for 38 MB of room). Captured inputs, thread CPU time,
+        # processes alternating (load 4): a million blocks 17.6, 20.6 -> 8.7, 8.7 ms; 16,384
+        # blocks 0.26, 0.24 -> 0.09, 0.06 ms.
         count = 0
         rows = np.empty(n, np.int64)
         keys = np.empty(n, np.int64)
@@ -288,11 +296,12 @@ def refine_precision(
             e = hbm[r]
             if hbm_tier[r] != tier or e == NONE:
                 continue
-            held += nbytes[r, e]
             if e == 0 or leased[r] or (hysteresis and pinned[r]):
                 continue
-            p = use_probability[r]
             more = nbytes[r, 0] - nbytes[r, e]
+            if not max(more, 0) <= room:
+                continue  # it can never fit
+            p = use_probability[r]
             quality_gain = p * sensitivity[r, e]
             rate = decode_rate[e]  # policy.static.Static.decode_s, row by row
             decode_s = float(nbytes[r, 0]) / rate if rate > 0 else 0.0
@@ -304,8 +313,7 @@ def refine_precision(
             keys[count] = key_bits(-gain, scratch, bits)
             extra[count] = max(more, 0)
             count += 1
-        room = budget_bytes[tier] - float(held)
-        if room <= 0 or count == 0:
+        if count == 0:
             continue
         taken = take_by_keys(keys[:count], extra[:count], room, rounds)
         for k in range(count):

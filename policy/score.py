@@ -219,10 +219,12 @@ def refine(
     targets: Targets,
     prediction: Prediction,
     config: PolicyConfig,
+    held_bytes: np.ndarray,
 ) -> np.ndarray:
     """Spend HBM left after the veto on precision: upgrade blocks to full precision in order of
-    quality and decode time saved per extra byte (in place on ``targets``). Returns the blocks
-    upgraded.
+    quality and decode time saved per extra byte (in place on ``targets``; ``held_bytes``: per
+    tier, the bytes of the HBM copies ``targets`` holds, the veto's ``tier_bytes``). Returns
+    the blocks upgraded.
 
     With ``config.precision_hysteresis``, precision obeys the placement's hysteresis: a block
     within its dwell time keeps its encoding; the decode time saved counts the uses within the
@@ -244,6 +246,7 @@ def refine(
         scores.imminence,
         scores.static.hbm_group_tiers,
         scores.hbm_budget_bytes,
+        held_bytes,
         8,
         config.precision_hysteresis,
         scores.used,

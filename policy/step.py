@@ -41,7 +41,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     targets = choose_targets(snapshot, scores, config)
     t3 = clock()
     vetoed = veto(snapshot, scores, targets, prediction, config)
-    upgraded = refine(snapshot, scores, targets, prediction, config)
+    upgraded = refine(snapshot, scores, targets, prediction, config, vetoed.tier_bytes)
     t4 = clock()
     scheduled = schedule(snapshot, scores, targets, prediction, config)
     t5 = clock()

@@ -99,6 +99,8 @@ class VetoResult:
     # The budget rule's price: the most quality saved per extra byte among the candidates
     # its last round left unfixed (0 when it fixed them all; inf when it made no round).
     quality_price: float = np.inf
+    # Per tier, the bytes of the HBM copies the targets hold after the veto.
+    tier_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
 
 def quality_cost(snapshot: Snapshot, hbm: np.ndarray, p: np.ndarray) -> np.ndarray:
@@ -217,7 +219,7 @@ def veto(
     if quality is None:  # PERF: else the sum the loop ended on (0.5 ms at a million)
         quality = float(cost.sum())
     _enforce_capacity(snapshot, scores, targets, protected, tier_bytes, rejections, cost)
-    return VetoResult(rejections, quality, cost, price)
+    return VetoResult(rejections, quality, cost, price, tier_bytes)
 
 
 def _fit(
@@ -263,7 +265,7 @@ def _enforce_capacity(
     cost: np.ndarray,
 ) -> None:
     """Take the least valuable unprotected blocks out of any HBM tier above its budget
-    (their quality ``cost`` becomes 0)."""
+    (their quality ``cost`` becomes 0; ``tier_bytes`` kept up to date)."""
     b = snapshot.blocks
     hbm = targets.hbm_encoding
     over = [t for t, _ in scores.static.hbm_groups if tier_bytes[t] > scores.hbm_budget_bytes[t]]
@@ -279,6 +281,7 @@ def _enforce_capacity(
         count = int(np.searchsorted(freed, total - budget)) + 1
         out = rows[movable][order[:count]]
         rejections.add(Rule.CAPACITY, out, hbm[out], NONE, total, budget)
+        tier_bytes[tier] -= int(b.nbytes[out, hbm[out]].sum())
         targets.vetoed_out[out] = True
         hbm[out] = NONE
         cost[out] = 0.0
