@@ -44,12 +44,51 @@ def classify(
     regenerable: np.ndarray,
     precision: np.ndarray,
     full_precision: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int]:
+    hbm_tier: np.ndarray,
+    host_tier: np.ndarray,
+    cxl_tier: np.ndarray,
+    n_tiers: int,
+    preferred: np.ndarray,
+    sensitivity: np.ndarray,
+    allowed: np.ndarray,
+    budget_fallback: np.ndarray,
+    headroom: float,
+    price: float,
+    exhausted: bool,
+) -> tuple[
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    int,
+    int,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]:
     """First pass of the candidate actions: each block's HBM action and fallback action (-1:
     none) and whether its HBM action fetches a smaller copy again; the actions of each kind;
     per link, its transfers and the smallest of them; how many actions are always kept (drops,
-    shrinks and upgrades of resident copies); how many copies in flight are cancelled."""
+    shrinks and upgrades of resident copies); how many copies in flight are cancelled.
+
+    From the same pass, the targets' placement: per tier, the bytes of the target HBM copies
+    and of the target warm (host or CXL) copies; and per block, the encoding a demand promotion
+    would take now (``policy.plan.Plan``'s ``demand_encoding``, defined there; int8): the target
+    where it has one; else, when ``exhausted``, the least sensitive allowed encoding (fewest
+    bytes, then lowest index, among equals); else ``preferred``, moved down
+    ``budget_fallback`` while its sensitivity passes ``headroom`` and the move saves at least
+    ``price`` per extra byte.
+
+    PERF: one pass for both (the targets and the rows of ``nbytes`` read once; a million
+    blocks, thread CPU time, processes alternating, load 3: 11.9 + 13.3 and 10.7 + 12.5 ms
+    apart, 18.1 and 18.3 ms together)."""
     n = len(hbm_encoding)
+    hbm_bytes = np.zeros(n_tiers, np.int64)
+    warm_bytes = np.zeros(n_tiers, np.int64)
+    n_encodings = nbytes.shape[1]
+    demand_encoding = np.empty(n, np.int8)
     hbm_kind = np.full(n, -1, np.int8)
     warm_kind = np.full(n, -1, np.int8)
     refetch = np.zeros(n, np.bool_)
@@ -88,7 +127,49 @@ def classify(
                 smallest[code] = min(smallest[code], nbytes[r, 0])
         if f != NONE and f != t:  # noqa: PLR1714 (numba)
             cancels += 1
-    return hbm_kind, warm_kind, refetch, counts, on_links, smallest, must, cancels
+        # The placement's sums and the encoding a demand would take.
+        e = t
+        if e != NONE:
+            hbm_bytes[hbm_tier[r]] += nbytes[r, e]
+        elif exhausted:
+            e = 0  # full precision: always allowed
+            for other in range(1, n_encodings):
+                if not allowed[r, other]:
+                    continue
+                s, least = sensitivity[r, other], sensitivity[r, e]
+                if s < least or (s == least and nbytes[r, other] < nbytes[r, e]):
+                    e = other
+        else:
+            e = preferred[r]
+            for _ in range(n_encodings):
+                s = sensitivity[r, e]
+                if s <= headroom:
+                    break
+                g = budget_fallback[r, e]
+                saved = s - sensitivity[r, g]
+                if not saved > 0.0:
+                    break
+                if saved / max(nbytes[r, g] - nbytes[r, e], 1) < price:
+                    break  # the veto would fix other blocks, at its price, before this one
+                e = g
+        demand_encoding[r] = e
+        if ft == HOST:
+            warm_bytes[host_tier[r]] += nbytes[r, 0]
+        elif ft == CXL:
+            warm_bytes[cxl_tier[r]] += nbytes[r, 0]
+    return (
+        hbm_kind,
+        warm_kind,
+        refetch,
+        counts,
+        on_links,
+        smallest,
+        must,
+        cancels,
+        hbm_bytes,
+        warm_bytes,
+        demand_encoding,
+    )
 
 
 @_jit

@@ -1,4 +1,4 @@
-"""Compiled kernels of the veto (``policy.veto``): its entry pass and the step's placement sums.
+"""Compiled kernels of the veto (``policy.veto``): its entry pass and the blocks' quality costs.
 
 The budget rule's kernels are in ``policy._veto_budget``, the fit of moved blocks into their tier
 in ``policy._veto_fit``; ``fit_rows`` and ``budget_choice`` are re-exported here.
@@ -11,9 +11,9 @@ import numpy as np
 from policy._select import _jit
 from policy._veto_budget import budget_choice, candidate_buffers, candidate_values
 from policy._veto_fit import fit_rows
-from policy.snapshot import CXL, HOST, NONE
+from policy.snapshot import NONE
 
-__all__ = ["budget_choice", "fit_rows", "placement_totals", "quality_costs", "veto_entry"]
+__all__ = ["budget_choice", "fit_rows", "quality_costs", "veto_entry"]
 
 
 @_jit
@@ -114,68 +114,3 @@ def quality_costs(
         if hbm[r] != NONE:
             cost[r] = use_probability[r] * sensitivity[r, hbm[r]]
     return cost
-
-
-@_jit
-def placement_totals(
-    hbm: np.ndarray,
-    fallback_level: np.ndarray,
-    hbm_tier: np.ndarray,
-    host_tier: np.ndarray,
-    cxl_tier: np.ndarray,
-    nbytes: np.ndarray,
-    n_tiers: int,
-    preferred: np.ndarray,
-    sensitivity: np.ndarray,
-    allowed: np.ndarray,
-    budget_fallback: np.ndarray,
-    headroom: float,
-    price: float,
-    exhausted: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per tier: bytes of the target HBM copies, and of the target warm (host or CXL) copies;
-    and per block, the encoding a demand promotion would take now (``policy.plan.Plan``'s
-    ``demand_encoding``, defined there; int8): the target where ``hbm`` has one; else, when
-    ``exhausted``, the least sensitive allowed encoding (fewest bytes, then lowest index, among
-    equals); else ``preferred``, moved down ``budget_fallback`` while its sensitivity passes
-    ``headroom`` and the move saves at least ``price`` per extra byte.
-
-    PERF: one pass for both (a million blocks' captured inputs: totals 8.5 ms, demand 9 ms
-    apart, 11.8 ms together: the rows of ``nbytes`` are read once).
-    """
-    hbm_bytes = np.zeros(n_tiers, np.int64)
-    warm_bytes = np.zeros(n_tiers, np.int64)
-    n, n_encodings = nbytes.shape
-    demand = np.empty(n, np.int8)
-    for r in range(n):
-        e = hbm[r]
-        if e != NONE:
-            hbm_bytes[hbm_tier[r]] += nbytes[r, e]
-        elif exhausted:
-            e = 0  # full precision: always allowed
-            for c in range(1, n_encodings):
-                if not allowed[r, c]:
-                    continue
-                s, least = sensitivity[r, c], sensitivity[r, e]
-                if s < least or (s == least and nbytes[r, c] < nbytes[r, e]):
-                    e = c
-        else:
-            e = preferred[r]
-            for _ in range(n_encodings):
-                s = sensitivity[r, e]
-                if s <= headroom:
-                    break
-                f = budget_fallback[r, e]
-                saved = s - sensitivity[r, f]
-                if not saved > 0.0:
-                    break
-                if saved / max(nbytes[r, f] - nbytes[r, e], 1) < price:
-                    break  # the veto would fix other blocks, at its price, before this one
-                e = f
-        demand[r] = e
-        level = fallback_level[r]
-        if level == HOST:
-            warm_bytes[host_tier[r]] += nbytes[r, 0]
-        elif level == CXL:
-            warm_bytes[cxl_tier[r]] += nbytes[r, 0]
-    return hbm_bytes, warm_bytes, demand

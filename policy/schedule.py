@@ -56,12 +56,26 @@ _CODES = np.array(
 
 
 @dataclass(frozen=True)
+class DemandRule:
+    """The quality budget's terms for ``policy.plan.Plan.demand_encoding`` (defined there): its
+    headroom where it fixed no block, its price where it did, and whether it is exhausted."""
+
+    headroom: float
+    price: float
+    exhausted: bool
+
+
+@dataclass(frozen=True)
 class Schedule:
     transitions: TransitionArrays
     transfers: TransferArrays
     cancel_block: np.ndarray
     cancel_encoding: np.ndarray
     deferred: int
+    # From the same pass over the blocks (PERF: see ``policy._action_kernels.classify``):
+    hbm_bytes: np.ndarray  # [T] bytes of the target HBM copies per tier
+    warm_bytes: np.ndarray  # [T] bytes of the target host and CXL copies per tier
+    demand_encoding: np.ndarray  # [N] int8, ``policy.plan.Plan.demand_encoding``
 
 
 def _candidates(
@@ -70,6 +84,7 @@ def _candidates(
     targets: Targets,
     prediction: Prediction,
     config: PolicyConfig,
+    demand: DemandRule,
 ) -> tuple[np.ndarray, ...]:
     """The candidate actions that can matter this tick, in the order of the full action table
     (``policy._action_kernels``): every drop, every shrink or upgrade of a resident copy, and
@@ -96,8 +111,19 @@ def _candidates(
         b.regenerable,
         enc.precision_index,  # PERF: cached on the table (a list search per encoding a step)
         enc.full_precision,
+        b.hbm_tier,
+        b.host_tier,
+        b.cxl_tier,
+        len(snapshot.tiers.tier_ids),
+        scores.preferred,
+        b.sensitivity,
+        scores.static.allowed,
+        scores.static.budget_fallback,
+        demand.headroom,
+        demand.price,
+        demand.exhausted,
     )
-    hbm_kind, warm_kind, refetch, counts, on_links, smallest, must, cancels = first
+    hbm_kind, warm_kind, refetch, counts, on_links, smallest, must, cancels = first[:8]
     kept, heap_key, heap_item, heap_start, heap_size, capacity, groups, cancelled, occupancy = (
         stream(
             b.hbm_encoding,
@@ -162,7 +188,7 @@ def _candidates(
         capacity,
         groups,
     )
-    return (*table[:-1], cancelled, occupancy, table[-1])
+    return (*table[:-1], cancelled, occupancy, table[-1], *first[8:])
 
 
 def schedule(
@@ -171,8 +197,10 @@ def schedule(
     targets: Targets,
     prediction: Prediction,
     config: PolicyConfig,
+    demand: DemandRule,
 ) -> Schedule:
-    """Transfers and transitions for this tick (see the module docstring)."""
+    """Transfers and transitions for this tick (see the module docstring), and the sums and
+    demand encodings of the targets' placement (``demand``: the budget's terms)."""
     b, enc, links, tel = snapshot.blocks, snapshot.encodings, snapshot.links, snapshot.telemetry
     usable = enc.usable
     full_precision = enc.full_precision
@@ -195,7 +223,10 @@ def schedule(
         cancelled,
         occupancy,
         left_out,
-    ) = _candidates(snapshot, scores, targets, prediction, config)
+        hbm_bytes,
+        warm_bytes,
+        demand_encoding,
+    ) = _candidates(snapshot, scores, targets, prediction, config, demand)
 
     # Capacity first, over the candidate copies (most urgent first), so that a copy that can
     # never fit does not take a link's budget; then the link budgets over what fits.
@@ -285,4 +316,7 @@ def schedule(
         cancel_block=cancelled,
         cancel_encoding=b.in_flight_encoding[cancelled],
         deferred=deferred,
+        hbm_bytes=hbm_bytes,
+        warm_bytes=warm_bytes,
+        demand_encoding=demand_encoding,
     )

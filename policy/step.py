@@ -13,12 +13,11 @@ import time
 import numpy as np
 
 from policy._memory import keep_freed_memory
-from policy._veto_kernels import placement_totals
 from policy.config import PolicyConfig
 from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.quality_feedback import budget_config, remember_plan
-from policy.schedule import schedule
+from policy.schedule import DemandRule, schedule
 from policy.score import choose_targets, refine, score
 from policy.snapshot import CXL, HBM, HOST, Snapshot
 from policy.state import PolicyState
@@ -42,18 +41,6 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     t3 = clock()
     vetoed = veto(snapshot, scores, targets, prediction, config)
     upgraded = refine(snapshot, scores, targets, prediction, config, vetoed.tier_bytes)
-    t4 = clock()
-    scheduled = schedule(snapshot, scores, targets, prediction, config)
-    t5 = clock()
-    for name, (a, b) in {
-        "observe": (t0, t1),
-        "predict": (t1, t2),
-        "score": (t2, t3),
-        "veto": (t3, t4),
-        "schedule": (t4, t5),
-    }.items():
-        phase_ms[name] = (b - a) * 1e3
-
     blocks, tiers = snapshot.blocks, snapshot.tiers
     hbm = targets.hbm_encoding
     # The quality cost of the final targets: the veto's, with the upgrades' (at full precision).
@@ -67,21 +54,28 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     # step); where it fixed none, the budget's headroom.
     price = vetoed.quality_price
     binding = bool(np.isfinite(price))
-    hbm_bytes, warm_bytes, demand = placement_totals(
-        hbm,
-        targets.fallback_level,
-        blocks.hbm_tier,
-        blocks.host_tier,
-        blocks.cxl_tier,
-        blocks.nbytes,
-        len(tiers.tier_ids),
-        scores.preferred,
-        blocks.sensitivity,
-        static.allowed,
-        static.budget_fallback,
-        0.0 if binding else max(-excess, 0.0),
-        price if binding else 0.0,
-        excess > 1e-15,  # the budget exhausted, with the veto's tolerance
+    demand = DemandRule(
+        headroom=0.0 if binding else max(-excess, 0.0),
+        price=price if binding else 0.0,
+        exhausted=excess > 1e-15,  # the budget exhausted, with the veto's tolerance
+    )
+    t4 = clock()
+    # PERF: the placement's sums and demand encodings come from the schedule's first pass.
+    scheduled = schedule(snapshot, scores, targets, prediction, config, demand)
+    t5 = clock()
+    for name, (a, b) in {
+        "observe": (t0, t1),
+        "predict": (t1, t2),
+        "score": (t2, t3),
+        "veto": (t3, t4),
+        "schedule": (t4, t5),
+    }.items():
+        phase_ms[name] = (b - a) * 1e3
+
+    hbm_bytes, warm_bytes, demand_encoding = (
+        scheduled.hbm_bytes,
+        scheduled.warm_bytes,
+        scheduled.demand_encoding,
     )
     levels = static.in_tier_of_level
     rejected = vetoed.rejections.arrays()
@@ -118,7 +112,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         use_probability=prediction.use_probability,
         time_to_next_use_s=prediction.time_to_next_use_s,
         value_density=targets.chosen_density,
-        demand_encoding=demand,
+        demand_encoding=demand_encoding,
         metrics=metrics,
     )
     return plan, state
