@@ -135,7 +135,9 @@ def main() -> None:
     print(
         f"\nDuring the timed requests: {transitions} transitions, "
         f"{delta.get('lease_recalls', 0)} lease recalls, {delta.get('lease_misses', 0)} lease "
-        f"misses, {delta.get('bytes:host->hbm', 0) / MIB:.1f} MiB host->hbm."
+        f"misses, {delta.get('bytes:host->hbm', 0) / MIB:.1f} MiB host->hbm, "
+        f"{delta.get('execute_errors', 0)} failed transitions, "
+        f"{delta.get('copies_retried_for_room', 0)} copies retried for room."
     )
     if args.json:
         summary = {
@@ -149,6 +151,8 @@ def main() -> None:
             "transitions": transitions,
             "lease_recalls": delta.get("lease_recalls", 0),
             "lease_misses": delta.get("lease_misses", 0),
+            "execute_errors": delta.get("execute_errors", 0),
+            "copies_retried_for_room": delta.get("copies_retried_for_room", 0),
         }
         print(json.dumps(summary))
 
