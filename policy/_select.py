@@ -172,6 +172,22 @@ def _sorted_subset(
 
 
 @_jit
+def _buckets_of(sample: np.ndarray) -> tuple[int, int, np.uint64, int]:
+    """A level's buckets from a sorted sample of its keys, less the sample's outer sixteenths
+    (outliers do not crowd the rest into one bucket): ``(lo, hi, shift, top)`` for
+    :func:`_bucket`, at most ``2 ** _DIGIT_BITS`` buckets between ``lo`` and ``hi``."""
+    trim = len(sample) // 16
+    lo, hi = sample[trim], sample[len(sample) - 1 - trim]
+    span = np.uint64(hi) - np.uint64(lo)
+    bits = 0
+    while span != 0:
+        span >>= np.uint64(1)
+        bits += 1
+    shift = np.uint64(max(bits - _DIGIT_BITS, 0))
+    return lo, hi, shift, int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
+
+
+@_jit
 def _span(keys: np.ndarray, items: np.ndarray) -> tuple[int, int]:
     low = keys[items[0]]
     high = low
@@ -235,15 +251,7 @@ def boundary(
         step = max(m // _SAMPLE, 1)
         sample = keys[current[:m:step]]
         sample = sample[stable_order(sample)]
-        trim = len(sample) // 16
-        lo, hi = sample[trim], sample[len(sample) - 1 - trim]
-        span = np.uint64(hi) - np.uint64(lo)
-        bits = 0
-        while span != 0:
-            span >>= np.uint64(1)
-            bits += 1
-        shift = np.uint64(max(bits - _DIGIT_BITS, 0))
-        top = int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
+        lo, hi, shift, top = _buckets_of(sample)
         totals[:] = 0
         for k in range(m):
             i = current[k]
@@ -299,15 +307,7 @@ def range_boundary(
         return boundary(keys, second, use_secondary, weight, limit, np.arange(start, end))
     # Buckets over a strided sample less its outer sixteenths, as ``boundary``'s levels.
     sample = np.sort(keys[start : end : m // _SAMPLE])
-    trim = len(sample) // 16
-    lo, hi = sample[trim], sample[len(sample) - 1 - trim]
-    span = np.uint64(hi) - np.uint64(lo)
-    width = 0
-    while span != 0:
-        span >>= np.uint64(1)
-        width += 1
-    shift = np.uint64(max(width - _DIGIT_BITS, 0))
-    top = int((np.uint64(hi) - np.uint64(lo)) >> shift) + 2
+    lo, hi, shift, top = _buckets_of(sample)
     totals = np.zeros(top + 1, weight.dtype)
     counts = np.zeros(top + 1, np.int64)
     for j in range(start, end):
