@@ -41,19 +41,24 @@ def candidate_values(
     use_probability: np.ndarray,
     sensitivity: np.ndarray,
     nbytes: np.ndarray,
+    held: np.ndarray,
+    sticky: float,
     scratch: np.ndarray,
     bits: np.ndarray,
 ) -> tuple[int, int, float, int, int, int]:
     """Block ``row`` as a candidate: its current and fallback encodings, saving, order key,
-    and bytes at both encodings. PERF: scalars out; the callers store them (a helper that
-    stored into the seven arrays cost 70 ns a call in reference counts: 0.12 -> 1.2 ms at
-    16,384 blocks)."""
+    and bytes at both encodings. The key ranks by saving per extra byte; a fix to the encoding
+    the block ``held`` in HBM already counts ``sticky`` times its extra bytes (hysteresis: the
+    same blocks stay fixed from step to step; 1.0: none). PERF: scalars out; the callers store
+    them (a helper that stored into the seven arrays cost 70 ns a call in reference counts:
+    0.12 -> 1.2 ms at 16,384 blocks)."""
     encoding = hbm[row]
     better = budget_fallback[row, encoding]
     saved = cost[row] - use_probability[row] * sensitivity[row, better]
     old = nbytes[row, encoding]
     new = nbytes[row, better]
-    return encoding, better, saved, key_bits(-(saved / max(new - old, 1)), scratch, bits), old, new
+    extra = max(new - old, 1) * (sticky if held[row] == better else 1.0)
+    return encoding, better, saved, key_bits(-(saved / extra), scratch, bits), old, new
 
 
 @_jit
@@ -79,6 +84,8 @@ def all_candidates(
     use_probability: np.ndarray,
     sensitivity: np.ndarray,
     nbytes: np.ndarray,
+    held: np.ndarray,
+    sticky: float,
 ) -> tuple[tuple[np.ndarray, ...], float, bool]:
     """The candidates of every block (``cost > 0``, not ``protected``), with the sum of their
     savings in candidate order and whether every saving is finite and >= 0."""
@@ -93,8 +100,9 @@ def all_candidates(
         if not (cost[row] > 0 and not protected[row]):
             continue
         encoding, better, saved, key, old, new = candidate_values(
-            row, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes, scratch, bits
-        )
+            row, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes, held, sticky,
+            scratch, bits,
+        )  # fmt: skip
         rows[k] = row
         current[k] = encoding
         fallback[k] = better
@@ -226,6 +234,8 @@ def budget_round(
     tier_bytes: np.ndarray,
     vetoed_out: np.ndarray,
     quality_bound: np.ndarray,
+    held: np.ndarray,
+    sticky: float,
 ) -> tuple[
     np.ndarray,
     np.ndarray,
@@ -327,8 +337,8 @@ def budget_round(
                 continue
             # PERF: the block's next candidate, from the table rows just read.
             encoding, better, saved, key, old, new = candidate_values(
-                r, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes,
-                scratch, bits,
+                r, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes, held,
+                sticky, scratch, bits,
             )  # fmt: skip
             at = kept if whole else k
             rows[at] = r

@@ -28,6 +28,7 @@ def veto_entry(
     sensitivity: np.ndarray,
     budget_fallback: np.ndarray,
     n_tiers: int,
+    sticky: float,
 ) -> tuple[
     np.ndarray,
     np.ndarray,
@@ -82,7 +83,7 @@ def veto_entry(
             if cost[r] > 0 and not protected[r] and not forbidden:
                 encoding, better, saved, key, old, new = candidate_values(
                     r, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes,
-                    scratch, bits,
+                    hbm_encoding, sticky, scratch, bits,
                 )  # fmt: skip
                 c_rows[candidates] = r
                 c_current[candidates] = encoding

@@ -74,6 +74,12 @@ class PolicyConfig(BaseModel):
         "penalty, and count decode time over the horizon (policy.score.refine); False: they "
         "follow the next use's imminence (the behaviour before, kept for comparison)",
     )
+    budget_hysteresis: bool = Field(
+        False,
+        description="the quality budget's fixes to an encoding a block holds in HBM already "
+        "count 1 / (1 + hysteresis_multiple) of their extra bytes, so that the same blocks stay "
+        "fixed from step to step (policy.veto); off by default: see the README's figures",
+    )
 
     # -- veto ----------------------------------------------------------------------------------
     quality_budget: float = Field(

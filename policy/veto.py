@@ -128,6 +128,10 @@ def veto(
     rejections = Rejections()
     price = np.inf
 
+    # With ``budget_hysteresis``, a fix to the encoding a block holds already counts a
+    # 1 / (1 + hysteresis_multiple) share of its extra bytes; 1.0 leaves the order as it was.
+    sticky = 1.0 / (1.0 + config.hysteresis_multiple) if config.budget_hysteresis else 1.0
+
     # 1. Leases (and, in the same pass, what rules 2 and 3 start from).
     rows, proposed, protected, bad, tier_bytes, cost, candidates, total, valid = veto_entry(
         b.leased,
@@ -140,6 +144,7 @@ def veto(
         b.sensitivity,
         scores.static.budget_fallback,
         len(scores.hbm_budget_bytes),
+        sticky,
     )
     rejections.add(Rule.LEASED, rows, proposed, b.hbm_encoding[rows], 1.0, 0.0)
 
@@ -158,7 +163,15 @@ def veto(
                 rule, rows, proposed[mask], placed[mask], bits[proposed[mask]], b.floor_bits[rows]
             )
         candidates, total, valid = all_candidates(  # the entry's less the forbidden rows
-            cost, protected, hbm, scores.static.budget_fallback, p, b.sensitivity, b.nbytes
+            cost,
+            protected,
+            hbm,
+            scores.static.budget_fallback,
+            p,
+            b.sensitivity,
+            b.nbytes,
+            b.hbm_encoding,
+            sticky,
         )
 
     # 3. The quality budget. Each round moves the blocks whose fix saves the most per extra
@@ -209,6 +222,8 @@ def veto(
                 tier_bytes,
                 targets.vetoed_out,
                 targets.quality_bound,
+                b.hbm_encoding,
+                sticky,
             )
         )
         rejections.add(

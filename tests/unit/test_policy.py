@@ -158,6 +158,30 @@ def test_veto_keeps_the_quality_budget_with_the_cheapest_fixes() -> None:
     assert plan.metrics.quality_cost == pytest.approx(0.05 + 0.15 + 0.02)
 
 
+def test_budget_hysteresis_fixes_the_block_already_held_at_the_fix() -> None:
+    # Two blocks at INT4 overrun the budget (0.2 + 0.19 > 0.25); fixing either one to INT8 is
+    # enough, and "a" saves more per extra byte. "b" is held in HBM at INT8 already: with
+    # budget_hysteresis its extra bytes count a third, so the budget keeps "b" fixed instead of
+    # moving the fix to "a" (which would re-encode both blocks).
+    shape = PoolShape(hbm_bytes=(40 * MB,), layers=(4,))
+    rows = [
+        BlockRow("m/a", 20 * MB, layer=1, sensitivity=[0, 0.002, 0.001, 0.2, 0.2]),
+        BlockRow("m/b", 20 * MB, layer=1, sensitivity=[0, 0.002, 0.001, 0.19, 0.19]),
+    ]
+    rows[1] = replace(rows[1], hbm_encoding=INT8)
+    budget = Rule.QUALITY_BUDGET
+    for flag, fixed in ((False, 0), (True, 1)):
+        config = PolicyConfig(hbm_headroom_fraction=0, quality_budget=0.25, budget_hysteresis=flag)
+        targets, rejected = _veto_of(rows, shape, config, [INT4, INT4])
+        assert [(r[0], r[1], r[2], r[3]) for r in rejected] == [
+            (fixed, list(Rule).index(budget), INT4, INT8)
+        ], flag
+        assert targets.hbm_encoding.tolist() == [
+            INT8 if fixed == 0 else INT4,
+            INT8 if fixed else INT4,
+        ]
+
+
 def test_without_the_veto_budget_the_same_pool_would_overrun() -> None:
     shape = PoolShape(hbm_bytes=(40 * MB,), layers=(4,))
     rows = [

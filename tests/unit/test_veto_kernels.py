@@ -42,6 +42,9 @@ def _pool(rng: np.random.Generator, n: int, tiers: int, distinct: int) -> dict[s
     }
 
 
+STICKY = 1.0 / 3.0  # the budget's hysteresis at hysteresis_multiple 2 (1.0 is checked by identity)
+
+
 def reference_candidates(pool, cost, protected):
     """The quality budget's candidates (built by ``veto_entry``) as numpy: rows, current,
     fallback, saving, order key, bytes at current and fallback encodings."""
@@ -51,7 +54,9 @@ def reference_candidates(pool, cost, protected):
     saving = cost[rows] - pool["p"][rows] * pool["sensitivity"][rows, better]
     old = pool["nbytes"][rows, current]
     new = pool["nbytes"][rows, better]
-    key = -(saving / np.maximum(new - old, 1))
+    # A fix to the encoding the block holds already counts STICKY of its extra bytes.
+    extra = np.maximum(new - old, 1) * np.where(pool["resident"][rows] == better, STICKY, 1.0)
+    key = -(saving / extra)
     return rows, current, better, saving, order_keys(key, False), old, new
 
 
@@ -68,6 +73,7 @@ def _entry(pool):
         pool["sensitivity"],
         pool["budget_fallback"],
         int(pool["hbm_tier"].max()) + 1,
+        STICKY,
     )
 
 
@@ -94,6 +100,8 @@ def test_the_entry_finds_the_first_round_candidates(n, tiers, distinct, seed) ->
         pool["p"],
         pool["sensitivity"],
         pool["nbytes"],
+        pool["resident"],
+        STICKY,
     )
     _assert_candidates(again, expected)
     assert total_again == total
@@ -172,6 +180,8 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
             tier_bytes,
             vetoed,
             bound,
+            pool["resident"],
+            STICKY,
         )
         for a, b in zip(got[:4], expected[:4], strict=True):
             np.testing.assert_array_equal(a, b)
