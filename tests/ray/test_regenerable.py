@@ -14,7 +14,8 @@ import torch
 
 from actors.client import PoolClient
 from pool.errors import SpecError, UnknownBlockError
-from pool.regen import Tied, merged
+from pool.importer import StateDictSource, plan_blocks
+from pool.regen import LowRankDelta, Tied, adapter_state, merged
 from tests.ray.helpers import make_pool, settled, teardown, wait_until
 
 MB = 1 << 20
@@ -152,6 +153,35 @@ def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
     assert ray.get(regen.tier(home).report.remote()).used_bytes == used - head.numel() * 4
     with PoolClient(namespace=NAMESPACE) as client:
         assert torch.equal(client.get("late/lm_head")["weight"], head)
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
+def test_a_rebuild_that_does_not_match_the_checksum_is_copied_instead(regen):
+    # A recipe naming the wrong factors (those of "ft", not the ones merged into this model's
+    # stored block) rebuilds other bytes: the tier refuses them by the block's checksum and
+    # the block is copied from its own bytes, bit-exact.
+    state = {k: v.detach().clone() for k, v in tiny_model(seed=1, tie=False).state_dict().items()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    generator = torch.Generator().manual_seed(6)
+    up, down = torch.randn(64, 4, generator=generator), torch.randn(4, 64, generator=generator)
+    bases = plan_blocks(StateDictSource(state), "base")
+    merged_state, _ = adapter_state(bases, state, "wrong", {q: (up, down)}, 0.5)
+    recipe = LowRankDelta(
+        base="base/model.layers.0.self_attn.q_proj",
+        delta="ft/model.layers.0.self_attn.q_proj.delta",
+        tensors=("weight",),
+        scale=0.5,
+    )
+    block = "wrong/model.layers.0.self_attn.q_proj"
+    before = regen.status()["counters"].get("regenerate_fallbacks", 0)
+    home = ray.get(regen.controller.home_of_model.remote("base"))
+    regen.load_state_dict(merged_state, "wrong", home, regenerators={block: recipe}, tie=False)
+    wait_until(lambda: all_premium(regen, "wrong"), what="the model premium")
+    assert regen.status()["counters"]["regenerate_fallbacks"] == before + 1
+    faults = [r.detail for r in ray.get(regen.controller.audit.remote("fault", block))]
+    assert len(faults) == 1 and "CorruptBlockError" in faults[0], faults
+    with PoolClient(namespace=NAMESPACE) as client:
+        assert torch.equal(client.get(block)["weight"], merged_state[q])
     assert ray.get(regen.controller.consistency.remote()) == []
 
 
