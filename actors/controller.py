@@ -213,9 +213,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
         with self.lock:  # the blocks and their storage copies appear to the loop together
             if home_hbm is None:
                 home_hbm = self._least_loaded_hbm()
-            self.registry.check_recipes(recipes or {}, specs, home_hbm)
-            self.registry.add_model(model, specs, home_hbm)
-            self.registry.add_recipes(recipes or {})
+            self.registry.add_model(model, specs, home_hbm, recipes)
             self.registry.reconcile(storage, inventory, self.now())
             self.policy_state = None  # the model set changed: the policy's arrays are resized
             meta = {m: e.home_hbm for m, e in self.registry.models.items()}

@@ -68,7 +68,8 @@ class Executor:
         self.busy: set[str] = set()
         self.handles: dict[tuple[str, str, Encoding], Any] = {}
         self.queued = 0
-        self.drops_done: dict[str, int] = {}  # tier id -> drops ended (under the ctl's lock)
+        self.drops_done: dict[str, int] = {}  # tier id -> drops that freed bytes (ctl's lock)
+        self.dropping: dict[str, int] = {}  # tier id -> drops under way (ctl's lock)
         self.lock = threading.Lock()
         self.peers = PeerGroup(ctl.config.namespace, ctl.config.call_timeout_s)
 
@@ -85,21 +86,15 @@ class Executor:
         reason: str,
     ) -> bool:
         """Queue a transition unless the block already has one queued or running."""
-        with self.lock:
-            if block_id in self.busy:
-                return False
-            self.busy.add(block_id)
-            self.queued += 1
+        if not self._claim(block_id):
+            return False
         self.pool.submit(self._run, block_id, target, fallback_level, to_state, reason)
         return True
 
     def submit_reshare(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
         """Queue :func:`actors.regenerate.reshare` unless the block has a chain queued."""
-        with self.lock:
-            if block_id in self.busy:
-                return False
-            self.busy.add(block_id)
-            self.queued += 1
+        if not self._claim(block_id):
+            return False
 
         def run() -> None:
             try:
@@ -108,12 +103,26 @@ class Executor:
                 self.ctl.count("execute_errors")
                 self.ctl.record("fault", block_id, f"reshare failed: {type(err).__name__}: {err}")
             finally:
-                with self.lock:
-                    self.busy.discard(block_id)
-                    self.queued -= 1
+                self._release(block_id)
 
         self.pool.submit(run)
         return True
+
+    def _claim(self, block_id: str) -> bool:
+        """Mark the block's chain queued; False if it has one queued or running already."""
+        with self.lock:
+            if block_id in self.busy:
+                return False
+            self.busy.add(block_id)
+            self.queued += 1
+        return True
+
+    def _release(self, block_id: str) -> None:
+        with self.lock:
+            self.busy.discard(block_id)
+            self.queued -= 1
+        with self.ctl.lock:
+            self.ctl.copies_changed.notify_all()  # a tied block may wait for this chain
 
     def _run(
         self,
@@ -137,11 +146,7 @@ class Executor:
             ctl.count("execute_errors")
             ctl.record("fault", block_id, f"transition failed: {type(err).__name__}: {err}")
         finally:
-            with self.lock:
-                self.busy.discard(block_id)
-                self.queued -= 1
-            with ctl.lock:
-                ctl.copies_changed.notify_all()  # a tied block may wait for this chain
+            self._release(block_id)
 
     # -- one transition ---------------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ class Executor:
         if (
             target is not None
             and not self._has(block_id, home, target)
-            and not self._regenerate(spec, home, target)  # else rebuilt from its inputs there
+            and not rebuild(self, spec, home, target)  # else rebuilt from its inputs there
         ):
             self._copy(spec, home, target)
         with ctl.lock:
@@ -208,39 +213,68 @@ class Executor:
             ),
         )
 
-    def _regenerate(self, spec: BlockSpec, dst: str, encoding: Encoding) -> bool:
-        return rebuild(self, spec, dst, encoding)
-
     def _wait_for_room(self, tier_id: str, drops_before: int) -> bool:
         """After a copy to ``tier_id`` was refused for room: whether a drop there freed bytes
         since ``drops_before`` (``drops_done`` when the copy was registered), waiting up to
         ``ROOM_WAIT_S`` while one is under way. Transitions run side by side, so a promotion
         can reach its tier before the eviction that makes room for it; a drop not yet started
         is not waited for (it may be queued behind this very worker)."""
-        ctl = self.ctl
-        with ctl.lock:
-
-            def dropping() -> bool:
-                return any(c.status is CopyStatus.EVICTING for c in ctl.registry.copies_on(tier_id))
-
-            ctl.copies_changed.wait_for(
-                lambda: self.drops_done.get(tier_id, 0) > drops_before or not dropping(),
+        with self.ctl.lock:
+            self.ctl.copies_changed.wait_for(
+                lambda: (
+                    self.drops_done.get(tier_id, 0) > drops_before
+                    or not self.dropping.get(tier_id, 0)
+                ),
                 timeout=ROOM_WAIT_S,
             )
             return self.drops_done.get(tier_id, 0) > drops_before
 
-    def _arriving(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
-        c = self.ctl.registry.copy(block_id, tier_id, encoding)
-        return c is not None and c.status is CopyStatus.IN_FLIGHT
+    # -- a copy's record: registered in flight, then committed or abandoned ----------------------
+
+    def begin(self, block_id: str, dst: str, encoding: Encoding) -> tuple[int, str]:
+        """Register the copy ``IN_FLIGHT`` under a new epoch (the caller holds the controller's
+        lock); its epoch and the checksum it must have (empty: not known yet)."""
+        reg = self.ctl.registry
+        epoch = reg.new_epoch()
+        reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
+        return epoch, reg.checksums.get((block_id, encoding), "")
+
+    def abandon(self, block_id: str, dst: str, encoding: Encoding, epoch: int) -> None:
+        """Forget the copy ``begin`` registered, unless it was replaced meanwhile."""
+        ctl, reg = self.ctl, self.ctl.registry
+        with ctl.lock:
+            current = reg.copy(block_id, dst, encoding)
+            if current is not None and current.epoch == epoch:
+                reg.remove_copy(block_id, dst, encoding)
+            ctl.copies_changed.notify_all()  # a tied block waiting on it copies instead
+
+    def commit(self, entry: CopyEntry, handle: Any, epoch: int) -> bool:
+        """Make the verified copy ``READY``; False if its tier failed meanwhile (its copies
+        were forgotten). A copy landing in HBM lets the blocks tied to it share it."""
+        ctl, reg = self.ctl, self.ctl.registry
+        key = (entry.block_id, entry.tier_id, entry.encoding)
+        with ctl.lock:
+            current = reg.copy(*key)
+            if current is None or current.epoch != epoch:
+                return False
+            entry.created_s = ctl.now()  # the controller's clock, as the policy reads it
+            reg.add_copy(entry)
+            reg.checksums.setdefault((entry.block_id, entry.encoding), entry.checksum)
+            reg.measured(entry.block_id, entry.encoding, entry.nbytes)
+            self.handles[key] = handle
+            ctl.copies_changed.notify_all()  # waiting acquires look again
+            in_hbm = reg.tiers[entry.tier_id].kind is TierKind.HBM
+            ties = unshared_ties(self, *key) if reg.tied_by and in_hbm else []
+        for tied in ties:
+            self.submit_reshare(tied, entry.tier_id, entry.encoding)
+        return True
 
     def _copy(self, spec: BlockSpec, dst: str, encoding: Encoding) -> None:
         ctl, reg = self.ctl, self.ctl.registry
         block_id = spec.block_id
         with ctl.lock:
             source = self._source(block_id, dst, encoding)
-            epoch = reg.new_epoch()
-            reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
-            checksum = reg.checksums.get((block_id, encoding), "")
+            epoch, checksum = self.begin(block_id, dst, encoding)
             drops_before = self.drops_done.get(dst, 0)
             src_kind = reg.tiers[source.tier_id].kind
             dst_kind = reg.tiers[dst].kind
@@ -256,31 +290,12 @@ class Executor:
         except BaseException:
             # Which actor failed (source or destination) is not known here: the controller's
             # health check finds a dead tier within a second and forgets its copies.
-            with ctl.lock:
-                current = reg.copy(block_id, dst, encoding)
-                if current is not None and current.epoch == epoch:
-                    reg.remove_copy(block_id, dst, encoding)
-                ctl.copies_changed.notify_all()  # a tied block waiting on it copies instead
+            self.abandon(block_id, dst, encoding, epoch)
             raise
         seconds = time.perf_counter() - start
-        with ctl.lock:
-            current = reg.copy(block_id, dst, encoding)
-            if current is None or current.epoch != epoch:
-                return  # the destination failed meanwhile; its copies were forgotten
-            entry.created_s = ctl.now()  # the controller's clock, as the policy reads it
-            reg.add_copy(entry)
-            reg.checksums.setdefault((block_id, encoding), entry.checksum)
-            reg.measured(block_id, encoding, entry.nbytes)
-            self.handles[(block_id, dst, encoding)] = handle[0]
-            link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
-            ctl.copies_changed.notify_all()  # waiting acquires look again
-            ties = (
-                unshared_ties(self, block_id, dst, encoding)
-                if reg.tied_by and dst_kind is TierKind.HBM
-                else []
-            )
-        for tied in ties:
-            self.submit_reshare(tied, dst, encoding)
+        if not self.commit(entry, handle[0], epoch):
+            return
+        link = f"{src_kind.value}->{'peer' if src_kind is dst_kind else dst_kind.value}"
         ctl.count(f"bytes:{link}", entry.nbytes)
         ctl.count("transfers")
         ctl.record(
@@ -360,6 +375,7 @@ class Executor:
                 ctl.count("drops_deferred_leased")
                 return False
             current.status = CopyStatus.EVICTING
+            self.dropping[c.tier_id] = self.dropping.get(c.tier_id, 0) + 1
             self.handles.pop((c.block_id, c.tier_id, c.encoding), None)
         freed = 0
         try:
@@ -369,6 +385,7 @@ class Executor:
                 if ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
                     ctl.count("lease_violations")  # an invariant: must stay 0
                 reg.remove_copy(c.block_id, c.tier_id, c.encoding)
+                self.dropping[c.tier_id] -= 1
                 if freed:  # a shared copy's drop frees nothing while its buffer is held
                     self.drops_done[c.tier_id] = self.drops_done.get(c.tier_id, 0) + 1
                 ctl.copies_changed.notify_all()  # a copy refused for room may try again

@@ -66,9 +66,7 @@ def rebuild(ex: Executor, spec: BlockSpec, dst: str, encoding: Encoding) -> bool
                     delta = ex._source(recipe.delta, dst, FULL)  # lossless: full precision
                 except RuntimeError:
                     return False
-        epoch = reg.new_epoch()
-        reg.add_copy(CopyEntry(block_id, dst, encoding, CopyStatus.IN_FLIGHT, epoch))
-        checksum = reg.checksums.get((block_id, encoding), "")
+        epoch, checksum = ex.begin(block_id, dst, encoding)
         inputs = [reg.spec(i) for i in inputs_of(recipe)]
     moved = 0
     tier = ctl.handles[dst]
@@ -84,24 +82,12 @@ def rebuild(ex: Executor, spec: BlockSpec, dst: str, encoding: Encoding) -> bool
             call = tier.regenerate.remote(spec, recipe, inputs, encoding, epoch, checksum, *sources)
         entry, handle = ray.get(call, timeout=ctl.config.call_timeout_s)
     except Exception as err:
-        with ctl.lock:
-            current = reg.copy(block_id, dst, encoding)
-            if current is not None and current.epoch == epoch:
-                reg.remove_copy(block_id, dst, encoding)
-            ctl.copies_changed.notify_all()
+        ex.abandon(block_id, dst, encoding, epoch)
         ctl.count("regenerate_fallbacks")
         ctl.record("fault", block_id, f"not rebuilt, copied instead: {type(err).__name__}: {err}")
         return False
-    with ctl.lock:
-        current = reg.copy(block_id, dst, encoding)
-        if current is None or current.epoch != epoch:
-            return True  # the destination failed meanwhile; its copies were forgotten
-        entry.created_s = ctl.now()
-        reg.add_copy(entry)
-        reg.checksums.setdefault((block_id, encoding), entry.checksum)
-        reg.measured(block_id, encoding, entry.nbytes)
-        ex.handles[(block_id, dst, encoding)] = handle[0]
-        ctl.copies_changed.notify_all()
+    if not ex.commit(entry, handle[0], epoch):
+        return True  # the destination failed meanwhile; its copies were forgotten
     ctl.count("regenerations")
     ctl.count("bytes:regenerate", moved)
     how = (
@@ -115,16 +101,18 @@ def rebuild(ex: Executor, spec: BlockSpec, dst: str, encoding: Encoding) -> bool
     return True
 
 
+def holds_own(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> bool:
+    """Whether the block has a ready copy of its own (not shared) on ``tier_id`` at
+    ``encoding``. Called under the controller's lock."""
+    c = _ready(ex, block_id, tier_id, encoding)
+    return c is not None and not c.shared_of
+
+
 def unshared_ties(ex: Executor, source_id: str, tier_id: str, encoding: Encoding) -> list[str]:
     """Blocks tied to ``source_id`` holding a copy of their own on ``tier_id`` at ``encoding``
     (which could share the source's copy there). Called under the controller's lock."""
-    reg = ex.ctl.registry
-    out = []
-    for block_id in reg.tied_by.get(source_id, ()):
-        c = _ready(ex, block_id, tier_id, encoding)
-        if c is not None and not c.shared_of:
-            out.append(block_id)
-    return out
+    tied = ex.ctl.registry.tied_by.get(source_id, ())
+    return [b for b in tied if holds_own(ex, b, tier_id, encoding)]
 
 
 def reshare(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> None:

@@ -14,13 +14,13 @@ Contract:
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.copies import CopyEntry, CopyStatus, TierInfo
 from actors.registry_recipes import RecipeBook
 from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_ENCODINGS, h100_pcie5_links
 from policy.snapshot import (
@@ -43,7 +43,7 @@ from pool.codecs import encoded_nbytes
 from pool.encoding import FULL, PRECISION_BITS, Compression, Encoding, Precision
 from pool.errors import DuplicateBlockError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied
-from pool.tiers import TierKind, TierSpec
+from pool.tiers import TierKind
 
 LEVEL_OF_KIND = {
     TierKind.HBM: HBM,
@@ -52,39 +52,6 @@ LEVEL_OF_KIND = {
     TierKind.STORAGE: STORAGE,
 }
 ZSTD_RATIO_ESTIMATE = 0.84  # bench/codecs.py on real INT4 weights; replaced by the measured size
-
-
-class CopyStatus(enum.Enum):
-    IN_FLIGHT = "in-flight"
-    READY = "ready"
-    EVICTING = "evicting"
-
-
-@dataclass(frozen=True)
-class TierInfo:
-    spec: TierSpec
-    node_id: str  # the Ray node the tier's actor is pinned to
-
-    @property
-    def tier_id(self) -> str:
-        return self.spec.tier_id
-
-    @property
-    def kind(self) -> TierKind:
-        return self.spec.kind
-
-
-@dataclass
-class CopyEntry:
-    block_id: str
-    tier_id: str
-    encoding: Encoding
-    status: CopyStatus
-    epoch: int
-    nbytes: int = 0
-    checksum: str = ""
-    created_s: float = 0.0
-    shared_of: str = ""  # a tied block's copy: the block whose copy (one buffer) it shares
 
 
 @dataclass
@@ -165,12 +132,20 @@ class Registry(RecipeBook):
         (storage,) = self.tiers_of(TierKind.STORAGE)
         return storage
 
-    def add_model(self, name: str, specs: Sequence[BlockSpec], home_hbm: str) -> None:
-        """Register a model's blocks, placed for the HBM tier ``home_hbm``.
+    def add_model(
+        self,
+        name: str,
+        specs: Sequence[BlockSpec],
+        home_hbm: str,
+        recipes: Mapping[str, Tied | LowRankDelta] | None = None,
+    ) -> None:
+        """Register a model's blocks, placed for the HBM tier ``home_hbm``, those in
+        ``recipes`` REGENERABLE by them; all or nothing.
 
         Raises:
             DuplicateBlockError: a block id (or the model name) is already registered.
             UnknownBlockError: ``home_hbm`` is not an HBM tier.
+            SpecError, UnknownBlockError: a recipe does not fit (``check_recipes``).
         """
         if home_hbm not in self.tiers or self.tiers[home_hbm].kind is not TierKind.HBM:
             raise UnknownBlockError(
@@ -182,6 +157,7 @@ class Registry(RecipeBook):
         dup = [s.block_id for s in specs if s.block_id in self.specs]
         if dup:
             raise DuplicateBlockError(f"blocks already registered: {dup[:5]}")
+        self.check_recipes(recipes or {}, specs, home_hbm)
         layers = max((s.layer for s in specs if s.layer >= 0), default=-1) + 1
         experts = max((s.expert + 1 for s in specs if s.expert is not None), default=0)
         self.models[name] = ModelEntry(name, home_hbm, max(layers, 1), experts)
@@ -190,6 +166,7 @@ class Registry(RecipeBook):
             self.copies.setdefault(spec.block_id, {})
             self._index[spec.block_id] = len(self._order)
             self._order.append(spec.block_id)
+        self.adopt_recipes(recipes or {})
         self._static = None
 
     def spec(self, block_id: str) -> BlockSpec:

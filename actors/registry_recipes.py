@@ -9,13 +9,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from actors.copies import CopyEntry, CopyStatus, TierInfo
 from pool.blocks import BlockSpec
 from pool.encoding import FULL
 from pool.errors import SpecError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
 
 if TYPE_CHECKING:
-    from actors.registry import CopyEntry, TierInfo, _Static
+    from actors.registry import _Static
 
 
 class RecipeBook:
@@ -79,6 +80,10 @@ class RecipeBook:
         """Make blocks REGENERABLE by their recipes, all or none (raises as
         :meth:`check_recipes`, nothing changed)."""
         self.check_recipes(recipes)
+        self.adopt_recipes(recipes)
+
+    def adopt_recipes(self, recipes: Mapping[str, Tied | LowRankDelta]) -> None:
+        """Add recipes already checked (``check_recipes``)."""
         self.recipes.update(recipes)
         for block_id, recipe in recipes.items():
             if isinstance(recipe, Tied):
@@ -89,8 +94,6 @@ class RecipeBook:
         """Blocks the runtime can rebuild in their home HBM tier now: those whose recipe's
         input is there (a tied source at any encoding, a base at full precision). The array is
         the same object while that set is the same (the policy caches by identity)."""
-        from actors.registry import CopyStatus  # the registry module imports this one
-
         rows = []
         for block_id, recipe in self.recipes.items():
             home = self.home_of(block_id).tier_id

@@ -41,8 +41,8 @@ class Tied(BaseModel):
 
 
 class LowRankDelta(BaseModel):
-    """``W = W_base + scale * (up @ down)`` for each of ``tensors`` (names of the block's
-    tensors); every other tensor of the block equals the base's."""
+    """``W = W_base + (scale * up) @ down`` (:func:`merged`) for each of ``tensors`` (names of
+    the block's tensors); every other tensor of the block equals the base's."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     kind: Literal["low-rank-delta"] = "low-rank-delta"
