@@ -373,6 +373,19 @@ class Executor:
             in_grace = ctl.now() < ctl.grace_until_s and reg.tiers[c.tier_id].kind is TierKind.HBM
             if in_grace or ctl.leases.pins(c.block_id, c.tier_id, c.encoding, ctl.now()):
                 ctl.count("drops_deferred_leased")
+                key = (c.block_id, c.tier_id, c.encoding)
+                why = (
+                    "the restart's grace period"
+                    if in_grace
+                    else "leased by "
+                    + ", ".join(
+                        f"{x.holder} ({'kept' if x.recallable else 'in use'})"
+                        for x in ctl.leases.live_on(key, ctl.now())
+                    )
+                )
+                ctl.record(
+                    "execute", c.block_id, f"drop of {c.tier_id}@{c.encoding.name} deferred: {why}"
+                )
                 return False
             current.status = CopyStatus.EVICTING
             self.dropping[c.tier_id] = self.dropping.get(c.tier_id, 0) + 1

@@ -174,7 +174,10 @@ def test_under_pressure_the_recalled_lease_is_released_at_a_safe_point_then_the_
     after = counters(p)
     assert after.get("lease_violations", 0) == 0
     # The executor never even tried to drop a leased copy: the moves waited for the release.
-    assert after.get("drops_deferred_leased", 0) == before.get("drops_deferred_leased", 0)
+    deferred = [
+        str(r) for r in ray.get(p.controller.audit.remote(kind="execute")) if "deferred" in r.detail
+    ]
+    assert after.get("drops_deferred_leased", 0) == before.get("drops_deferred_leased", 0), deferred
     assert torch.equal(forward(managed, x), want)  # a leases what moved again, bit-exact
 
 
