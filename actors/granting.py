@@ -262,13 +262,19 @@ class LeaseService:
         them, and settle the barriers of earlier recalls. Returns the transition rows to hold
         back this step: those whose copies are recalled (pinned until the holders release or
         the leases expire), and the copies into the same HBM tiers that do not fit until then
-        (they would fail for capacity). A later step plans them again. Copies left on a drained
-        tier are recalled too (the drain drops them once free). Takes the lock; no Ray call."""
+        (they would fail for capacity). Also held: the moves of blocks whose chain is still
+        running (it may end before the submission, and the executor would then take a move
+        whose copies nothing here looked at) and those that would drop a copy a plain lease
+        granted since the step's snapshot pins. A later step plans them again, so that the
+        executor does not try to drop a leased copy. Copies
+        left on a drained tier are recalled too (the drain drops them once free). Takes the
+        lock; no Ray call."""
         rows = plan.transition_rows
         encodings = self.registry.encodings
         with self.executor.lock:
             busy = set(self.executor.busy)
         held: set[int] = set()
+        waiting: set[int] = set()  # rows held back for a reason other than a recall
         recalled: list[Lease] = []
         wanted: set[CopyKey] = set()
         now = self.now()
@@ -277,7 +283,10 @@ class LeaseService:
             for i in range(len(rows.block)):
                 block_id = plan.block_ids[int(rows.block[i])]
                 if block_id in busy:
-                    continue  # the executor would not take it this step
+                    # Its chain may end before the submission: then the executor would take a
+                    # move whose copies no recall below looked at. The next step plans it again.
+                    waiting.add(i)
+                    continue
                 code = int(rows.target_encoding[i])
                 home = self.registry.home_of(block_id).tier_id
                 moves.append((i, block_id, home, None if code < 0 else encodings[code]))
@@ -285,13 +294,16 @@ class LeaseService:
             for i, keys in leaving.items():
                 wanted.update(keys)
                 for key in keys:
-                    if any(x.recallable for x in self.leases.live_on(key, now)):
+                    live = self.leases.live_on(key, now)
+                    if any(x.recallable for x in live):
                         recalled += self.leases.recall(key, now)
                         held.add(i)
+                    elif live:  # a plain lease granted since the snapshot: the next step sees it
+                        waiting.add(i)
             full = {home for i, _, home, _ in moves if i in held}
-            held |= self._overflowing(moves, held, full)
+            held |= self._overflowing(moves, held | waiting, full)
             for i, keys in leaving.items():
-                if i not in held:  # runs now: nothing may lease a copy it is about to drop
+                if i not in held and i not in waiting:  # runs now: no lease on what it drops
                     for key in keys:
                         self.leases.recall(key, now)
             for tier_id in self.registry.draining:
@@ -318,7 +330,8 @@ class LeaseService:
                 )
         self.count("recall_barriers_lifted", len(lifted))
         self.count("transitions_held_for_recall", len(held))
-        return held
+        self.count("transitions_held_for_lease_or_chain", len(waiting))
+        return held | waiting
 
     def _overflowing(
         self, moves: list[tuple[int, str, str, Encoding | None]], held: set[int], tiers: set[str]

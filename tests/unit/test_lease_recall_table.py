@@ -1,10 +1,18 @@
-"""The lease table's recalls, without Ray: which leases the step sees, barriers, no extension."""
+"""The lease table's recalls, without Ray: which leases the step sees, barriers, no extension,
+and which of a plan's moves the controller holds back."""
 
 from __future__ import annotations
 
 import dataclasses
+import threading
+from collections import Counter
+from types import SimpleNamespace
 
+import numpy as np
+
+from actors.granting import LeaseService
 from actors.leases import LeaseTable
+from pool.blocks import BlockSpec, TensorSpec
 from pool.encoding import FULL, Encoding
 
 INT8 = Encoding.parse("int8")
@@ -50,3 +58,50 @@ def test_a_lease_presented_with_another_kind_is_refused():
     assert table.renew(forged, now_s=1.0) is None  # a holder cannot turn it into a hard pin
     assert table.release([forged]) == 0
     assert table.release([kept]) == 1 and table.by_copy == {}
+
+
+class Recaller(LeaseService):
+    """The controller's lease service over a real registry and lease table, with an executor
+    that has only its busy set (the blocks whose chains run)."""
+
+    def __init__(self, registry, table: LeaseTable, busy: set[str]) -> None:
+        self.registry, self.leases = registry, table
+        self.executor = SimpleNamespace(lock=threading.Lock(), busy=busy)
+        self.lock = threading.RLock()
+        self.counters: Counter[str] = Counter()
+        self.records: list[tuple[str, str, str]] = []
+
+    def now(self) -> float:
+        return 1.0
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.counters[key] += n
+
+    def record(self, kind: str, block_id: str, detail: str) -> None:
+        self.records.append((kind, block_id, detail))
+
+
+def test_moves_the_executor_would_find_leased_or_running_wait_for_the_next_step():
+    # Four evictions of HBM copies planned from one snapshot: by the time the plan is handed
+    # on, a plain lease was granted on block 0's copy, block 1's chain is still running, a
+    # kept lease pins block 2's. Only block 3's eviction runs now, and only its copy is barred.
+    from tests.unit.test_runtime_parts import entry, registry_with_model
+
+    reg = registry_with_model()
+    weight = TensorSpec("weight", "layers.0.weight", (64, 64), "float32")
+    reg.add_model("n", [BlockSpec("n/layers.0", (weight,), layer=0)], "n1/hbm0")
+    blocks = ["m/layers.0", "m/layers.1", "m/layers.2", "n/layers.0"]
+    for epoch, block in enumerate(blocks):
+        reg.add_copy(entry(block, "n1/hbm0", FULL, epoch + 1))
+    table = LeaseTable(ttl_s=10.0, generation="g")
+    table.grant("C", blocks[0], "n1/hbm0", FULL, epoch=1, now_s=0.5)
+    kept = table.grant("A", blocks[2], "n1/hbm0", FULL, epoch=3, now_s=0.5, recallable=True)
+    service = Recaller(reg, table, busy={blocks[1]})
+    rows = SimpleNamespace(block=np.arange(4), target_encoding=np.full(4, -1))
+    plan = SimpleNamespace(block_ids=blocks, transition_rows=rows)
+
+    assert service.recall_for_plan(plan) == {0, 1, 2}
+    assert table.recalled == {kept.lease_id}
+    assert {key[0] for key in table.barred} == {blocks[2], blocks[3]}
+    assert service.counters["transitions_held_for_recall"] == 1
+    assert service.counters["transitions_held_for_lease_or_chain"] == 2
