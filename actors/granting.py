@@ -338,13 +338,14 @@ class LeaseService:
     ) -> set[int]:
         """The moves (not held) that make a new copy in one of ``tiers`` (HBM tiers whose room
         waits for recalled copies) beyond the room free now, counting every copy there, in
-        flight or ready, at its size. Under the lock."""
+        flight or ready, at its size (a shared copy at none). Under the lock."""
         room = {}
         for tier_id in tiers:
             capacity = self.registry.tiers[tier_id].spec.capacity_bytes
-            used = sum(
+            used = sum(  # a shared copy's bytes are its source's, counted once
                 self.registry.nbytes(c.block_id, c.encoding)
                 for c in self.registry.copies_on(tier_id)
+                if not c.shared_of
             )
             room[tier_id] = (capacity or 1 << 62) - used
         out = set()

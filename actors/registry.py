@@ -95,8 +95,9 @@ class Registry(RecipeBook):
     _index: dict[str, int] = field(default_factory=dict)
     _static: _Static | None = None
     _regen_static: _Static | None = None  # what _regen_array was made for
-    _regen_rows: tuple[int, ...] = ()
+    _regen_key: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] = ((), ())
     _regen_array: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    _regen_nbytes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
 
     # -- tiers and blocks -----------------------------------------------------------------------
 
@@ -301,7 +302,7 @@ class Registry(RecipeBook):
             fallback_level=none,
             in_flight_encoding=none,
             placed_at_s=np.zeros(n),
-            regenerable=np.zeros(n, bool),  # which can be rebuilt now: see ``_regenerable``
+            regenerable=np.zeros(n, bool),  # which can be rebuilt now: see ``_regen_view``
             hbm_tier=columns[5].copy(),
             host_tier=columns[6].copy(),
             cxl_tier=columns[7].copy(),
@@ -381,9 +382,11 @@ class Registry(RecipeBook):
         for block_id, t_s in (last_use_s or {}).items():
             if block_id in self._index:
                 last_use[self._index[block_id]] = t_s
+        regenerable, nbytes = self._regen_view(st)
         blocks = dataclasses.replace(
             b,
-            regenerable=self._regenerable(st),
+            nbytes=nbytes,
+            regenerable=regenerable,
             leased=leased_mask,
             demand=demand_mask,
             last_use_s=last_use,

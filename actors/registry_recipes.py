@@ -1,5 +1,6 @@
 """The registry's REGENERABLE blocks (``pool.regen``): their recipes checked and added, and
-which of them the runtime can rebuild now, as the policy's ``regenerable`` array. A mixin of
+which of them the runtime can rebuild now, as the policy's ``regenerable`` array, and what
+their shared copies cost, as its ``nbytes``. A mixin of
 :class:`actors.registry.Registry` (pure Python and numpy, no Ray)."""
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import numpy as np
 
 from actors.copies import CopyEntry, CopyStatus, TierInfo
 from pool.blocks import BlockSpec
-from pool.encoding import FULL
+from pool.encoding import FULL, Encoding
 from pool.errors import SpecError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
 
 if TYPE_CHECKING:
     from actors.registry import _Static
+
+SHARED_NBYTES = 1  # what a copy that shares its source's buffer costs, as the policy is told
 
 
 class RecipeBook:
@@ -29,8 +32,10 @@ class RecipeBook:
         _index: dict[str, int]
         _static: _Static | None
         _regen_static: _Static | None
-        _regen_rows: tuple[int, ...]
+        _regen_key: tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
         _regen_array: np.ndarray
+        _regen_nbytes: np.ndarray
+        encodings: tuple[Encoding, ...]
 
         def home_of(self, block_id: str) -> TierInfo: ...
 
@@ -90,24 +95,43 @@ class RecipeBook:
                 self.tied_by.setdefault(recipe.source, []).append(block_id)
         self._static = None
 
-    def _regenerable(self, st: _Static) -> np.ndarray:
-        """Blocks the runtime can rebuild in their home HBM tier now: those whose recipe's
-        input is there (a tied source at any encoding, a base at full precision). The array is
-        the same object while that set is the same (the policy caches by identity)."""
-        rows = []
+    def _regen_view(self, st: _Static) -> tuple[np.ndarray, np.ndarray]:
+        """The policy's ``regenerable`` and ``nbytes`` arrays as the recipes make them now.
+
+        A block is regenerable while its recipe's input is in its home HBM tier (a tied source
+        at any encoding, a base at full precision): the runtime can rebuild it there. A tied
+        block costs that tier no bytes at an encoding its source holds there (the tier shares
+        the source's copy and counts it once), so the policy is told ``SHARED_NBYTES`` for it
+        (1: the step divides by bytes) and does not count the shared buffer twice. Such a
+        block is regenerable, so the step gives it no host or CXL copy, the only other place
+        it would count those bytes. Each array is the same object while what it says is the
+        same (the policy caches by identity); ``nbytes`` is the static one when nothing is
+        shared."""
+        rows: list[int] = []
+        shared: list[tuple[int, int]] = []
+        enc_index = {enc: j for j, enc in enumerate(self.encodings)}
         for block_id, recipe in self.recipes.items():
             home = self.home_of(block_id).tier_id
-            base = recipe.source if isinstance(recipe, Tied) else recipe.base
-            if any(
-                c.tier_id == home
-                and c.status is CopyStatus.READY
-                and (isinstance(recipe, Tied) or c.encoding == FULL)
-                for c in self.copies[base].values()
-            ):
-                rows.append(self._index[block_id])
-        key = tuple(sorted(rows))
-        if self._regen_static is not st or self._regen_rows != key:
-            array = np.zeros(st.blocks.count, bool)
-            array[rows] = True
-            self._regen_static, self._regen_rows, self._regen_array = st, key, array
-        return self._regen_array
+            tied = isinstance(recipe, Tied)
+            ready = [
+                c.encoding
+                for c in self.copies[recipe.source if tied else recipe.base].values()
+                if c.tier_id == home and c.status is CopyStatus.READY
+            ]
+            row = self._index[block_id]
+            if ready if tied else FULL in ready:
+                rows.append(row)
+            if tied:
+                shared += [(row, enc_index[e]) for e in ready if e in enc_index]
+        key = (tuple(sorted(rows)), tuple(sorted(shared)))
+        if self._regen_static is not st or self._regen_key != key:
+            regenerable = np.zeros(st.blocks.count, bool)
+            regenerable[rows] = True
+            nbytes = st.blocks.nbytes
+            if shared:
+                nbytes = nbytes.copy()
+                at_row, at_encoding = zip(*shared, strict=True)
+                nbytes[list(at_row), list(at_encoding)] = SHARED_NBYTES
+            self._regen_static, self._regen_key = st, key
+            self._regen_array, self._regen_nbytes = regenerable, nbytes
+        return self._regen_array, self._regen_nbytes

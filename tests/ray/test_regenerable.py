@@ -235,3 +235,25 @@ def test_a_restarted_controller_keeps_the_regenerators_and_the_shared_copies(reg
         head = client.get("tied/lm_head")["weight"]
     assert torch.equal(head, tiny_model(seed=0, tie=True).state_dict()["lm_head.weight"])
     assert ray.get(regen.controller.consistency.remote()) == []
+
+
+def test_the_policy_counts_a_shared_copy_once(ray_cluster, tmp_path):
+    # An HBM tier with room for every block's bytes but the tied head's (less the policy's
+    # headroom): counting the shared buffer once, the policy places the whole model there.
+    state = tiny_model(seed=7, tie=True).state_dict()
+    specs = plan_blocks(StateDictSource(state), "fit")
+    total = sum(s.full_nbytes for s in specs)
+    head = next(s.full_nbytes for s in specs if s.block_id == "fit/lm_head")
+    headroom = 0.05  # PolicyConfig's hbm_headroom_fraction
+    capacity = int((total - head) / (1 - headroom)) + 4096
+    assert capacity * (1 - headroom) < total  # the head's own copy would not fit
+    pool = make_pool("t-regen-fit", tmp_path, hbm_bytes_per_device=capacity)
+    try:
+        home = pool.load_state_dict(state, "fit")
+        wait_until(lambda: all_premium(pool, "fit"), what="every block premium")
+        assert ray.get(pool.tier(home).report.remote()).used_bytes == total - head
+        with PoolClient(namespace="t-regen-fit") as client:
+            assert torch.equal(client.get("fit/lm_head")["weight"], state["lm_head.weight"])
+        assert ray.get(pool.controller.consistency.remote()) == []
+    finally:
+        teardown("t-regen-fit")

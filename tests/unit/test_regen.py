@@ -3,6 +3,7 @@ registry's checks and REGENERABLE arrays, and the memory backend's accounting of
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ from pool.regen import (
     tied_recipes,
 )
 from pool.tiers import TierKind, TierSpec
-from tests.unit.test_runtime_parts import registry_with_model, tier
+from tests.unit.test_runtime_parts import INT8, registry_with_model, tier
 
 
 def test_a_merged_delta_is_the_same_bits_whatever_the_thread_count():
@@ -147,9 +148,26 @@ def test_the_registry_marks_regenerable_blocks_and_refuses_ties_across_tiers():
     reg.add_copy(CopyEntry("m/layers.0", "n1/hbm0", FULL, CopyStatus.IN_FLIGHT, 1))
     assert reg.snapshot(telemetry).blocks.regenerable is first
     reg.add_copy(CopyEntry("m/layers.0", "n1/hbm0", FULL, CopyStatus.READY, 1))
-    second = reg.snapshot(telemetry).blocks.regenerable
+    snap = reg.snapshot(telemetry).blocks
+    second = snap.regenerable
     assert second.tolist() == [False, False, True]
     assert reg.snapshot(telemetry).blocks.regenerable is second  # the policy's cache key
+    # The tied block shares its source's full copy there: it costs the tier 1 byte at full
+    # precision for the policy, its own size at every other encoding; the other rows as built.
+    full = reg.encodings.index(FULL)
+    static = reg._current_static().blocks.nbytes
+    assert snap.nbytes[2, full] == 1 and static[2, full] == 64 * 64 * 4
+    others = np.ones(static.shape, bool)
+    others[2, full] = False
+    assert np.array_equal(snap.nbytes[others], static[others])
+    assert reg.snapshot(telemetry).blocks.nbytes is snap.nbytes  # the policy's cache key
+    reg.add_copy(CopyEntry("m/layers.0", "n1/hbm0", INT8, CopyStatus.READY, 2))
+    assert reg.snapshot(telemetry).blocks.nbytes[2].tolist() == [
+        1 if e in (FULL, INT8) else static[2, j] for j, e in enumerate(reg.encodings)
+    ]
+    reg.remove_copy("m/layers.0", "n1/hbm0", FULL)
+    reg.remove_copy("m/layers.0", "n1/hbm0", INT8)
+    assert reg.snapshot(telemetry).blocks.nbytes is static  # nothing shared: the built array
 
 
 def test_a_shared_copy_counts_once_until_its_last_holder_drops_it():
