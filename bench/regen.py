@@ -17,6 +17,15 @@ holds more afterwards. HBM is emulated (no GPU here); the rebuild runs on the HB
 CPU.
 
     python bench/regen.py --json
+
+``--tight K`` measures instead whether the policy counts shared copies once: the HBM tier gets
+room for MiniLM and K variants registered by ``load_adapter`` as they really cost it (each its
+merged blocks and factors; the rest shares the base's copies), less the policy's headroom, plus
+1 MiB. It loads the base and the K variants, waits until the pool is idle, and reports how many
+of the variants' blocks are PREMIUM and the HBM bytes held. A policy that counted each shared
+copy again would see every variant at a full model's size and leave blocks out.
+
+    python bench/regen.py --tight 3 --json
 """
 
 from __future__ import annotations
@@ -78,17 +87,96 @@ def wait_premium(pool: Pool, model: str, timeout_s: float = 300.0) -> None:
     raise SystemExit(f"{model} did not become resident in {timeout_s} s")
 
 
+def variant_bytes(base_state: dict[str, torch.Tensor], factors: dict) -> int:
+    """What a variant by ``load_adapter`` adds to HBM: its merged blocks and its factors."""
+    bases = {s.block_id: s for s in plan_blocks(StateDictSource(base_state), "minilm")}
+    adapted = {f"minilm/{key.rsplit('.', 1)[0]}" for key in factors}
+    merged = sum(bases[b].full_nbytes for b in adapted)
+    return merged + sum(up.nbytes + down.nbytes for up, down in factors.values())
+
+
+def wait_idle(pool: Pool, timeout_s: float = 120.0) -> None:
+    """Until the controller has nothing queued or running for 2 s in a row."""
+    deadline, quiet_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        if ray.get(pool.controller.idle.remote()):
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= 2.0:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.05)
+    raise SystemExit(f"the pool was not idle within {timeout_s} s")
+
+
+def tight(variants: int, as_json: bool) -> None:
+    base_state = load_file(str(minilm_checkpoint()))
+    factors = adapter(base_state)
+    base = sum(s.full_nbytes for s in plan_blocks(StateDictSource(base_state), "minilm"))
+    variant = variant_bytes(base_state, factors)
+    headroom = PoolConfig().policy.hbm_headroom_fraction
+    hbm = int((base + variants * variant) / (1 - headroom)) + (1 << 20)
+    ray.init(address="local", num_cpus=2, object_store_memory=2 << 30, include_dashboard=False)
+    storage = tempfile.mkdtemp(prefix="weightpool-bench-regen-")
+    pool = start_pool(
+        PoolConfig(namespace=NAMESPACE, storage_dir=storage, hbm_bytes_per_device=hbm)
+    )
+    try:
+        home = pool.load_checkpoint(minilm_checkpoint(), "minilm")
+        wait_premium(pool, "minilm")
+        names = [f"ft-{i}" for i in range(variants)]
+        for name in names:
+            pool.load_adapter("minilm", base_state, name, factors, scale=2.0)
+        wait_idle(pool)
+        blocks = [
+            s.block_id for n in names for s in ray.get(pool.controller.model_blocks.remote(n))[1]
+        ]
+        states = ray.get([pool.controller.block_state.remote(b) for b in blocks])
+        used = hbm_bytes(pool, home)
+    finally:
+        stop_pool(NAMESPACE)
+        ray.shutdown()
+    premium = sum(state == "premium" for state in states)
+    print(
+        f"HBM {hbm / 2**20:.1f} MiB: room for MiniLM ({base / 2**20:.1f} MiB) and {variants} "
+        f"variants at {variant / 2**20:.1f} MiB each (a full copy would be {base / 2**20:.1f})"
+    )
+    print(f"variants' blocks PREMIUM: {premium} of {len(blocks)}; HBM held {used / 2**20:.1f} MiB")
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "bench": "regen_tight",
+                    "variants": variants,
+                    "hbm_bytes": hbm,
+                    "base_bytes": base,
+                    "variant_bytes": variant,
+                    "variant_blocks": len(blocks),
+                    "variant_blocks_premium": premium,
+                    "hbm_used_bytes": used,
+                    "hbm_emulated": True,
+                }
+            )
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=2, help="variants of each kind")
     parser.add_argument("--json", action="store_true", help="print the JSON summary last")
+    parser.add_argument(
+        "--tight", type=int, default=0, metavar="K", help="HBM for the base and K variants only"
+    )
     args = parser.parse_args()
+    if args.tight:
+        tight(args.tight, args.json)
+        return
 
     ray.init(address="local", num_cpus=2, object_store_memory=2 << 30, include_dashboard=False)
     storage = tempfile.mkdtemp(prefix="weightpool-bench-regen-")
-    hbm = (args.rounds * 2 + 2) * (96 << 20)  # the policy counts a shared copy's bytes again
+    hbm = (args.rounds * 2 + 2) * (96 << 20)  # room for every variant as a full copy
     pool = start_pool(
         PoolConfig(namespace=NAMESPACE, storage_dir=storage, hbm_bytes_per_device=hbm)
     )
