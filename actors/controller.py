@@ -346,6 +346,9 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
                 self.policy_state = initial_state(snapshot, self.config.policy)
             plan, self.policy_state = step(snapshot, self.policy_state, self.config.policy)
             self.last_plan = plan
+            reshares = [  # tied blocks' own copies a lease pinned when their source landed
+                key for key in self.registry.unshared_ties if not self.leases.pins(*key, now)
+            ]
         self.count("steps")
         for phase, ms in plan.metrics.phase_ms.items():
             self.count(f"phase_us:{phase}", int(ms * 1e3))
@@ -367,6 +370,8 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
                 STATE_CODES[int(rows.to_state[i])].value,
                 REASONS[int(rows.reason[i])],
             )
+        for key in reshares:  # after the plan's own: a block with a chain queued is skipped
+            self.executor.submit_reshare(*key)
         self.count("step_us", int((time.perf_counter() - started) * 1e6))
 
     def _submission_order(self, plan: Any) -> list[int]:

@@ -9,7 +9,9 @@
 A tied block whose source's chain is running in the same executor (the two promoted by one plan)
 waits for that chain first, so that the pair shares one copy whichever thread runs first. A tied
 block that got its own copy anyway (its source arrived later) is shared once the source lands:
-:func:`unshared_ties` names it, :func:`reshare` swaps it when no lease pins it.
+:func:`unshared_ties` names it, :func:`reshare` swaps it when no lease pins it. One a lease
+pinned then is named by the registry's snapshot (``Registry.unshared_ties``) and re-shared by
+the first step that finds it free.
 Anything else (an input not in the tier, a rebuild that fails) leaves the copy to the caller,
 which moves the block's own bytes as for any block.
 """

@@ -98,6 +98,9 @@ class Registry(RecipeBook):
     _regen_key: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] = ((), ())
     _regen_array: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     _regen_nbytes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+    # Tied blocks' own copies that could share their source's (block, tier, encoding), as of
+    # the last snapshot.
+    unshared_ties: list[tuple[str, str, Encoding]] = field(default_factory=list)
 
     # -- tiers and blocks -----------------------------------------------------------------------
 

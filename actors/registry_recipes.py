@@ -36,6 +36,7 @@ class RecipeBook:
         _regen_array: np.ndarray
         _regen_nbytes: np.ndarray
         encodings: tuple[Encoding, ...]
+        unshared_ties: list[tuple[str, str, Encoding]]
 
         def home_of(self, block_id: str) -> TierInfo: ...
 
@@ -104,11 +105,14 @@ class RecipeBook:
         the source's copy and counts it once), so the policy is told ``SHARED_NBYTES`` for it
         (1: the step divides by bytes) and does not count the shared buffer twice. Such a
         block is regenerable, so the step gives it no host or CXL copy, the only other place
-        it would count those bytes. Each array is the same object while what it says is the
-        same (the policy caches by identity); ``nbytes`` is the static one when nothing is
-        shared."""
+        it would count those bytes. A tied block that holds a copy of its own there (its
+        source landed after it) counts that copy's size until it is re-shared: those copies are
+        left in ``unshared_ties`` for the controller. Each array is the same object while what
+        it says is the same (the policy caches by identity); ``nbytes`` is the static one when
+        nothing is shared."""
         rows: list[int] = []
         shared: list[tuple[int, int]] = []
+        unshared: list[tuple[str, str, Encoding]] = []
         enc_index = {enc: j for j, enc in enumerate(self.encodings)}
         for block_id, recipe in self.recipes.items():
             home = self.home_of(block_id).tier_id
@@ -121,8 +125,15 @@ class RecipeBook:
             row = self._index[block_id]
             if ready if tied else FULL in ready:
                 rows.append(row)
-            if tied:
-                shared += [(row, enc_index[e]) for e in ready if e in enc_index]
+            if not tied:
+                continue
+            for e in ready:
+                own = self.copies[block_id].get((home, e))
+                if own is not None and own.status is CopyStatus.READY and not own.shared_of:
+                    unshared.append((block_id, home, e))  # its own bytes until re-shared
+                elif e in enc_index:
+                    shared.append((row, enc_index[e]))
+        self.unshared_ties = unshared
         key = (tuple(sorted(rows)), tuple(sorted(shared)))
         if self._regen_static is not st or self._regen_key != key:
             regenerable = np.zeros(st.blocks.count, bool)

@@ -156,6 +156,39 @@ def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
     assert ray.get(regen.controller.consistency.remote()) == []
 
 
+def test_a_tie_declared_while_the_own_copy_is_leased_is_shared_once_the_lease_ends(regen):
+    state = tiny_model(seed=8, tie=True).state_dict()
+    home = regen.load_state_dict(state, "held", tie=False)  # two copies of one tensor
+    wait_until(lambda: all_premium(regen, "held"), what="every block premium")
+    used = ray.get(regen.tier(home).report.remote()).used_bytes
+    head = state["lm_head.weight"]
+    before = regen.status()["counters"].get("reshared", 0)
+
+    def deferred() -> bool:
+        records = ray.get(regen.controller.audit.remote("execute", "held/lm_head"))
+        return any("deferred: leased by" in r.detail for r in records)
+
+    with PoolClient(namespace=NAMESPACE) as client:
+        assert torch.equal(client.acquire(["held/lm_head"])["held/lm_head"]["weight"], head)
+        regen.add_regenerators({"held/lm_head": Tied(source="held/model.embed_tokens")})
+        wait_until(deferred, what="the re-share deferred for the lease")
+        steps = regen.status()["counters"]["steps"]
+        wait_until(lambda: regen.status()["counters"]["steps"] > steps + 5, what="steps")
+        assert ray.get(regen.tier(home).report.remote()).used_bytes == used  # still its own
+        client.release()
+    # A later step re-shares it: the tier holds the head's bytes once.
+    shared = used - head.numel() * 4
+    wait_until(
+        lambda: ray.get(regen.tier(home).report.remote()).used_bytes == shared,
+        what="the copy re-shared after the release",
+    )
+    assert regen.status()["counters"]["reshared"] == before + 1
+    with PoolClient(namespace=NAMESPACE) as client:
+        assert torch.equal(client.get("held/lm_head")["weight"], head)
+    wait_until(lambda: settled(regen), what="settled")
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
 def test_a_rebuild_that_does_not_match_the_checksum_is_copied_instead(regen):
     # A recipe naming the wrong factors (those of "ft", not the ones merged into this model's
     # stored block) rebuilds other bytes: the tier refuses them by the block's checksum and

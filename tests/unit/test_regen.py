@@ -165,6 +165,13 @@ def test_the_registry_marks_regenerable_blocks_and_refuses_ties_across_tiers():
     assert reg.snapshot(telemetry).blocks.nbytes[2].tolist() == [
         1 if e in (FULL, INT8) else static[2, j] for j, e in enumerate(reg.encodings)
     ]
+    # A copy of its own at full precision (its source landed after it) counts its size until
+    # it is re-shared, and is named for the controller to re-share.
+    reg.add_copy(CopyEntry("m/layers.2", "n1/hbm0", FULL, CopyStatus.READY, 3))
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
+    assert reg.unshared_ties == [("m/layers.2", "n1/hbm0", FULL)]
+    reg.copy("m/layers.2", "n1/hbm0", FULL).shared_of = "m/layers.0"
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == 1 and reg.unshared_ties == []
     reg.remove_copy("m/layers.0", "n1/hbm0", FULL)
     reg.remove_copy("m/layers.0", "n1/hbm0", INT8)
     assert reg.snapshot(telemetry).blocks.nbytes is static  # nothing shared: the built array
