@@ -170,6 +170,10 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
                 continue
             with self.lock:
                 self.registry.set_dead(tier_id, False)
+                if report.shares_copies:
+                    self.registry.sharing.add(tier_id)
+                else:
+                    self.registry.sharing.discard(tier_id)
             if self.incarnations.get(tier_id) != report.incarnation:
                 self._reconcile(tier_id, report.incarnation)
 
@@ -346,9 +350,6 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
                 self.policy_state = initial_state(snapshot, self.config.policy)
             plan, self.policy_state = step(snapshot, self.policy_state, self.config.policy)
             self.last_plan = plan
-            reshares = [  # tied blocks' own copies a lease pinned when their source landed
-                key for key in self.registry.unshared_ties if not self.leases.pins(*key, now)
-            ]
         self.count("steps")
         for phase, ms in plan.metrics.phase_ms.items():
             self.count(f"phase_us:{phase}", int(ms * 1e3))
@@ -357,7 +358,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
             self.record("rejection", rejection.block_id, str(rejection))
         rows = plan.transition_rows
         encodings = self.registry.encodings
-        held = self.recall_for_plan(plan)  # moves of copies that kept leases pin wait
+        held, reshares = self.recall_for_plan(plan)  # moves of copies that leases pin wait
         for i in self._submission_order(plan):
             if i in held:
                 continue
@@ -370,7 +371,7 @@ class PlacementController(LeaseService, PoolQueries, AdminOps, RegenOps):
                 STATE_CODES[int(rows.to_state[i])].value,
                 REASONS[int(rows.reason[i])],
             )
-        for key in reshares:  # after the plan's own: a block with a chain queued is skipped
+        for key in reshares:  # tied blocks' other bytes that can share their source's now
             self.executor.submit_reshare(*key)
         self.count("step_us", int((time.perf_counter() - started) * 1e6))
 

@@ -41,3 +41,11 @@ class CopyEntry:
     checksum: str = ""
     created_s: float = 0.0
     shared_of: str = ""  # a tied block's copy: the block whose copy (one buffer) it shares
+    shared_epoch: int = 0  # with shared_of: the epoch of that block's copy
+
+
+def buffer_of(c: CopyEntry) -> tuple[str, int]:
+    """Which buffer a copy holds, as (block id, epoch) of the copy that made it: its own, or
+    the one it shares. A share outlives its source's copy (the buffer is freed with its last
+    holder), so a source copied in again holds another buffer than its old shares."""
+    return (c.shared_of, c.shared_epoch) if c.shared_of else (c.block_id, c.epoch)

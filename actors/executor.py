@@ -265,8 +265,8 @@ class Executor:
             ctl.copies_changed.notify_all()  # waiting acquires look again
             in_hbm = reg.tiers[entry.tier_id].kind is TierKind.HBM
             ties = unshared_ties(self, *key) if reg.tied_by and in_hbm else []
-        for tied in ties:
-            self.submit_reshare(tied, entry.tier_id, entry.encoding)
+        if ties:
+            ctl.wake.set()  # the next step re-shares them (``recall_for_plan``)
         return True
 
     def _copy(self, spec: BlockSpec, dst: str, encoding: Encoding) -> None:

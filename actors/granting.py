@@ -51,6 +51,7 @@ class LeaseService:
     last_use: dict[str, float]
     incarnations: dict[str, str]
     wake: threading.Event
+    grace_until_s: float  # after a restart: HBM copies count as leased until then
 
     if TYPE_CHECKING:
 
@@ -257,7 +258,7 @@ class LeaseService:
         with self.lock:
             return self.leases.recalls_of(holder)
 
-    def recall_for_plan(self, plan: Plan) -> set[int]:
+    def recall_for_plan(self, plan: Plan) -> tuple[set[int], list[CopyKey]]:
         """Recall the copies that ``plan``'s transitions would drop while recallable leases pin
         them, and settle the barriers of earlier recalls. Returns the transition rows to hold
         back this step: those whose copies are recalled (pinned until the holders release or
@@ -267,8 +268,12 @@ class LeaseService:
         whose copies nothing here looked at) and those that would drop a copy a plain lease
         granted since the step's snapshot pins. A later step plans them again, so that the
         executor does not try to drop a leased copy. Copies
-        left on a drained tier are recalled too (the drain drops them once free). Takes the
-        lock; no Ray call."""
+        left on a drained tier are recalled too (the drain drops them once free).
+
+        Also returns the re-shares to submit now: the tied blocks' copies that could share
+        their source's buffer (``Registry.unshared_ties``) and that no lease pins, barred as a
+        dropped copy is; kept leases on the others are recalled (plain ones are waited for).
+        None in the restart's grace period. Takes the lock; no Ray call."""
         rows = plan.transition_rows
         encodings = self.registry.encodings
         with self.executor.lock:
@@ -306,6 +311,18 @@ class LeaseService:
                 if i not in held and i not in waiting:  # runs now: no lease on what it drops
                     for key in keys:
                         self.leases.recall(key, now)
+            reshares: list[CopyKey] = []
+            planned = {block_id for _, block_id, _, _ in moves}
+            for key in self.registry.unshared_ties if now >= self.grace_until_s else ():
+                if key[0] in busy or key[0] in planned:
+                    continue
+                wanted.add(key)
+                live = self.leases.live_on(key, now)
+                if any(x.recallable for x in live):
+                    recalled += self.leases.recall(key, now)
+                elif not live:
+                    self.leases.recall(key, now)  # runs now: no lease on what it drops
+                    reshares.append(key)
             for tier_id in self.registry.draining:
                 for c in self.registry.copies_on(tier_id):
                     key = (c.block_id, c.tier_id, c.encoding)
@@ -331,7 +348,7 @@ class LeaseService:
         self.count("recall_barriers_lifted", len(lifted))
         self.count("transitions_held_for_recall", len(held))
         self.count("transitions_held_for_lease_or_chain", len(waiting))
-        return held | waiting
+        return held | waiting, reshares
 
     def _overflowing(
         self, moves: list[tuple[int, str, str, Encoding | None]], held: set[int], tiers: set[str]

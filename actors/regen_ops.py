@@ -24,6 +24,7 @@ class RegenOps:
     lock: threading.RLock
     registry: Registry
     executor: Executor
+    wake: threading.Event
 
     if TYPE_CHECKING:
 
@@ -66,8 +67,9 @@ class RegenOps:
 
     def add_regenerators(self, recipes: dict[str, Tied | LowRankDelta]) -> int:
         """Make registered blocks REGENERABLE by ``recipes`` (all or none), persisted; a tied
-        block already holding its own copy where its source's copy is shares it from now on
-        (unless a lease pins it). Returns the number of copies queued to be shared.
+        block already holding its own copy where its source's copy is shares it from the next
+        step on (``recall_for_plan``: a kept lease on it is recalled first, a plain one waited
+        for). Returns the number of such copies.
 
         Raises:
             SpecError, UnknownBlockError: as ``Registry.check_recipes`` (nothing changed).
@@ -85,7 +87,8 @@ class RegenOps:
             ]
         self.save_recipes()
         self.record("execute", "", f"regenerators added for {len(recipes)} blocks")
-        return sum(self.executor.submit_reshare(*q) for q in queued)
+        self.wake.set()  # the next step re-shares them
+        return len(queued)
 
     def save_recipes(self) -> None:
         """Write the registry's recipes (and those not restored) beside the catalog; one

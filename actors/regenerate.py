@@ -8,10 +8,11 @@
 
 A tied block whose source's chain is running in the same executor (the two promoted by one plan)
 waits for that chain first, so that the pair shares one copy whichever thread runs first. A tied
-block that got its own copy anyway (its source arrived later) is shared once the source lands:
-:func:`unshared_ties` names it, :func:`reshare` swaps it when no lease pins it. One a lease
-pinned then is named by the registry's snapshot (``Registry.unshared_ties``) and re-shared by
-the first step that finds it free.
+block that holds other bytes than its source's copy (its own, made before the source landed,
+or a share of a source copy since replaced) is re-shared by the controller's step: the registry's
+snapshot names it (``Registry.unshared_ties``), ``recall_for_plan`` recalls kept leases on it and
+bars it once free, and :func:`reshare` swaps it. A source landing wakes the step
+(:func:`unshared_ties`).
 Anything else (an input not in the tier, a rebuild that fails) leaves the copy to the caller,
 which moves the block's own bytes as for any block.
 """
@@ -104,10 +105,9 @@ def rebuild(ex: Executor, spec: BlockSpec, dst: str, encoding: Encoding) -> bool
 
 
 def holds_own(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> bool:
-    """Whether the block has a ready copy of its own (not shared) on ``tier_id`` at
-    ``encoding``. Called under the controller's lock."""
-    c = _ready(ex, block_id, tier_id, encoding)
-    return c is not None and not c.shared_of
+    """Whether the tied block holds other bytes on ``tier_id`` at ``encoding`` than its
+    source's copy there (``Registry.holds_own``). Called under the controller's lock."""
+    return ex.ctl.registry.holds_own(block_id, tier_id, encoding)
 
 
 def unshared_ties(ex: Executor, source_id: str, tier_id: str, encoding: Encoding) -> list[str]:
@@ -123,7 +123,8 @@ def reshare(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> No
     with ex.ctl.lock:
         c = _ready(ex, block_id, tier_id, encoding)
         spec = ex.ctl.registry.spec(block_id)
-    if c is None or c.shared_of or not ex._drop(c):
+        own = holds_own(ex, block_id, tier_id, encoding)
+    if c is None or not own or not ex._drop(c):
         return  # gone, shared already, or leased: it stays as it is
     ex.ctl.count("reshared")
     if not rebuild(ex, spec, tier_id, encoding):

@@ -101,6 +101,7 @@ class Registry(RecipeBook):
     # Tied blocks' own copies that could share their source's (block, tier, encoding), as of
     # the last snapshot.
     unshared_ties: list[tuple[str, str, Encoding]] = field(default_factory=list)
+    sharing: set[str] = field(default_factory=set)  # tiers that share copies (their reports)
 
     # -- tiers and blocks -----------------------------------------------------------------------
 

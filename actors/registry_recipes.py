@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from actors.copies import CopyEntry, CopyStatus, TierInfo
+from actors.copies import CopyEntry, CopyStatus, TierInfo, buffer_of
 from pool.blocks import BlockSpec
 from pool.encoding import FULL, Encoding
 from pool.errors import SpecError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
+from pool.tiers import TierKind
 
 if TYPE_CHECKING:
     from actors.registry import _Static
@@ -37,6 +38,8 @@ class RecipeBook:
         _regen_nbytes: np.ndarray
         encodings: tuple[Encoding, ...]
         unshared_ties: list[tuple[str, str, Encoding]]
+        sharing: set[str]
+        tiers: dict[str, TierInfo]
 
         def home_of(self, block_id: str) -> TierInfo: ...
 
@@ -96,20 +99,45 @@ class RecipeBook:
                 self.tied_by.setdefault(recipe.source, []).append(block_id)
         self._static = None
 
+    def tied_source_copy(self, block_id: str, tier_id: str, encoding: Encoding) -> CopyEntry | None:
+        """The ready copy of tied ``block_id``'s source on ``tier_id`` at ``encoding``, where
+        that tier shares copies (an emulated HBM tier does, a device one not); else None."""
+        recipe = self.recipes.get(block_id)
+        if not isinstance(recipe, Tied) or tier_id not in self.sharing:
+            return None
+        source = self.copies[recipe.source].get((tier_id, encoding))
+        return source if source is not None and source.status is CopyStatus.READY else None
+
+    def holds_own(self, block_id: str, tier_id: str, encoding: Encoding) -> bool:
+        """Whether tied ``block_id`` holds a ready copy on ``tier_id`` at ``encoding`` whose
+        buffer is not its source's ready copy there: bytes of its own, or a share of a source
+        copy since dropped and copied in again. A re-share swaps it for the source's."""
+        source = self.tied_source_copy(block_id, tier_id, encoding)
+        own = self.copies[block_id].get((tier_id, encoding))
+        return (
+            source is not None
+            and own is not None
+            and own.status is CopyStatus.READY
+            and buffer_of(own) != buffer_of(source)
+        )
+
     def _regen_view(self, st: _Static) -> tuple[np.ndarray, np.ndarray]:
         """The policy's ``regenerable`` and ``nbytes`` arrays as the recipes make them now.
 
         A block is regenerable while its recipe's input is in its home HBM tier (a tied source
-        at any encoding, a base at full precision): the runtime can rebuild it there. A tied
-        block costs that tier no bytes at an encoding its source holds there (the tier shares
-        the source's copy and counts it once), so the policy is told ``SHARED_NBYTES`` for it
-        (1: the step divides by bytes) and does not count the shared buffer twice. Such a
-        block is regenerable, so the step gives it no host or CXL copy, the only other place
-        it would count those bytes. A tied block that holds a copy of its own there (its
-        source landed after it) counts that copy's size until it is re-shared: those copies are
-        left in ``unshared_ties`` for the controller. Each array is the same object while what
-        it says is the same (the policy caches by identity); ``nbytes`` is the static one when
-        nothing is shared."""
+        at any encoding, a base at full precision): the runtime can rebuild it there.
+
+        A tied block costs a tier that shares copies no bytes at an encoding its source holds
+        there: its copy is the source's buffer, counted once. The policy is told
+        ``SHARED_NBYTES`` for it there (1: the step divides by bytes), where the block has no
+        copy yet or shares that very buffer. It is told the block's own size where the block
+        holds other bytes there (its own copy, made before its source landed, or a share of
+        a source copy since replaced: listed in ``unshared_ties`` for the controller to
+        re-share), where its copy is in flight or leaving, and while it has a copy in a host,
+        CXL or peer tier (the step sizes those from the full-precision column; a regenerable
+        block gets no new one). Each array is the same object while what it says is the same
+        (the policy caches by identity); ``nbytes`` is the static one when nothing is shared.
+        """
         rows: list[int] = []
         shared: list[tuple[int, int]] = []
         unshared: list[tuple[str, str, Encoding]] = []
@@ -118,20 +146,30 @@ class RecipeBook:
             home = self.home_of(block_id).tier_id
             tied = isinstance(recipe, Tied)
             ready = [
-                c.encoding
+                c
                 for c in self.copies[recipe.source if tied else recipe.base].values()
                 if c.tier_id == home and c.status is CopyStatus.READY
             ]
             row = self._index[block_id]
-            if ready if tied else FULL in ready:
+            if ready if tied else any(c.encoding == FULL for c in ready):
                 rows.append(row)
-            if not tied:
+            if not tied or home not in self.sharing:
                 continue
-            for e in ready:
-                own = self.copies[block_id].get((home, e))
-                if own is not None and own.status is CopyStatus.READY and not own.shared_of:
-                    unshared.append((block_id, home, e))  # its own bytes until re-shared
-                elif e in enc_index:
+            mine = self.copies[block_id]
+            elsewhere = any(
+                c.tier_id != home and self.tiers[c.tier_id].kind is not TierKind.STORAGE
+                for c in mine.values()
+            )
+            for source in ready:
+                e = source.encoding
+                own = mine.get((home, e))
+                if own is not None and own.status is CopyStatus.READY:
+                    if buffer_of(own) != buffer_of(source):
+                        unshared.append((block_id, home, e))  # other bytes until re-shared
+                        continue
+                elif own is not None:
+                    continue  # arriving or leaving: its size, whichever it holds
+                if not elsewhere and e in enc_index:
                     shared.append((row, enc_index[e]))
         self.unshared_ties = unshared
         key = (tuple(sorted(rows)), tuple(sorted(shared)))

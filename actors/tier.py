@@ -53,6 +53,7 @@ class TierReport:
     copies: int
     emulated: bool
     incarnation: str  # new on every (re)start of the actor: a restart empties memory tiers
+    shares_copies: bool = False  # a tied block's copy can be its source's (``alias``)
 
 
 # PERF: below this size the checksum runs inline: handing it to a thread costs more than the
@@ -121,6 +122,7 @@ class TierActor(PeerEndpoint):
                 len(self.backend.inventory()),
                 self.emulated,
                 self.incarnation,
+                bool(getattr(self.backend, "shares_copies", False)),
             )
 
     def inventory(self) -> list[CopyEntry]:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import ray
 
-from actors.registry import CopyEntry, CopyStatus
+from actors.copies import CopyEntry, CopyStatus, buffer_of
 from pool.codecs import EncodedBlock
 from pool.encoding import Encoding
 from pool.errors import CapacityError, UnknownBlockError, WeightpoolError
@@ -138,7 +138,7 @@ class MemoryBackend:
         if (source_id, entry.encoding) in self.reserved:
             raise CapacityError(f"copy {source_id!r}@{entry.encoding.name} is being replaced")
         entry.nbytes, entry.checksum = source.entry.nbytes, source.entry.checksum
-        entry.shared_of = source.entry.shared_of or source_id  # whose id labels the bytes
+        entry.shared_of, entry.shared_epoch = buffer_of(source.entry)  # whose id labels them
         self._hold(key, _Held(source.ref, entry))
         return source.ref
 

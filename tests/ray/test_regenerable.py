@@ -163,18 +163,16 @@ def test_a_tie_declared_while_the_own_copy_is_leased_is_shared_once_the_lease_en
     used = ray.get(regen.tier(home).report.remote()).used_bytes
     head = state["lm_head.weight"]
     before = regen.status()["counters"].get("reshared", 0)
-
-    def deferred() -> bool:
-        records = ray.get(regen.controller.audit.remote("execute", "held/lm_head"))
-        return any("deferred: leased by" in r.detail for r in records)
-
+    before_deferred = regen.status()["counters"].get("drops_deferred_leased", 0)
     with PoolClient(namespace=NAMESPACE) as client:
         assert torch.equal(client.acquire(["held/lm_head"])["held/lm_head"]["weight"], head)
         regen.add_regenerators({"held/lm_head": Tied(source="held/model.embed_tokens")})
-        wait_until(deferred, what="the re-share deferred for the lease")
         steps = regen.status()["counters"]["steps"]
         wait_until(lambda: regen.status()["counters"]["steps"] > steps + 5, what="steps")
         assert ray.get(regen.tier(home).report.remote()).used_bytes == used  # still its own
+        # A plain lease is waited for, never recalled, and the drop is not even tried.
+        counters = regen.status()["counters"]
+        assert counters.get("drops_deferred_leased", 0) == before_deferred
         client.release()
     # A later step re-shares it: the tier holds the head's bytes once.
     shared = used - head.numel() * 4
@@ -185,6 +183,33 @@ def test_a_tie_declared_while_the_own_copy_is_leased_is_shared_once_the_lease_en
     assert regen.status()["counters"]["reshared"] == before + 1
     with PoolClient(namespace=NAMESPACE) as client:
         assert torch.equal(client.get("held/lm_head")["weight"], head)
+    wait_until(lambda: settled(regen), what="settled")
+    assert ray.get(regen.controller.consistency.remote()) == []
+
+
+def test_a_kept_lease_on_the_own_copy_is_recalled_for_the_re_share(regen):
+    state = tiny_model(seed=9, tie=True).state_dict()
+    home = regen.load_state_dict(state, "kept", tie=False)
+    wait_until(lambda: all_premium(regen, "kept"), what="every block premium")
+    used = ray.get(regen.tier(home).report.remote()).used_bytes
+    head = state["lm_head.weight"]
+    before = regen.status()["counters"]
+    with PoolClient(namespace=NAMESPACE) as client:
+        assert torch.equal(client.get("kept/lm_head", recallable=True)["weight"], head)
+        assert regen.add_regenerators({"kept/lm_head": Tied(source="kept/model.embed_tokens")})
+        # Kept leases are renewed until recalled: the step recalls this one, the client lets
+        # it go (no use in progress), and the copy is re-shared.
+        wait_until(lambda: client.lease_of("kept/lm_head") is None, what="the lease recalled")
+        wait_until(
+            lambda: ray.get(regen.tier(home).report.remote()).used_bytes == used - head.numel() * 4,
+            what="the copy re-shared",
+        )
+        assert torch.equal(client.get("kept/lm_head")["weight"], head)
+    after = regen.status()["counters"]
+    assert after["reshared"] == before.get("reshared", 0) + 1
+    assert after.get("drops_deferred_leased", 0) == before.get("drops_deferred_leased", 0)
+    leases = ray.get(regen.controller.audit.remote("lease", "kept/lm_head"))
+    assert any("recalled" in r.detail for r in leases)
     wait_until(lambda: settled(regen), what="settled")
     assert ray.get(regen.controller.consistency.remote()) == []
 

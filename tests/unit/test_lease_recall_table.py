@@ -68,6 +68,7 @@ class Recaller(LeaseService):
         self.registry, self.leases = registry, table
         self.executor = SimpleNamespace(lock=threading.Lock(), busy=busy)
         self.lock = threading.RLock()
+        self.grace_until_s = 0.0
         self.counters: Counter[str] = Counter()
         self.records: list[tuple[str, str, str]] = []
 
@@ -100,7 +101,7 @@ def test_moves_the_executor_would_find_leased_or_running_wait_for_the_next_step(
     rows = SimpleNamespace(block=np.arange(4), target_encoding=np.full(4, -1))
     plan = SimpleNamespace(block_ids=blocks, transition_rows=rows)
 
-    assert service.recall_for_plan(plan) == {0, 1, 2}
+    assert service.recall_for_plan(plan) == ({0, 1, 2}, [])
     assert table.recalled == {kept.lease_id}
     assert {key[0] for key in table.barred} == {blocks[2], blocks[3]}
     assert service.counters["transitions_held_for_recall"] == 1

@@ -128,6 +128,7 @@ def test_an_adapter_becomes_deltas_for_what_it_changes_and_ties_for_the_rest():
 
 def test_the_registry_marks_regenerable_blocks_and_refuses_ties_across_tiers():
     reg = registry_with_model()
+    reg.sharing.add("n1/hbm0")  # as its report says (an emulated HBM tier)
     reg.add_tier(tier("n1/hbm1", TierKind.HBM))
     other = BlockSpec("n/x", (TensorSpec("weight", "x.weight", (64, 64), "float32"),), 0)
     with pytest.raises(SpecError, match="placed for another HBM tier"):
@@ -170,8 +171,29 @@ def test_the_registry_marks_regenerable_blocks_and_refuses_ties_across_tiers():
     reg.add_copy(CopyEntry("m/layers.2", "n1/hbm0", FULL, CopyStatus.READY, 3))
     assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
     assert reg.unshared_ties == [("m/layers.2", "n1/hbm0", FULL)]
-    reg.copy("m/layers.2", "n1/hbm0", FULL).shared_of = "m/layers.0"
+    # Sharing the source's copy of epoch 1 (as the tier's alias records it): shared.
+    own = reg.copy("m/layers.2", "n1/hbm0", FULL)
+    own.shared_of, own.shared_epoch = "m/layers.0", 1
     assert reg.snapshot(telemetry).blocks.nbytes[2, full] == 1 and reg.unshared_ties == []
+    # The source's copy dropped (the share kept its buffer) and copied in again (epoch 4):
+    # the share holds the old buffer, its own bytes now, until re-shared.
+    reg.add_copy(CopyEntry("m/layers.0", "n1/hbm0", FULL, CopyStatus.READY, 4))
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
+    assert reg.unshared_ties == [("m/layers.2", "n1/hbm0", FULL)]
+    assert reg.holds_own("m/layers.2", "n1/hbm0", FULL)
+    # Arriving (in flight) or while it has a host copy: its own size.
+    own.shared_epoch, own.status = 4, CopyStatus.IN_FLIGHT
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
+    own.status = CopyStatus.READY
+    reg.add_copy(CopyEntry("m/layers.2", "n1/host", FULL, CopyStatus.READY, 5))
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
+    reg.remove_copy("m/layers.2", "n1/host", FULL)
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == 1 and reg.unshared_ties == []
+    # A tier that does not share copies (a device HBM tier): the block's own size.
+    reg.sharing.discard("n1/hbm0")
+    assert reg.snapshot(telemetry).blocks.nbytes[2, full] == static[2, full]
+    assert not reg.holds_own("m/layers.2", "n1/hbm0", FULL)
+    reg.sharing.add("n1/hbm0")
     reg.remove_copy("m/layers.0", "n1/hbm0", FULL)
     reg.remove_copy("m/layers.0", "n1/hbm0", INT8)
     assert reg.snapshot(telemetry).blocks.nbytes is static  # nothing shared: the built array
@@ -188,6 +210,7 @@ def test_a_shared_copy_counts_once_until_its_last_holder_drops_it():
     chained = CopyEntry("m/c", "n1/hbm0", FULL, CopyStatus.READY, 3, shared_of="m/b")
     backend.alias("m/b", chained)
     assert chained.shared_of == "m/a"  # the block whose id labels the shared bytes
+    assert alias.shared_epoch == chained.shared_epoch == 1  # the epoch of m/a's copy
     with pytest.raises(CapacityError, match="exists already"):
         backend.alias("m/a", alias)
     with pytest.raises(UnknownBlockError, match="no copy 'm/z'"):
