@@ -1,6 +1,7 @@
 """Compiled kernels of the observe phase (``policy.predict.observe``): router choices folded into
 popularity, persistence and co-activation, with the arithmetic of the numpy code they replaced
-(powers and random draws stay in numpy, between the kernels).
+(powers stay in numpy, between the kernels; the co-activation sample is numpy's, drawn here from
+the generator's raw stream: see ``sample_pairs``).
 """
 
 from __future__ import annotations
@@ -8,6 +9,14 @@ from __future__ import annotations
 import numpy as np
 
 from policy._select import _jit
+
+LEARNED, MORE_RAW = 0, 1  # ``learn_coactivation``'s outcomes
+_LOW32 = np.uint64(0xFFFFFFFF)
+_DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+# The lowest set bit of a word, from its isolated bit times the de Bruijn constant, top 6 bits.
+_BIT_OF = np.zeros(64, np.int64)
+for _bit in range(64):
+    _BIT_OF[((1 << _bit) * 0x03F79D71B4CB0A89 % 2**64) >> 58] = _bit
 
 
 @_jit
@@ -203,3 +212,87 @@ def learn_pairs(
         within = pair[k] - (ends[src] - repeat[src])
         dst = offsets[layer[src] + 1] + within
         pairs[layer[src], expert[src], expert[dst]] += pair_increment
+
+
+@_jit
+def sample_pairs(total: int, budget: int, raw: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``np.unique(np.random.default_rng(seed).integers(0, total, budget))`` for ``total`` below
+    2**32, given ``raw = np.random.PCG64(seed).random_raw(k)``: numpy draws each value from the
+    generator's 32-bit stream (the low, then the high half of each raw 64-bit output) by
+    Lemire's multiply-and-reject (``buffered_bounded_lemire_uint32`` in numpy's
+    ``distributions.c``). Returns ``(values, False)`` when ``raw`` runs out (rejections used
+    more than it holds): the caller draws more and calls again.
+
+    PERF: the sample is sorted and deduplicated through a bitset of the ``total`` pairs; with
+    the generator seeded once a step, not once a model (16,384 blocks: 0.10 ms a step for the
+    generator, its draws and numpy's sort of them)."""
+    bound = np.uint64(total)
+    threshold = (np.uint64(0x100000000) - bound) % bound  # (UINT32_MAX - rng) % rng_excl
+    available = 2 * len(raw)
+    used = 0
+    draws = np.empty(budget, np.int64)
+    for k in range(budget):
+        while True:
+            if used == available:
+                return draws[:0], False
+            word = raw[used >> 1]
+            value = word & _LOW32 if used & 1 == 0 else word >> np.uint64(32)
+            used += 1
+            product = value * bound
+            if product & _LOW32 >= threshold:
+                break
+        draws[k] = np.int64(product >> np.uint64(32))
+    if total // 64 > 16 * budget:  # a sparse sample: a sort costs less than the bitset
+        ordered = np.sort(draws)
+        count = 0
+        for k in range(budget):
+            if k == 0 or ordered[k] != ordered[k - 1]:
+                ordered[count] = ordered[k]
+                count += 1
+        return ordered[:count], True
+    words = np.zeros((total + 63) // 64, np.uint64)
+    for k in range(budget):
+        words[draws[k] >> 6] |= np.uint64(1) << np.uint64(draws[k] & 63)
+    count = 0
+    for i in range(len(words)):
+        word = words[i]
+        while word != 0:
+            low = word & (~word + np.uint64(1))
+            draws[count] = i * 64 + _BIT_OF[(low * _DE_BRUIJN) >> np.uint64(58)]
+            count += 1
+            word ^= low
+    return draws[:count], True
+
+
+@_jit
+def learn_coactivation(
+    chosen: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    pairs: np.ndarray,
+    given: np.ndarray,
+    increment: float,
+    budget: int,
+    raw: np.ndarray,
+) -> int:
+    """One model's co-activation of one step (``chosen``: its sorted (layer, expert) indices),
+    learned in place: ``follower_runs``, then ``learn_pairs`` over every pair, or over a
+    sample of ``budget`` of them (``sample_pairs`` from ``raw``) with a scaled increment.
+    Returns ``LEARNED``; else, having changed nothing, ``MORE_RAW`` when ``raw`` is too short
+    for the sample, or the number of pairs when it is 2**32 or more (``sample_pairs`` does not
+    draw as numpy does there)."""
+    layer, expert, repeat, ends, offsets, total = follower_runs(
+        chosen, n_layers, n_experts, given.shape[0]
+    )
+    if total > budget:
+        if total > 0xFFFFFFFF:
+            return total
+        pair, drawn = sample_pairs(total, budget, raw)
+        if not drawn:
+            return MORE_RAW
+        pair_increment = increment * total / len(pair)
+    else:
+        pair = np.arange(total)
+        pair_increment = increment
+    learn_pairs(pairs, given, layer, expert, repeat, ends, offsets, pair, increment, pair_increment)
+    return LEARNED

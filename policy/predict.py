@@ -16,8 +16,11 @@ import numpy as np
 
 from policy._arrays import distinct
 from policy._observe_kernels import (
+    LEARNED,
+    MORE_RAW,
     fold_routes,
     follower_runs,
+    learn_coactivation,
     learn_pairs,
     persist,
     update_popularity,
@@ -27,6 +30,8 @@ from policy.config import PolicyConfig
 from policy.snapshot import NONE, Snapshot
 from policy.state import Coactivation, PolicyState, PredictionQuality
 from policy.static import Static
+
+_NO_RAW = np.zeros(0, np.uint64)
 
 
 @dataclass(frozen=True)
@@ -103,43 +108,55 @@ def observe(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> Pre
 def _learn_coactivation(
     state: PolicyState, current: np.ndarray, n_layers: int, n_experts: int, config: PolicyConfig
 ) -> None:
-    """Add one step's (layer l, expert e) -> (layer l + 1, expert f) pairs, per model."""
+    """Add one step's (layer l, expert e) -> (layer l + 1, expert f) pairs, per model.
+
+    Pair k is (entry src, its within-th follower). PERF: with many concurrent sequences a step
+    has tens of thousands of pairs (58 layers x 32 x 32); a bounded, evenly spread sample with
+    a scaled increment learns the same expectation at a bounded cost. The sample is
+    ``np.random.default_rng(state.steps).integers(0, pairs, budget)`` without repeats, drawn in
+    the kernel from the generator's raw stream (``policy._observe_kernels.sample_pairs``),
+    created once for every model (line profiler, trees alternating: 16,384 blocks 0.64, 0.69 ->
+    0.52, 0.46 ms a step; a million blocks, 8 models learning, 5.0, 6.9 -> 3.4, 3.2 ms).
+    """
     per_model = n_layers * n_experts
     first, last = int(current[0]) // per_model, int(current[-1]) // per_model
     starts = np.searchsorted(current, np.arange(first, last + 2) * per_model)
+    budget = config.coactivation_pairs_per_step
+    raw = _NO_RAW
     for model in range(first, last + 1):
         coact = state.coactivation[model]
         begin, end = starts[model - first], starts[model - first + 1]
         if coact is None or begin == end:
             continue
         chosen = current[begin:end] - model * per_model  # sorted by layer
-        layer, expert, repeat, ends, offsets, total = follower_runs(
-            chosen, n_layers, n_experts, coact.given.shape[0]
-        )
         coact.scale *= 1 - config.coactivation_decay
         increment = config.coactivation_decay / coact.scale
-        # Pair k is (entry src, its within-th follower). PERF: with many concurrent sequences a
-        # step has tens of thousands of pairs (58 layers x 32 x 32); a bounded, evenly spread
-        # sample with a scaled increment learns the same expectation at a bounded cost.
-        budget = config.coactivation_pairs_per_step
-        if total > budget:
+        while True:
+            outcome = learn_coactivation(
+                chosen, n_layers, n_experts, coact.pairs, coact.given, increment, budget, raw
+            )
+            if outcome != MORE_RAW:
+                break
+            # Enough for the sample but for a few rejections; twice that if it was not.
+            count = max(2 * len(raw), budget // 2 + 32)
+            raw = np.random.PCG64(state.steps).random_raw(count)
+        if outcome != LEARNED:  # 2**32 pairs or more: numpy draws them its other way
+            layer, expert, repeat, ends, offsets, total = follower_runs(
+                chosen, n_layers, n_experts, coact.given.shape[0]
+            )
             pair = distinct(np.random.default_rng(state.steps).integers(0, total, budget))
-            pair_increment = increment * total / len(pair)
-        else:
-            pair = np.arange(total)
-            pair_increment = increment
-        learn_pairs(
-            coact.pairs,
-            coact.given,
-            layer,
-            expert,
-            repeat,
-            ends,
-            offsets,
-            pair,
-            increment,
-            pair_increment,
-        )
+            learn_pairs(
+                coact.pairs,
+                coact.given,
+                layer,
+                expert,
+                repeat,
+                ends,
+                offsets,
+                pair,
+                increment,
+                increment * total / len(pair),
+            )
         coact.renormalize_if_needed()
 
 

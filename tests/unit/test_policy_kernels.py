@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from policy._kernels import stable_argsort
 from policy._link_kernels import link_budgets
+from policy._observe_kernels import sample_pairs
 from policy._select import sorted_distinct, stable_order
 from policy._veto_kernels import budget_choice, fit_rows
 from policy.score import take_by_density
@@ -266,3 +267,20 @@ def test_fit_rows_of_a_selection_is_the_fit_of_the_selected_rows(n, seed) -> Non
     np.testing.assert_array_equal(placed[selected], some)
     assert (placed[~selected] == -1).all()
     np.testing.assert_array_equal(bytes_all, bytes_some)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([2, 65, 4097, 58_000, 2**20, 15_000_000, 2**31 + 1, 3 * 2**30 + 1, 2**32 - 1]),
+    st.sampled_from([1, 64, 4096]),
+)
+def test_sample_pairs_draws_numpys_sample_from_the_raw_stream(seed, total, budget) -> None:
+    # 2**31 + 1 and 3 * 2**30 + 1 pairs: numpy rejects about half, a quarter of its draws.
+    expected = np.unique(np.random.default_rng(seed).integers(0, total, budget))
+    count = 1
+    drawn = False
+    while not drawn:  # as policy.predict does: more raw numbers when the rejections need them
+        sample, drawn = sample_pairs(total, budget, np.random.PCG64(seed).random_raw(count))
+        count *= 2
+    np.testing.assert_array_equal(sample, expected)
