@@ -73,6 +73,71 @@ def fold_routes(
 
 
 @_jit
+def route_choices(
+    route_step: np.ndarray,
+    route_model: np.ndarray,
+    route_layer: np.ndarray,
+    route_expert: np.ndarray,
+    n_layers: int,
+    n_experts: int,
+    predicted: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int, int]:
+    """The router choices of a tick (``Telemetry.route_*``, at least one) as flat (model,
+    layer, expert) indices, sorted by step, then index, without repeats; where each step after
+    the first starts among them; and ``fold_routes`` of them (from ``visited`` on).
+
+    PERF: one kernel for what numpy did in eight calls (the keys, a sort and its distinct
+    values, a divmod, the step bounds) and ``fold_routes``; the keys are sorted through a
+    bitset of their range when it is a few words per choice."""
+    n = len(route_step)
+    size = len(predicted)
+    low = route_step.min()
+    keys = np.empty(n, np.int64)
+    least = np.iinfo(np.int64).max
+    most = np.iinfo(np.int64).min
+    for k in range(n):
+        flat = (np.int64(route_model[k]) * n_layers + route_layer[k]) * n_experts
+        keys[k] = (route_step[k] - low) * size + (flat + route_expert[k])
+        least = min(least, keys[k])
+        most = max(most, keys[k])
+    count = 0
+    if least < 0 or most // 64 > 8 * n + 1024:
+        ordered = np.sort(keys)
+        for k in range(n):
+            if k == 0 or ordered[k] != ordered[k - 1]:
+                keys[count] = ordered[k]
+                count += 1
+    else:
+        words = np.zeros(most // 64 + 1, np.uint64)
+        for k in range(n):
+            words[keys[k] >> 6] |= np.uint64(1) << np.uint64(keys[k] & 63)
+        for i in range(len(words)):
+            word = words[i]
+            while word != 0:
+                bit = word & (~word + np.uint64(1))
+                keys[count] = i * 64 + _BIT_OF[(bit * _DE_BRUIJN) >> np.uint64(58)]
+                count += 1
+                word ^= bit
+    step_of = np.empty(count, np.int64)
+    flat_of = np.empty(count, np.int64)
+    n_bounds = 0
+    for k in range(count):
+        step_of[k] = keys[k] // size  # np.divmod
+        flat_of[k] = keys[k] - step_of[k] * size
+        n_bounds += int(k > 0 and step_of[k] != step_of[k - 1])
+    bounds = np.empty(n_bounds, np.int64)
+    n_bounds = 0
+    for k in range(1, count):
+        if step_of[k] != step_of[k - 1]:
+            bounds[n_bounds] = k
+            n_bounds += 1
+    visited, visits, chosen, tp, fp, fn = fold_routes(
+        step_of, flat_of, size // n_experts, n_experts, predicted
+    )
+    return flat_of, bounds, visited, visits, chosen, tp, fp, fn
+
+
+@_jit
 def update_popularity(
     popularity: np.ndarray,
     layer_visits: np.ndarray,

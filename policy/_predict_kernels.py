@@ -115,3 +115,37 @@ def expert_probability(
         value = p if active[m] else idle_use_probability * p
         probability[rows[j]] = value
         predicted[flat[j]] = value >= threshold
+
+
+@_jit
+def coactivation_follow(
+    chosen_last: np.ndarray,
+    base: int,
+    pairs: np.ndarray,
+    given: np.ndarray,
+    layer: int,
+    out: np.ndarray,
+) -> bool:
+    """P(expert f at ``layer + 1`` | the experts chosen at the last visit of ``layer``, those of
+    ``chosen_last[base:]`` seen before there), averaged over them, into ``out[:f]`` (one
+    model's co-activation ``pairs`` and ``given``); False, ``out`` untouched, when there are
+    none. As numpy's ``np.minimum(pairs[layer, chosen] / given[:, None], 1.0).mean(axis=0)``:
+    summed over the chosen experts in order, then divided by their number."""
+    count = 0
+    for e in range(pairs.shape[1]):
+        count += int(chosen_last[base + e] and given[layer, e] > 0)
+    if count == 0:
+        return False
+    first = True
+    for e in range(pairs.shape[1]):
+        if not (chosen_last[base + e] and given[layer, e] > 0):
+            continue
+        seen = given[layer, e]
+        for f in range(pairs.shape[2]):
+            ratio = pairs[layer, e, f] / seen
+            ratio = ratio if ratio <= 1.0 or np.isnan(ratio) else 1.0  # np.minimum
+            out[f] = ratio if first else out[f] + ratio
+        first = False
+    for f in range(pairs.shape[2]):
+        out[f] = out[f] / count
+    return True

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from policy._kernels import stable_argsort
 from policy._link_kernels import link_budgets
-from policy._observe_kernels import sample_pairs
+from policy._observe_kernels import fold_routes, route_choices, sample_pairs
 from policy._select import sorted_distinct, stable_order
 from policy._veto_kernels import budget_choice, fit_rows
 from policy.score import take_by_density
@@ -284,3 +284,21 @@ def test_sample_pairs_draws_numpys_sample_from_the_raw_stream(seed, total, budge
         sample, drawn = sample_pairs(total, budget, np.random.PCG64(seed).random_raw(count))
         count *= 2
     np.testing.assert_array_equal(sample, expected)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 400), st.integers(1, 4), st.booleans())
+def test_route_choices_are_numpys_distinct_keys_and_fold(seed, n, steps, wide) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (3, 5, 7)
+    predicted = rng.random(shape).reshape(-1) < 0.3
+    step = rng.integers(10, 10 + steps, n) * (10**6 if wide else 1)  # wide: sorted, no bitset
+    model, layer, expert = (rng.integers(0, s, n).astype(np.int32) for s in shape)
+    flat, bounds, *folded = route_choices(step, model, layer, expert, 5, 7, predicted)
+    size = predicted.size
+    key = np.unique((step - step.min()) * size + (model.astype(np.int64) * 5 + layer) * 7 + expert)
+    step_of, expected = np.divmod(key, size)
+    np.testing.assert_array_equal(flat, expected)
+    np.testing.assert_array_equal(bounds, np.flatnonzero(np.diff(step_of)) + 1)
+    for got, want in zip(folded, fold_routes(step_of, expected, 15, 7, predicted), strict=True):
+        np.testing.assert_array_equal(got, want)
