@@ -270,13 +270,21 @@ def learn_pairs(
     for i in range(len(layer)):
         if layer[i] < given.shape[0]:
             given[layer[i], expert[i]] += increment
+    # PERF: the cells first, then the increments, in the same order: the increments, cache
+    # misses across the whole matrix, then overlap instead of each waiting on the search for
+    # its pair's entry (57 x 256 x 256 cells, 4,096 pairs, caches flushed, loaded machine:
+    # 174, 216, 186 -> 80, 85, 101 us).
+    cells = np.empty(len(pair), np.int64)
     src = 0
     for k in range(len(pair)):
         while ends[src] <= pair[k]:  # np.searchsorted(ends, pair, side="right")
             src += 1
         within = pair[k] - (ends[src] - repeat[src])
         dst = offsets[layer[src] + 1] + within
-        pairs[layer[src], expert[src], expert[dst]] += pair_increment
+        cells[k] = (layer[src] * pairs.shape[1] + expert[src]) * pairs.shape[2] + expert[dst]
+    flat = pairs.reshape(-1)  # (C-contiguous, as policy.state makes it: a view)
+    for k in range(len(cells)):
+        flat[cells[k]] += pair_increment
 
 
 @_jit
