@@ -2,8 +2,8 @@
 
 On an embedded local Ray, a pool with room for everything loads MiniLM (the real checkpoint) and
 waits until it is resident. Then, alternating, it registers variants of it, each with a rank-16
-low-rank delta (a LoRA adapter) merged into every attention and feed-forward matrix of the
-encoder:
+low-rank delta (a LoRA adapter, its own random factors) merged into every attention and
+feed-forward matrix of the encoder:
 
 - ``regenerate``: by ``Pool.load_adapter``: each adapted block is rebuilt in HBM from the base's
   copy there and its factors; every other block shares the base's copy (tied);
@@ -13,8 +13,9 @@ encoder:
 For each: the seconds from the call that loads it (its import into storage included, the merge
 of the deltas too) until every block of the variant is PREMIUM, the bytes moved into HBM (the
 controller's ``bytes:*->hbm`` and ``bytes:regenerate`` counters), and the bytes the HBM tier
-holds more afterwards. HBM is emulated (no GPU here); the rebuild runs on the HBM tier actor's
-CPU.
+holds more afterwards, and the bytes of block files added to storage (equal blocks are stored
+once: a variant's unchanged blocks name the base's files). HBM is emulated (no GPU here); the
+rebuild runs on the HBM tier actor's CPU.
 
     python bench/regen.py --json
 
@@ -56,8 +57,11 @@ RANK = 16
 ADAPTED = ("query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense")
 
 
-def adapter(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
+def adapter(
+    state: dict[str, torch.Tensor], seed: int = 0
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A rank-``RANK`` adapter's factors for every encoder matrix; each seed its own."""
+    generator = torch.Generator().manual_seed(seed)
     factors = {}
     for key, tensor in state.items():
         adapted = any(f".{name}.weight" in key for name in ADAPTED)
@@ -70,6 +74,11 @@ def adapter(state: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, tor
 
 def hbm_bytes(pool: Pool, home: str) -> int:
     return int(ray.get(pool.tier(home).report.remote()).used_bytes)
+
+
+def stored_bytes(storage: str) -> int:
+    """Bytes of the block files under the storage directory (the disk a variant costs)."""
+    return sum(p.stat().st_size for p in Path(storage).rglob("*.arrow"))
 
 
 def moved_to_hbm(counters: dict[str, int]) -> int:
@@ -125,8 +134,8 @@ def tight(variants: int, as_json: bool) -> None:
         home = pool.load_checkpoint(minilm_checkpoint(), "minilm")
         wait_premium(pool, "minilm")
         names = [f"ft-{i}" for i in range(variants)]
-        for name in names:
-            pool.load_adapter("minilm", base_state, name, factors, scale=2.0)
+        for seed, name in enumerate(names):
+            pool.load_adapter("minilm", base_state, name, adapter(base_state, seed), scale=2.0)
         wait_idle(pool)
         blocks = [
             s.block_id for n in names for s in ray.get(pool.controller.model_blocks.remote(n))[1]
@@ -190,7 +199,9 @@ def main() -> None:
             for kind in ("regenerate", "copy"):
                 name = f"ft-{kind}-{round_}"
                 before_bytes = hbm_bytes(pool, home)
+                before_disk = stored_bytes(storage)
                 before = pool.status()["counters"]
+                factors = adapter(base_state, seed=2 * round_ + (kind == "copy"))  # its own
                 if kind == "regenerate":
                     start = time.perf_counter()  # load_adapter imports, then registers
                     pool.load_adapter("minilm", base_state, name, factors, scale=2.0)
@@ -209,6 +220,7 @@ def main() -> None:
                         "load_call_s": loaded,
                         "bytes_to_hbm": moved_to_hbm(after) - moved_to_hbm(before),
                         "hbm_bytes_added": hbm_bytes(pool, home) - before_bytes,
+                        "storage_bytes_added": stored_bytes(storage) - before_disk,
                         "regenerations": after.get("regenerations", 0)
                         - before.get("regenerations", 0),
                     }
@@ -227,14 +239,15 @@ def main() -> None:
     )
     print(
         "| variant | to premium s (median) | of which the load call | MiB moved to HBM | "
-        "HBM MiB added | rebuilt |"
+        "HBM MiB added | storage MiB added | rebuilt |"
     )
-    print("|---|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for kind, s in summary.items():
         print(
             f"| {kind} | {s['to_premium_s']:.2f} | {s['load_call_s']:.2f} | "
             f"{s['bytes_to_hbm'] / 2**20:.1f} | "
-            f"{s['hbm_bytes_added'] / 2**20:.1f} | {s['regenerations']:.0f} |"
+            f"{s['hbm_bytes_added'] / 2**20:.1f} | {s['storage_bytes_added'] / 2**20:.1f} | "
+            f"{s['regenerations']:.0f} |"
         )
     if args.json:
         print(

@@ -14,12 +14,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pool.blocks import BlockKind, BlockSpec, TensorSpec
 from pool.encoding import Encoding, Precision
 from pool.errors import DuplicateBlockError, UnknownBlockError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: copies.stored_as (version 1 catalogs are migrated when opened)
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS blocks (
@@ -37,15 +38,21 @@ CREATE TABLE IF NOT EXISTS copies (
     file_nbytes INTEGER NOT NULL,
     file_checksum TEXT NOT NULL,
     content_checksum TEXT NOT NULL,
+    stored_as TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (block_id, encoding)
 );
+CREATE INDEX IF NOT EXISTS copies_content ON copies (content_checksum);
 """
+_MIGRATE_1 = "ALTER TABLE copies ADD COLUMN stored_as TEXT NOT NULL DEFAULT ''"
 
 
 @dataclass(frozen=True)
 class CopyRecord:
     """A stored copy. ``path`` is relative to the store's root; ``nbytes`` counts the encoded
-    parts (what the copy costs in a tier), ``file_nbytes`` the whole file with its framing."""
+    parts (what the copy costs in a tier), ``file_nbytes`` the whole file with its framing.
+    ``stored_as`` names the block the file was written for when it is another block's (equal
+    content and layout: tied weights, a fine-tuned variant's unchanged blocks); the file says
+    that block's id, and reads relabel it."""
 
     block_id: str
     encoding: Encoding
@@ -54,6 +61,7 @@ class CopyRecord:
     file_nbytes: int
     file_checksum: str
     content_checksum: str
+    stored_as: str = ""
 
 
 def spec_to_json(spec: BlockSpec) -> str:
@@ -106,8 +114,13 @@ class Catalog:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_DDL)
+        self._db.executescript(_DDL)  # a version 1 table stays as it was: migrated below
         row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is not None and row[0] == "1":
+            with self.transaction() as db:
+                db.execute(_MIGRATE_1)
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (SCHEMA_VERSION,))
+            row = (SCHEMA_VERSION,)
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
         elif row[0] != SCHEMA_VERSION:
@@ -159,7 +172,7 @@ class Catalog:
 
     def put_copy(self, db: sqlite3.Connection, record: CopyRecord) -> None:
         db.execute(
-            "INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO copies VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 record.block_id,
                 record.encoding.name,
@@ -168,6 +181,7 @@ class Catalog:
                 record.file_nbytes,
                 record.file_checksum,
                 record.content_checksum,
+                record.stored_as,
             ),
         )
 
@@ -194,10 +208,22 @@ class Catalog:
             rows = self._db.execute(
                 "SELECT * FROM copies WHERE block_id=? ORDER BY encoding", (block_id,)
             ).fetchall()
-        return [CopyRecord(r[0], Encoding.parse(r[1]), r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        return [_record(r) for r in rows]
+
+    def with_content(self, encoding: Encoding, content_checksum: str) -> list[CopyRecord]:
+        """The copies at ``encoding`` whose encoded content has this checksum."""
+        rows = self._db.execute(
+            "SELECT * FROM copies WHERE content_checksum=? AND encoding=? ORDER BY block_id",
+            (content_checksum, encoding.name),
+        ).fetchall()
+        return [_record(r) for r in rows]
 
     def paths(self) -> set[str]:
         return {r[0] for r in self._db.execute("SELECT path FROM copies").fetchall()}
+
+    def path_in_use(self, path: str) -> bool:
+        """Whether any copy's record names the file ``path``."""
+        return self._db.execute("SELECT 1 FROM copies WHERE path=?", (path,)).fetchone() is not None
 
     def copy(self, block_id: str, encoding: Encoding) -> CopyRecord:
         for record in self.copies(block_id):
@@ -205,3 +231,7 @@ class Catalog:
                 return record
         self.spec(block_id)  # raises for an unknown block
         raise UnknownBlockError(f"block {block_id!r} has no stored copy at {encoding.name}")
+
+
+def _record(row: tuple[Any, ...]) -> CopyRecord:
+    return CopyRecord(row[0], Encoding.parse(row[1]), *row[2:8])

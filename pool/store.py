@@ -11,6 +11,9 @@
   :class:`CorruptBlockError` and none of its bytes are returned.
 
 Layout: ``<root>/catalog.sqlite`` and ``<root>/blocks/<model>/<module path>@<encoding>.arrow``.
+Equal bytes are stored once: a copy whose encoded content and tensors equal a stored copy's
+(tied weights, a fine-tuned variant's unchanged blocks, a model imported twice) names that
+copy's file (``CopyRecord.stored_as``); a file goes only when no record names it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,12 @@ from pool.importer import DEFAULT_RULE, CheckpointSource, GroupingRule, load_blo
 from pool.tiers import TierKind, TierSpec
 
 log = logging.getLogger(__name__)
+
+Layout = tuple[tuple[str, tuple[int, ...], str], ...]  # a block's tensors: name, shape, dtype
+
+
+def _layout(spec: BlockSpec) -> Layout:
+    return tuple((t.name, tuple(t.shape), t.dtype) for t in spec.tensors)
 
 
 @dataclass(frozen=True)
@@ -194,6 +203,48 @@ class BlockStore:
             content_checksum,
         )
 
+    def _shared(
+        self,
+        spec: BlockSpec,
+        block: EncodedBlock,
+        content: str,
+        pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]],
+    ) -> CopyRecord | None:
+        """A record for ``block`` naming a file already stored (by this change, ``pending``, or
+        in the catalog) with the same encoded content and the same tensors (names, shapes,
+        dtypes), so equal bytes are stored once; None when there is none."""
+        layout = _layout(spec)
+        found = [r for r, lay in pending.get((block.encoding, content), []) if lay == layout]
+        if not found:
+            found = [
+                r
+                for r in self.catalog.with_content(block.encoding, content)
+                if _layout(self.catalog.spec(r.block_id)) == layout
+            ]
+        if not found:
+            return None
+        other = found[0]
+        return dataclasses.replace(
+            other, block_id=spec.block_id, stored_as=other.stored_as or other.block_id
+        )
+
+    def _store(
+        self,
+        spec: BlockSpec,
+        block: EncodedBlock,
+        pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]],
+        written: list[CopyRecord],
+    ) -> CopyRecord:
+        """The copy's record: a file of equal content shared (:meth:`_shared`), or a new file
+        (added to ``written``, which a failed change removes). Recorded in ``pending``."""
+        content = block.content_checksum()
+        record = self._shared(spec, block, content, pending)
+        if record is None:
+            record = self._write(block, content)
+            written.append(record)
+        pending.setdefault((block.encoding, content), []).append((record, _layout(spec)))
+        return record
+
     def _encode_all(
         self, spec: BlockSpec, tensors: Mapping[str, torch.Tensor], encodings: Sequence[Encoding]
     ) -> list[EncodedBlock]:
@@ -236,8 +287,10 @@ class BlockStore:
         encoded = self._encode_all(spec, tensors, encodings)
         existing = {r.encoding: r for r in self.catalog.copies(block_id)}
         kept: list[CopyRecord] = []
-        written: list[CopyRecord] = []
+        new: list[CopyRecord] = []
+        written: list[CopyRecord] = []  # files this change wrote
         try:
+            pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]] = {}
             for block in encoded:
                 content = block.content_checksum()
                 old = existing.get(block.encoding)
@@ -251,19 +304,21 @@ class BlockStore:
                         "truth is never overwritten; import the new weights under another "
                         "model name)"
                     )
-                written.append(self._write(block, content))
+                new.append(self._store(spec, block, pending, written))
             with self.catalog.transaction() as db:
-                for record in written:
+                for record in new:
                     self.catalog.put_copy(db, record)
         except BaseException:
             self._unlink(written)
             raise
-        self._unlink(
+        self._unlink(  # a replaced file, unless another copy shares it
             existing[r.encoding]
-            for r in written
-            if r.encoding in existing and existing[r.encoding].path != r.path
+            for r in new
+            if r.encoding in existing
+            and existing[r.encoding].path != r.path
+            and not self.catalog.path_in_use(existing[r.encoding].path)
         )
-        return kept + written
+        return kept + new
 
     def import_checkpoint(
         self,
@@ -284,13 +339,15 @@ class BlockStore:
         specs = plan_blocks(source, model, rule)
         self.check_new(specs)
         records: list[CopyRecord] = []
+        written: list[CopyRecord] = []  # files this import wrote (others' shared)
+        pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]] = {}
         try:
             for spec in specs:
                 tensors = load_block(source, spec)
                 check_tensors(spec, tensors)
                 for encoding in sorted(set(encodings) | {FULL}, key=lambda e: e != FULL):
                     block = encode_block(spec, tensors, encoding, self.options)
-                    records.append(self._write(block, block.content_checksum()))
+                    records.append(self._store(spec, block, pending, written))
                 if progress is not None:
                     progress(spec)
             with self.catalog.transaction() as db:
@@ -298,7 +355,7 @@ class BlockStore:
                 for record in records:
                     self.catalog.put_copy(db, record)
         except BaseException:
-            self._unlink(records)
+            self._unlink(written)
             raise
         return ImportResult(model, tuple(specs), tuple(records))
 
@@ -327,12 +384,13 @@ class BlockStore:
         """
         record = self.catalog.copy(block_id, encoding)
         try:
-            encoded = read_verified(
-                self.root / record.path, record.file_checksum, block_id, encoding
-            )
+            path, written_as = self.root / record.path, record.stored_as or block_id
+            encoded = read_verified(path, record.file_checksum, written_as, encoding)
         except CorruptBlockError as err:
             log.error("%s", err)
             raise
+        if record.stored_as:  # another block's file of equal content: the same bytes
+            encoded = dataclasses.replace(encoded, block_id=block_id)
         return encoded
 
     def read_tensors(
@@ -366,7 +424,10 @@ class BlockStore:
                 continue
             try:
                 read_verified(
-                    self.root / record.path, record.file_checksum, record.block_id, record.encoding
+                    self.root / record.path,
+                    record.file_checksum,
+                    record.stored_as or record.block_id,
+                    record.encoding,
                 )
             except WeightpoolError as err:
                 problems.append(

@@ -146,8 +146,10 @@ def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
     head = state["lm_head.weight"]
     before = regen.status()["counters"].get("reshared", 0)
     assert regen.add_regenerators({"late/lm_head": Tied(source="late/model.embed_tokens")}) == 1
+    wait_until(  # by the next step
+        lambda: regen.status()["counters"].get("reshared", 0) == before + 1, what="re-shared"
+    )
     wait_until(lambda: all_premium(regen, "late"), what="premium again")
-    assert regen.status()["counters"]["reshared"] == before + 1
     copies = [c for c in ray.get(regen.controller.copies.remote("late/lm_head")) if c[0] == home]
     assert [c[1:3] for c in copies] == [("full", "ready")]
     assert ray.get(regen.tier(home).report.remote()).used_bytes == used - head.numel() * 4
