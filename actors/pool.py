@@ -130,7 +130,8 @@ class Pool:
         :class:`LowRankDelta` (rebuilt in HBM from the base's copy there and the factors, which
         are blocks of their own, ``<module path>.delta``); every other block is :class:`Tied` to
         the base's (it shares the base's copy). Placed for the base's HBM tier. Storage keeps
-        every block's bytes, as for any model. Returns the home tier.
+        every block's copy, as for any model; the unchanged blocks name the base's files (equal
+        bytes are stored once). Returns the home tier.
 
         Raises:
             SpecError: a factor key is not a matrix of the base, or factors of the wrong shape.
