@@ -22,35 +22,24 @@ import numpy as np
 
 from actors.copies import CopyEntry, CopyStatus, TierInfo
 from actors.registry_recipes import RecipeBook
-from policy.builder import DEFAULT_DECODE_GBPS, DEFAULT_ENCODINGS, h100_pcie5_links
+from actors.registry_static import Static, build_static
+from policy.builder import DEFAULT_ENCODINGS, h100_pcie5_links
 from policy.snapshot import (
     CXL,
-    HBM,
     HOST,
-    KIND_CODES,
     NONE,
     STORAGE,
-    BlockArrays,
-    EncodingTable,
     LinkModel,
-    ModelShapes,
     Snapshot,
     Telemetry,
-    TierArrays,
 )
 from pool.blocks import BlockSpec
 from pool.codecs import encoded_nbytes
-from pool.encoding import FULL, PRECISION_BITS, Compression, Encoding, Precision
+from pool.encoding import FULL, Compression, Encoding
 from pool.errors import DuplicateBlockError, UnknownBlockError
 from pool.regen import LowRankDelta, Tied
 from pool.tiers import TierKind
 
-LEVEL_OF_KIND = {
-    TierKind.HBM: HBM,
-    TierKind.HOST: HOST,
-    TierKind.CXL: CXL,
-    TierKind.STORAGE: STORAGE,
-}
 ZSTD_RATIO_ESTIMATE = 0.84  # bench/codecs.py on real INT4 weights; replaced by the measured size
 
 
@@ -60,18 +49,6 @@ class ModelEntry:
     home_hbm: str  # the HBM tier its blocks are placed for (its compute device)
     layers: int
     experts: int
-
-
-@dataclass(frozen=True)
-class _Static:
-    """What changes only when blocks or tiers are added, kept across steps (the policy caches
-    its derivations by the identity of these arrays). ``blocks`` holds the per-block arrays that
-    describe blocks; its residency arrays are placeholders each snapshot replaces."""
-
-    blocks: BlockArrays
-    encodings: EncodingTable
-    tiers: TierArrays
-    models: ModelShapes
 
 
 @dataclass
@@ -93,8 +70,8 @@ class Registry(RecipeBook):
     next_epoch: int = 1
     _order: list[str] = field(default_factory=list)
     _index: dict[str, int] = field(default_factory=dict)
-    _static: _Static | None = None
-    _regen_static: _Static | None = None  # what _regen_array was made for
+    _static: Static | None = None
+    _regen_static: Static | None = None  # what _regen_array was made for
     _regen_key: tuple[tuple[int, ...], tuple[tuple[int, int], ...]] = ((), ())
     _regen_array: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     _regen_nbytes: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.int64))
@@ -257,85 +234,9 @@ class Registry(RecipeBook):
 
     # -- snapshots ------------------------------------------------------------------------------
 
-    def _build_static(self) -> _Static:
-        ids = tuple(self._order)
-        n, e = len(ids), len(self.encodings)
-        tier_list = list(self.tiers.values())
-        tier_index = {t.tier_id: i for i, t in enumerate(tier_list)}
-        model_index = {m: i for i, m in enumerate(self.models)}
-        nbytes = np.zeros((n, e), np.int64)
-        sensitivity = np.zeros((n, e))
-        rows: list[tuple[int, ...]] = []
-        for i, block_id in enumerate(ids):
-            spec = self.specs[block_id]
-            model = self.models[spec.model]
-            host = self.warm_tier(block_id, HOST)
-            cxl = self.warm_tier(block_id, CXL)
-            rows.append(
-                (
-                    model_index[spec.model],
-                    min(spec.layer + 1, model.layers + 1),
-                    KIND_CODES[spec.kind],
-                    NONE if spec.expert is None else spec.expert,
-                    PRECISION_BITS[spec.floor],
-                    tier_index[model.home_hbm],
-                    NONE if host is None else tier_index[host.tier_id],
-                    NONE if cxl is None else tier_index[cxl.tier_id],
-                )
-            )
-            for j, enc in enumerate(self.encodings):
-                nbytes[i, j] = self.nbytes(block_id, enc)
-                if enc.precision is not Precision.FULL:
-                    known = spec.sensitivity.get(enc.precision)
-                    sensitivity[i, j] = np.inf if known is None else known
-        columns = np.array(rows, np.int64).reshape(n, 8).T
-        none = np.full(n, NONE, np.int64)
-        blocks = BlockArrays(
-            block_ids=ids,
-            model=columns[0].astype(np.int32),
-            position=columns[1].astype(np.int32),
-            kind=columns[2].astype(np.int8),
-            expert=columns[3].astype(np.int32),
-            nbytes=nbytes,
-            sensitivity=sensitivity,
-            floor_bits=columns[4].astype(np.int16),
-            leased=np.zeros(n, bool),
-            demand=np.zeros(n, bool),
-            last_use_s=np.zeros(n),
-            hbm_encoding=none,
-            fallback_level=none,
-            in_flight_encoding=none,
-            placed_at_s=np.zeros(n),
-            regenerable=np.zeros(n, bool),  # which can be rebuilt now: see ``_regen_view``
-            hbm_tier=columns[5].copy(),
-            host_tier=columns[6].copy(),
-            cxl_tier=columns[7].copy(),
-        )
-        decode = np.array(
-            [
-                DEFAULT_DECODE_GBPS[DEFAULT_ENCODINGS.index(e)]
-                if e in DEFAULT_ENCODINGS
-                else (np.inf if e.directly_usable else 4.0)
-                for e in self.encodings
-            ]
-        )
-        tiers = TierArrays(
-            tuple(t.tier_id for t in tier_list),
-            np.array([LEVEL_OF_KIND[t.kind] for t in tier_list], np.int8),
-            np.array([t.spec.capacity_bytes or (1 << 62) for t in tier_list], np.int64),
-            np.zeros(len(tier_list), np.int64),
-        )
-        entries = list(self.models.values())
-        models = ModelShapes(
-            positions=np.array([m.layers + 2 for m in entries], np.int32),
-            layers=np.array([m.layers for m in entries], np.int32),
-            experts=np.array([m.experts for m in entries], np.int32),
-        )
-        return _Static(blocks, EncodingTable(self.encodings, decode), tiers, models)
-
-    def _current_static(self) -> _Static:
+    def _current_static(self) -> Static:
         if self._static is None:
-            self._static = self._build_static()
+            self._static = build_static(self)
         return self._static
 
     def model_names(self) -> list[str]:

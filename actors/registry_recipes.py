@@ -18,7 +18,7 @@ from pool.regen import LowRankDelta, Tied, check_recipe, inputs_of
 from pool.tiers import TierKind
 
 if TYPE_CHECKING:
-    from actors.registry import _Static
+    from actors.registry_static import Static
 
 SHARED_NBYTES = 1  # what a copy that shares its source's buffer costs, as the policy is told
 
@@ -31,8 +31,8 @@ class RecipeBook:
         recipes: dict[str, Tied | LowRankDelta]
         tied_by: dict[str, list[str]]
         _index: dict[str, int]
-        _static: _Static | None
-        _regen_static: _Static | None
+        _static: Static | None
+        _regen_static: Static | None
         _regen_key: tuple[tuple[int, ...], tuple[tuple[int, int], ...]]
         _regen_array: np.ndarray
         _regen_nbytes: np.ndarray
@@ -121,7 +121,7 @@ class RecipeBook:
             and buffer_of(own) != buffer_of(source)
         )
 
-    def _regen_view(self, st: _Static) -> tuple[np.ndarray, np.ndarray]:
+    def _regen_view(self, st: Static) -> tuple[np.ndarray, np.ndarray]:
         """The policy's ``regenerable`` and ``nbytes`` arrays as the recipes make them now.
 
         A block is regenerable while its recipe's input is in its home HBM tier (a tied source
