@@ -375,6 +375,8 @@ def describe(
     reached = np.empty(heap_start[16], np.int64)
     count = 0
     for code in range(16):
+        if heap_size[code] == 0:  # PERF: no sorts of nothing (16 links, most idle)
+            continue
         base = heap_start[code]
         items = heap_item[base : base + heap_size[code]]
         keys = heap_key[base : base + heap_size[code]]
@@ -385,7 +387,7 @@ def describe(
         for j in order:
             a, r = items[j] // n, items[j] % n
             kind = _kind_of(a, group_start)
-            _, _, _, urgency, _, moved_bytes, _, _, _ = _described(kind, r, *rows)
+            _, _, _, urgency, _, moved_bytes, _, _, _ = _described(kind, r, rows)
             moved = float(moved_bytes)
             used = busy + before / capacity[code]
             used_after = busy + (before + moved) / capacity[code]
@@ -415,7 +417,7 @@ def describe(
     for i in range(m):
         a, r = chosen[i] // n, chosen[i] % n
         kind = _kind_of(a, group_start)
-        fields = _described(kind, r, *rows)
+        fields = _described(kind, r, rows)
         block[i], kinds[i] = r, kind
         src[i], dst[i], encoding[i], cls[i], deadline[i], size[i] = fields[:6]
         shrink[i], required_up[i], held[i] = fields[6:]
