@@ -16,11 +16,13 @@ from typing import TypeVar, cast
 import numba
 import numpy as np
 
+from policy._select import _ERRORS
+
 _F = TypeVar("_F", bound=Callable[..., object])
 
 
 def _jit(fn: _F) -> _F:
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+    return cast(_F, numba.njit(cache=True, nogil=True, error_model=_ERRORS)(fn))
 
 
 @_jit

@@ -16,7 +16,7 @@ order than a sequential cumulative sum, so callers bound the rounding (see ``pol
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TypeVar, cast
+from typing import Final, TypeVar, cast
 
 import numba
 import numpy as np
@@ -29,8 +29,16 @@ _SAMPLE = 64  # keys sampled to place a level's buckets
 _MAX = 0x7FFFFFFFFFFFFFFF
 
 
+# PERF: numpy's error model: a division by zero gives numpy's inf, nan or 0 (as the numpy code
+# the kernels replaced did) instead of raising, so no check and raise path follows every
+# division: the cached machine code 8.7 -> 6.5 MB, and the step (lockstep with the base tree,
+# 1,000 blocks) about 1 % faster, the fewer cache misses on code. Plans identical. Also the
+# error model of ``policy._kernels``.
+_ERRORS: Final = "numpy"
+
+
 def _jit(fn: _F) -> _F:
-    return cast(_F, numba.njit(cache=True, nogil=True)(fn))
+    return cast(_F, numba.njit(cache=True, nogil=True, error_model=_ERRORS)(fn))
 
 
 def _inline(fn: _F) -> _F:
@@ -39,7 +47,7 @@ def _inline(fn: _F) -> _F:
     PERF: a call to another compiled function that takes arrays counts references to each of
     them (atomic operations): 40 ns a call, more than the helper's own work.
     """
-    return cast(_F, numba.njit(cache=True, nogil=True, inline="always")(fn))
+    return cast(_F, numba.njit(cache=True, nogil=True, inline="always", error_model=_ERRORS)(fn))
 
 
 @_jit
