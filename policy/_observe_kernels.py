@@ -20,6 +20,25 @@ for _bit in range(64):
 
 
 @_jit
+def fold_times(
+    layer_time_s: np.ndarray,
+    measured_s: np.ndarray,
+    layer_time_decay: float,
+    observed_concurrency: np.ndarray,
+    concurrency: np.ndarray,
+    popularity_decay: float,
+) -> None:
+    """Fold a tick's measured layer times (``nan``: not measured) and the concurrency of the
+    running models into their decayed averages (``[M, P]`` and ``[M]``, in place)."""
+    for i in range(layer_time_s.shape[0]):
+        for j in range(layer_time_s.shape[1]):
+            if not np.isnan(measured_s[i, j]):
+                layer_time_s[i, j] += layer_time_decay * (measured_s[i, j] - layer_time_s[i, j])
+        if concurrency[i] > 0:
+            observed_concurrency[i] += popularity_decay * (concurrency[i] - observed_concurrency[i])
+
+
+@_jit
 def fold_routes(
     step_of: np.ndarray, flat: np.ndarray, n_ml: int, n_experts: int, predicted: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int, int]:
