@@ -301,27 +301,74 @@ def transitions(
     )
 
 
-@_jit
-def tiers_at(
-    rows: np.ndarray,
-    level: np.ndarray,
+@_inline
+def _tier_at(
+    level: int,
+    r: int,
     hbm_tier: np.ndarray,
     host_tier: np.ndarray,
     cxl_tier: np.ndarray,
     storage_tier: int,
-) -> np.ndarray:
-    """The tier of each of ``rows`` at ``level`` (its HBM, host or CXL tier; storage else).
+) -> int:
+    """The tier of row ``r`` at ``level`` (its HBM, host or CXL tier; storage else)."""
+    if level == HBM:
+        tier: int = hbm_tier[r]
+    elif level == HOST:
+        tier = host_tier[r]
+    elif level == CXL:
+        tier = cxl_tier[r]
+    else:
+        tier = storage_tier
+    return tier
 
-    PERF: one call instead of six numpy calls (twice a step)."""
-    out = np.empty(len(rows), np.int64)
-    for i in range(len(rows)):
-        lv, r = level[i], rows[i]
-        if lv == HBM:
-            out[i] = hbm_tier[r]
-        elif lv == HOST:
-            out[i] = host_tier[r]
-        elif lv == CXL:
-            out[i] = cxl_tier[r]
-        else:
-            out[i] = storage_tier
-    return out
+
+@_jit
+def transfer_rows(
+    moving: np.ndarray,
+    block: np.ndarray,
+    src: np.ndarray,
+    dst: np.ndarray,
+    encoding: np.ndarray,
+    nbytes: np.ndarray,
+    cls: np.ndarray,
+    deadline: np.ndarray,
+    hbm_tier: np.ndarray,
+    host_tier: np.ndarray,
+    cxl_tier: np.ndarray,
+    storage_tier: int,
+) -> tuple[np.ndarray, ...]:
+    """The transfers (the actions ``moving``, a mask) by class, then deadline (NaN last), then
+    action: ``policy.plan.TransferArrays``'s columns (block, source and destination levels
+    and tiers, encoding, bytes, class, deadline).
+
+    PERF: one call for 15 numpy calls (flatnonzero, lexsort, the columns) and two of a kernel
+    for the tiers, each costly with its code cold in the step."""
+    count = 0
+    for a in range(len(moving)):
+        count += int(moving[a])
+    items = np.empty(count, np.int64)
+    count = 0
+    for a in range(len(moving)):
+        if moving[a]:
+            items[count] = a
+            count += 1
+    ordered = items[_urgency_order(cls, deadline, items)]
+    rows, source, destination = block[ordered], src[ordered], dst[ordered]
+    source_tier = np.empty(count, np.int64)
+    destination_tier = np.empty(count, np.int64)
+    for i in range(count):
+        source_tier[i] = _tier_at(source[i], rows[i], hbm_tier, host_tier, cxl_tier, storage_tier)
+        destination_tier[i] = _tier_at(
+            destination[i], rows[i], hbm_tier, host_tier, cxl_tier, storage_tier
+        )
+    return (
+        rows,
+        source,
+        destination,
+        source_tier,
+        destination_tier,
+        encoding[ordered],
+        nbytes[ordered],
+        cls[ordered],
+        deadline[ordered],
+    )

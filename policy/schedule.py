@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policy._action_kernels import classify, describe, stream
-from policy._admit_kernels import admit, tiers_at, transitions
+from policy._admit_kernels import admit, transfer_rows, transitions
 from policy._link_kernels import link_budgets, resolve
 from policy.config import PolicyConfig
 from policy.plan import STATE_CODES, TransferArrays, TransitionArrays
@@ -294,24 +294,23 @@ def schedule(
             check_transition("(step)", BlockState.PROMOTING, z)
         else:
             check_transition("(step)", a, z)
-    moving = np.flatnonzero(moving)
-    moving = moving[np.lexsort((deadline[moving], cls[moving]))]
-    t_rows = block[moving]
-    storage = scores.static.storage_tier
     return Schedule(
         TransitionArrays(*records[:-1]),
         TransferArrays(
-            block=t_rows,
-            source_level=src[moving],
-            destination_level=dst[moving],
-            source_tier=tiers_at(t_rows, src[moving], b.hbm_tier, b.host_tier, b.cxl_tier, storage),
-            destination_tier=tiers_at(
-                t_rows, dst[moving], b.hbm_tier, b.host_tier, b.cxl_tier, storage
-            ),
-            encoding=encoding[moving],
-            nbytes=nbytes[moving],
-            priority=cls[moving],
-            deadline_s=deadline[moving],
+            *transfer_rows(
+                moving,
+                block,
+                src,
+                dst,
+                encoding,
+                nbytes,
+                cls,
+                deadline,
+                b.hbm_tier,
+                b.host_tier,
+                b.cxl_tier,
+                scores.static.storage_tier,
+            )
         ),
         cancel_block=cancelled,
         cancel_encoding=b.in_flight_encoding[cancelled],
