@@ -73,16 +73,28 @@ def shrunk_popularity(
     layer: np.ndarray,
     flat: np.ndarray,
     layer_visits: np.ndarray,
-    visit_weight: np.ndarray,
-    layer_mean: np.ndarray,
+    unvisited_weight: np.ndarray,
+    layer_sum: np.ndarray,
     popularity: np.ndarray,
     observed_concurrency: np.ndarray,
     decay: float,
     prior_visits: float,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per expert: ``1 - pop`` and ``1 / observed concurrency``, where ``pop`` is its decayed
-    popularity corrected for the weight accumulated so far and shrunk toward its layer's mean
-    (see ``policy.predict.predict``)."""
+    popularity corrected for the weight accumulated so far (``1 - unvisited_weight``, per
+    layer) and shrunk toward its layer's mean (``layer_sum`` over its experts, corrected
+    likewise; see ``policy.predict.predict``).
+
+    PERF: the layers' weights and means here too (four numpy calls before)."""
+    visit_weight = 1.0 - unvisited_weight
+    layer_mean = np.empty(layer_sum.shape)
+    n_experts = popularity.shape[2]
+    for i in range(layer_sum.shape[0]):
+        for k in range(layer_sum.shape[1]):
+            weight = visit_weight[i, k]
+            floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12  # np.maximum
+            layer_mean[i, k] = layer_sum[i, k] / n_experts / floor
+    flat_popularity = popularity.reshape(-1)
     n = len(flat)
     base = np.empty(n)
     exponent = np.empty(n)
@@ -91,7 +103,8 @@ def shrunk_popularity(
         weight = visit_weight[m, layer_j]
         pop = 0.0
         if layer_visits[m, layer_j] > 0:
-            pop = popularity[flat[j]] / (weight if weight >= 1e-12 or np.isnan(weight) else 1e-12)
+            floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12
+            pop = flat_popularity[flat[j]] / floor
         evidence = weight / decay  # the effective number of visits behind the average
         pop = (evidence * pop + prior_visits * layer_mean[m, layer_j]) / (evidence + prior_visits)
         pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN

@@ -195,13 +195,15 @@ def choose_fallback(
     cxl_tiers: np.ndarray,
     per_byte_s: np.ndarray,
     latency_s: np.ndarray,
-    copy_cost: np.ndarray,
+    link_gbps: np.ndarray,
+    hysteresis_multiple: float,
     usable_bytes: np.ndarray,
     rounds: int,
 ) -> np.ndarray:
     """Fallback level per block: host, then CXL, by the value of a faster fallback copy
-    (``policy.score._choose_fallback``); ``copy_cost`` per level, ``*_tiers`` the tiers of
-    each level that hold blocks."""
+    (``policy.score._choose_fallback``); ``*_tiers`` the tiers of each level that hold blocks.
+    A copy into a level costs ``hysteresis_multiple`` times its time per byte from storage
+    (``link_gbps``; no link, no copy)."""
     n = len(fallback_level)
     fallback = np.full(n, STORAGE, np.int64)
     keep = np.empty(n, np.bool_)
@@ -216,6 +218,8 @@ def choose_fallback(
         tier_of = host_tier if level == HOST else cxl_tier
         saved_rate = per_byte_s[STORAGE] - per_byte_s[level]
         saved_latency = latency_s[STORAGE] - latency_s[level]
+        gbps = link_gbps[STORAGE, level]
+        copy_cost = hysteresis_multiple / (gbps * 1e9) if gbps > 0 else np.inf
         for tier in tiers:
             # PERF: one pass builds the candidates (with their order keys).
             pinned_bytes = 0
@@ -234,7 +238,7 @@ def choose_fallback(
                     continue
                 rows[count] = r
                 saved = saved_rate + saved_latency / float(full_bytes[r])
-                cost = 0.0 if fallback_level[r] == level else copy_cost[level]
+                cost = 0.0 if fallback_level[r] == level else copy_cost
                 keys[count] = key_bits(-(imminence[r] * saved - cost), scratch, bits)
                 size[count] = full_bytes[r]
                 count += 1

@@ -128,7 +128,10 @@ def _learn_coactivation(
     """
     per_model = n_layers * n_experts
     first, last = int(current[0]) // per_model, int(current[-1]) // per_model
-    starts = np.searchsorted(current, np.arange(first, last + 2) * per_model)
+    if first == last:  # PERF: one model's choices (most ticks): no search (three numpy calls)
+        starts = [0, len(current)]
+    else:
+        starts = np.searchsorted(current, np.arange(first, last + 2) * per_model).tolist()
     budget = config.coactivation_pairs_per_step
     raw = _NO_RAW
     for model in range(first, last + 1):
@@ -195,20 +198,17 @@ def predict(
         # it toward the layer's mean (the share of its experts chosen per visit), a prior worth
         # ``prior_visits`` visits, so that a few observations do not read as certainty.
         decay = config.popularity_decay
-        visit_weight = 1.0 - (1.0 - decay) ** state.layer_visits
-        # PERF: numpy's mean less its Python wrapper, the same sum and division (1.2 us a step).
-        layer_sum = np.add.reduce(state.popularity, axis=2)
-        layer_mean = layer_sum / n_experts / np.maximum(visit_weight, 1e-12)
-        # PERF: compiled passes between numpy's powers (which stay numpy's: see the kernels'
-        # module); 16 numpy passes over every expert before.
+        # PERF: compiled passes between numpy's powers and sums (which stay numpy's: see the
+        # kernels' module); 16 numpy passes over every expert before. The layers' sums are
+        # np.mean's, less its Python wrapper.
         base, exponent = shrunk_popularity(
             model,
             layer,
             flat,
             state.layer_visits,
-            visit_weight,
-            layer_mean,
-            state.popularity.reshape(-1),
+            (1.0 - decay) ** state.layer_visits,
+            np.add.reduce(state.popularity, axis=2),
+            state.popularity,
             state.observed_concurrency,
             decay,
             config.prior_visits,

@@ -39,7 +39,7 @@ from policy._score_kernels import (
 from policy._select import take_by_density as take_by_density_kernel
 from policy.config import PolicyConfig
 from policy.predict import Prediction
-from policy.snapshot import CXL, HOST, STORAGE, Snapshot
+from policy.snapshot import Snapshot
 from policy.static import Static
 
 
@@ -187,13 +187,9 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
     fallback copies stay where they are. The value per byte of a copy here rather than in
     storage is the recovery time it saves, less ``hysteresis_multiple`` times the copy's cost
     for a block not already there."""
-    b, links = snapshot.blocks, snapshot.links
+    b = snapshot.blocks
     per_byte, latency = scores.static.per_byte_to_hbm_s, scores.static.latency_to_hbm_s
-    copy_cost = np.full(4, np.inf)
-    for level in (HOST, CXL):
-        gbps = links.gbps[STORAGE, level]
-        if gbps > 0:
-            copy_cost[level] = config.hysteresis_multiple / (gbps * 1e9)
+    # PERF: the copies' costs in the kernel (a dozen numpy scalar operations before).
     fallback: np.ndarray = choose_fallback(
         b.fallback_level,
         b.leased,
@@ -206,7 +202,8 @@ def _choose_fallback(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -
         scores.static.cxl_group_tiers,
         per_byte,
         latency,
-        copy_cost,
+        snapshot.links.gbps,
+        config.hysteresis_multiple,
         snapshot.tiers.usable_bytes,
         8,
     )

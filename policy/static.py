@@ -37,6 +37,8 @@ class Static:
     expert_index: np.ndarray
     expert_flat: np.ndarray  # (model, layer, expert) flattened in the state's [M, L, E] grid
     in_tier_of_level: dict[int, np.ndarray]  # per level, the tier indices that exist
+    hbm_tiers: tuple[int, ...]  # the HBM tiers' indices (PERF: the plan's metrics, per step)
+    warm_tiers: tuple[int, ...]  # the host, then the CXL tiers' indices
     recovery_by_level: np.ndarray  # [4, N] time to recover the block from a copy at each level
     preferred_by_level: np.ndarray  # [4, N] int8: densest allowed HBM encoding, fallback there
     unit_density_by_level: np.ndarray  # [4, N] its value per byte, per unit of p * imminence
@@ -154,6 +156,8 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         expert_index=expert,
         expert_flat=(model * n_layers + layer) * n_experts + expert,
         in_tier_of_level=levels,
+        hbm_tiers=tuple(levels[HBM].tolist()),
+        warm_tiers=tuple(levels[HOST].tolist() + levels[CXL].tolist()),
         recovery_by_level=recovery,
         preferred_by_level=preferred,
         unit_density_by_level=unit,
