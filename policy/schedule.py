@@ -242,7 +242,7 @@ def schedule(
         held,
         within_reach,
         occupancy,
-        snapshot.tiers.usable_bytes.astype(np.float64),
+        scores.usable_bytes.astype(np.float64),
         b.hbm_encoding,
         b.hbm_tier,
         b.host_tier,
@@ -287,7 +287,7 @@ def schedule(
         _CODES,
     )
     # Assert the table: every state change must be allowed (through PROMOTING where it goes).
-    for start, end, through in zip(*np.nonzero(records[-1]), strict=True):
+    for start, end, through in zip(*records[-1].nonzero(), strict=True):
         a, z = STATE_CODES[start], STATE_CODES[end]
         if through:
             check_transition("(step)", a, BlockState.PROMOTING)
