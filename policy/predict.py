@@ -17,7 +17,6 @@ import numpy as np
 from policy._arrays import distinct
 from policy._observe_kernels import (
     LEARNED,
-    MORE_RAW,
     fold_times,
     follower_runs,
     learn_coactivation,
@@ -37,8 +36,6 @@ from policy.config import PolicyConfig
 from policy.snapshot import Snapshot
 from policy.state import PolicyState, PredictionQuality
 from policy.static import Static
-
-_NO_RAW = np.zeros(0, np.uint64)
 
 
 @dataclass(frozen=True)
@@ -122,9 +119,9 @@ def _learn_coactivation(
     has tens of thousands of pairs (58 layers x 32 x 32); a bounded, evenly spread sample with
     a scaled increment learns the same expectation at a bounded cost. The sample is
     ``np.random.default_rng(state.steps).integers(0, pairs, budget)`` without repeats, drawn in
-    the kernel from the generator's raw stream (``policy._observe_kernels.sample_pairs``),
-    created once for every model (line profiler, trees alternating: 16,384 blocks 0.64, 0.69 ->
-    0.52, 0.46 ms a step; a million blocks, 8 models learning, 5.0, 6.9 -> 3.4, 3.2 ms).
+    the kernel from the generator's raw stream (``policy._observe_kernels.sample_pairs``,
+    ``policy._pcg64``; line profiler, trees alternating: 16,384 blocks 0.64, 0.69 -> 0.52,
+    0.46 ms a step; a million blocks, 8 models learning, 5.0, 6.9 -> 3.4, 3.2 ms).
     """
     per_model = n_layers * n_experts
     first, last = int(current[0]) // per_model, int(current[-1]) // per_model
@@ -133,7 +130,6 @@ def _learn_coactivation(
     else:
         starts = np.searchsorted(current, np.arange(first, last + 2) * per_model).tolist()
     budget = config.coactivation_pairs_per_step
-    raw = _NO_RAW
     for model in range(first, last + 1):
         coact = state.coactivation[model]
         begin, end = starts[model - first], starts[model - first + 1]
@@ -142,15 +138,9 @@ def _learn_coactivation(
         chosen = current[begin:end] - model * per_model  # sorted by layer
         coact.scale *= 1 - config.coactivation_decay
         increment = config.coactivation_decay / coact.scale
-        while True:
-            outcome = learn_coactivation(
-                chosen, n_layers, n_experts, coact.pairs, coact.given, increment, budget, raw
-            )
-            if outcome != MORE_RAW:
-                break
-            # Enough for the sample but for a few rejections; twice that if it was not.
-            count = max(2 * len(raw), budget // 2 + 32)
-            raw = np.random.PCG64(state.steps).random_raw(count)
+        outcome = learn_coactivation(
+            chosen, n_layers, n_experts, coact.pairs, coact.given, increment, budget, state.steps
+        )
         if outcome != LEARNED:  # 2**32 pairs or more: numpy draws them its other way
             layer, expert, repeat, ends, offsets, total = follower_runs(
                 chosen, n_layers, n_experts, coact.given.shape[0]

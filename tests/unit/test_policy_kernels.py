@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from policy._kernels import stable_argsort
 from policy._link_kernels import link_budgets
 from policy._observe_kernels import fold_routes, route_choices, sample_pairs
+from policy._pcg64 import pcg64_raw, seed_words
 from policy._select import sorted_distinct, stable_order
 from policy._veto_kernels import budget_choice, fit_rows
 from policy.score import take_by_density
@@ -280,10 +281,22 @@ def test_sample_pairs_draws_numpys_sample_from_the_raw_stream(seed, total, budge
     expected = np.unique(np.random.default_rng(seed).integers(0, total, budget))
     count = 1
     drawn = False
-    while not drawn:  # as policy.predict does: more raw numbers when the rejections need them
+    while not drawn:  # as learn_coactivation does: more raw numbers when rejections need them
         sample, drawn = sample_pairs(total, budget, np.random.PCG64(seed).random_raw(count))
         count *= 2
     np.testing.assert_array_equal(sample, expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.integers(0, 2**16), st.integers(0, 2**63 - 1)),
+    st.sampled_from([0, 1, 2, 63, 2080, 70_000]),
+)
+def test_pcg64_raw_is_numpys_raw_stream(seed, count) -> None:
+    np.testing.assert_array_equal(
+        seed_words(seed), np.random.SeedSequence(seed).generate_state(4, np.uint64)
+    )
+    np.testing.assert_array_equal(pcg64_raw(seed, count), np.random.PCG64(seed).random_raw(count))
 
 
 @settings(max_examples=60, deadline=None)
