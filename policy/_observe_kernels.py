@@ -93,6 +93,32 @@ def fold_routes(
 
 
 @_jit
+def _distinct_in_place(values: np.ndarray, n: int, sparse: bool, words: int) -> int:
+    """Write the distinct values of ``values[:n]`` (non-negative unless ``sparse``), ascending,
+    to ``values[:count]``; return ``count``. By a sort when ``sparse``, else through a bitset of
+    ``words`` 64-bit words spanning their range."""
+    count = 0
+    if sparse:
+        ordered = np.sort(values[:n])
+        for k in range(n):
+            if k == 0 or ordered[k] != ordered[k - 1]:
+                values[count] = ordered[k]
+                count += 1
+        return count
+    bits = np.zeros(words, np.uint64)
+    for k in range(n):
+        bits[values[k] >> 6] |= np.uint64(1) << np.uint64(values[k] & 63)
+    for i in range(words):
+        word = bits[i]
+        while word != 0:
+            low = word & (~word + np.uint64(1))
+            values[count] = i * 64 + _BIT_OF[(low * _DE_BRUIJN) >> np.uint64(58)]
+            count += 1
+            word ^= low
+    return count
+
+
+@_jit
 def route_choices(
     route_step: np.ndarray,
     route_model: np.ndarray,
@@ -120,24 +146,8 @@ def route_choices(
         keys[k] = (route_step[k] - low) * size + (flat + route_expert[k])
         least = min(least, keys[k])
         most = max(most, keys[k])
-    count = 0
-    if least < 0 or most // 64 > 8 * n + 1024:
-        ordered = np.sort(keys)
-        for k in range(n):
-            if k == 0 or ordered[k] != ordered[k - 1]:
-                keys[count] = ordered[k]
-                count += 1
-    else:
-        words = np.zeros(most // 64 + 1, np.uint64)
-        for k in range(n):
-            words[keys[k] >> 6] |= np.uint64(1) << np.uint64(keys[k] & 63)
-        for i in range(len(words)):
-            word = words[i]
-            while word != 0:
-                bit = word & (~word + np.uint64(1))
-                keys[count] = i * 64 + _BIT_OF[(bit * _DE_BRUIJN) >> np.uint64(58)]
-                count += 1
-                word ^= bit
+    sparse = least < 0 or most // 64 > 8 * n + 1024
+    count = _distinct_in_place(keys, n, sparse, most // 64 + 1)
     step_of = np.empty(count, np.int64)
     flat_of = np.empty(count, np.int64)
     n_bounds = 0
@@ -335,26 +345,8 @@ def sample_pairs(total: int, budget: int, raw: np.ndarray) -> tuple[np.ndarray, 
             if product & _LOW32 >= threshold:
                 break
         draws[k] = np.int64(product >> np.uint64(32))
-    if total // 64 > 16 * budget:  # a sparse sample: a sort costs less than the bitset
-        ordered = np.sort(draws)
-        count = 0
-        for k in range(budget):
-            if k == 0 or ordered[k] != ordered[k - 1]:
-                ordered[count] = ordered[k]
-                count += 1
-        return ordered[:count], True
-    words = np.zeros((total + 63) // 64, np.uint64)
-    for k in range(budget):
-        words[draws[k] >> 6] |= np.uint64(1) << np.uint64(draws[k] & 63)
-    count = 0
-    for i in range(len(words)):
-        word = words[i]
-        while word != 0:
-            low = word & (~word + np.uint64(1))
-            draws[count] = i * 64 + _BIT_OF[(low * _DE_BRUIJN) >> np.uint64(58)]
-            count += 1
-            word ^= low
-    return draws[:count], True
+    sparse = total // 64 > 16 * budget  # a sort costs less than the bitset
+    return draws[: _distinct_in_place(draws, budget, sparse, (total + 63) // 64)], True
 
 
 @_jit
