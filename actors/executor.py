@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import ray
 
 from actors.peer import Member, PeerError, PeerGroup
-from actors.regenerate import rebuild, reshare, unshared_ties
+from actors.regenerate import rebuild, reshare
 from actors.registry import CopyEntry, CopyStatus
 from policy.snapshot import CXL, HOST, LEVEL_KINDS, STORAGE
 from pool.blocks import BlockSpec
@@ -264,9 +264,9 @@ class Executor:
             self.handles[key] = handle
             ctl.copies_changed.notify_all()  # waiting acquires look again
             in_hbm = reg.tiers[entry.tier_id].kind is TierKind.HBM
-            ties = unshared_ties(self, *key) if reg.tied_by and in_hbm else []
-        if ties:
-            ctl.wake.set()  # the next step re-shares them (``recall_for_plan``)
+            tied = reg.tied_by.get(entry.block_id, ()) if in_hbm else ()
+            if any(reg.holds_own(b, entry.tier_id, entry.encoding) for b in tied):
+                ctl.wake.set()  # the next step re-shares them (``recall_for_plan``)
         return True
 
     def _copy(self, spec: BlockSpec, dst: str, encoding: Encoding) -> None:

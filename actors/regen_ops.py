@@ -8,7 +8,6 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any
 
-from actors.regenerate import holds_own
 from actors.registry import CopyStatus, Registry
 from pool.blocks import BlockSpec
 from pool.errors import UnknownBlockError, WeightpoolError
@@ -83,7 +82,7 @@ class RegenOps:
                 for c in self.registry.copies_of(recipe.source)
                 if c.status is CopyStatus.READY
                 and self.registry.tiers[c.tier_id].kind is TierKind.HBM
-                and holds_own(self.executor, block_id, c.tier_id, c.encoding)
+                and self.registry.holds_own(block_id, c.tier_id, c.encoding)
             ]
         self.save_recipes()
         self.record("execute", "", f"regenerators added for {len(recipes)} blocks")

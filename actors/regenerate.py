@@ -12,7 +12,7 @@ block that holds other bytes than its source's copy (its own, made before the so
 or a share of a source copy since replaced) is re-shared by the controller's step: the registry's
 snapshot names it (``Registry.unshared_ties``), ``recall_for_plan`` recalls kept leases on it and
 bars it once free, and :func:`reshare` swaps it. A source landing wakes the step
-(:func:`unshared_ties`).
+(``Executor.commit``).
 Anything else (an input not in the tier, a rebuild that fails) leaves the copy to the caller,
 which moves the block's own bytes as for any block.
 """
@@ -104,26 +104,13 @@ def rebuild(ex: Executor, spec: BlockSpec, dst: str, encoding: Encoding) -> bool
     return True
 
 
-def holds_own(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> bool:
-    """Whether the tied block holds other bytes on ``tier_id`` at ``encoding`` than its
-    source's copy there (``Registry.holds_own``). Called under the controller's lock."""
-    return ex.ctl.registry.holds_own(block_id, tier_id, encoding)
-
-
-def unshared_ties(ex: Executor, source_id: str, tier_id: str, encoding: Encoding) -> list[str]:
-    """Blocks tied to ``source_id`` holding a copy of their own on ``tier_id`` at ``encoding``
-    (which could share the source's copy there). Called under the controller's lock."""
-    tied = ex.ctl.registry.tied_by.get(source_id, ())
-    return [b for b in tied if holds_own(ex, b, tier_id, encoding)]
-
-
 def reshare(ex: Executor, block_id: str, tier_id: str, encoding: Encoding) -> None:
     """Replace a tied block's own copy by its source's (the block's chain is held busy): drop
     it unless a lease pins it, then share; if sharing fails, copy it back."""
     with ex.ctl.lock:
         c = _ready(ex, block_id, tier_id, encoding)
         spec = ex.ctl.registry.spec(block_id)
-        own = holds_own(ex, block_id, tier_id, encoding)
+        own = ex.ctl.registry.holds_own(block_id, tier_id, encoding)
     if c is None or not own or not ex._drop(c):
         return  # gone, shared already, or leased: it stays as it is
     ex.ctl.count("reshared")

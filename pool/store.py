@@ -203,46 +203,36 @@ class BlockStore:
             content_checksum,
         )
 
-    def _shared(
+    def _store(
         self,
         spec: BlockSpec,
         block: EncodedBlock,
         content: str,
         pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]],
-    ) -> CopyRecord | None:
-        """A record for ``block`` naming a file already stored (by this change, ``pending``, or
-        in the catalog) with the same encoded content and the same tensors (names, shapes,
-        dtypes), so equal bytes are stored once; None when there is none."""
+        written: list[CopyRecord],
+    ) -> CopyRecord:
+        """The record of ``block``'s copy (``content``: its content checksum). Where a file of
+        the same encoded content and the same tensors (names, shapes, dtypes) is stored already
+        (by this change, ``pending``, or in the catalog), the record names that file, so equal
+        bytes are stored once; else a new file is written (added to ``written``, which a failed
+        change removes). Recorded in ``pending``."""
         layout = _layout(spec)
-        found = [r for r, lay in pending.get((block.encoding, content), []) if lay == layout]
-        if not found:
-            found = [
+        same = [r for r, lay in pending.get((block.encoding, content), []) if lay == layout]
+        if not same:
+            same = [
                 r
                 for r in self.catalog.with_content(block.encoding, content)
                 if _layout(self.catalog.spec(r.block_id)) == layout
             ]
-        if not found:
-            return None
-        other = found[0]
-        return dataclasses.replace(
-            other, block_id=spec.block_id, stored_as=other.stored_as or other.block_id
-        )
-
-    def _store(
-        self,
-        spec: BlockSpec,
-        block: EncodedBlock,
-        pending: dict[tuple[Encoding, str], list[tuple[CopyRecord, Layout]]],
-        written: list[CopyRecord],
-    ) -> CopyRecord:
-        """The copy's record: a file of equal content shared (:meth:`_shared`), or a new file
-        (added to ``written``, which a failed change removes). Recorded in ``pending``."""
-        content = block.content_checksum()
-        record = self._shared(spec, block, content, pending)
-        if record is None:
+        if same:
+            other = same[0]
+            record = dataclasses.replace(
+                other, block_id=spec.block_id, stored_as=other.stored_as or other.block_id
+            )
+        else:
             record = self._write(block, content)
             written.append(record)
-        pending.setdefault((block.encoding, content), []).append((record, _layout(spec)))
+        pending.setdefault((block.encoding, content), []).append((record, layout))
         return record
 
     def _encode_all(
@@ -304,7 +294,7 @@ class BlockStore:
                         "truth is never overwritten; import the new weights under another "
                         "model name)"
                     )
-                new.append(self._store(spec, block, pending, written))
+                new.append(self._store(spec, block, content, pending, written))
             with self.catalog.transaction() as db:
                 for record in new:
                     self.catalog.put_copy(db, record)
@@ -347,7 +337,8 @@ class BlockStore:
                 check_tensors(spec, tensors)
                 for encoding in sorted(set(encodings) | {FULL}, key=lambda e: e != FULL):
                     block = encode_block(spec, tensors, encoding, self.options)
-                    records.append(self._store(spec, block, pending, written))
+                    content = block.content_checksum()
+                    records.append(self._store(spec, block, content, pending, written))
                 if progress is not None:
                     progress(spec)
             with self.catalog.transaction() as db:

@@ -138,12 +138,17 @@ def test_an_adapter_on_a_tied_block_is_merged_into_the_shared_copy(regen):
     assert torch.equal(head, merged(state["lm_head.weight"], up, down, 0.25))
 
 
+def untied_resident(pool, seed: int, model: str) -> tuple[str, int, torch.Tensor]:
+    """Load a tied model with ``tie=False`` (its head a copy of its own: two copies of one
+    tensor) and wait until it is resident; its home tier, that tier's used bytes, the head."""
+    state = tiny_model(seed=seed, tie=True).state_dict()
+    home = pool.load_state_dict(state, model, tie=False)
+    wait_until(lambda: all_premium(pool, model), what="every block premium")
+    return home, ray.get(pool.tier(home).report.remote()).used_bytes, state["lm_head.weight"]
+
+
 def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
-    state = tiny_model(seed=5, tie=True).state_dict()
-    home = regen.load_state_dict(state, "late", tie=False)  # two copies of one tensor
-    wait_until(lambda: all_premium(regen, "late"), what="every block premium")
-    used = ray.get(regen.tier(home).report.remote()).used_bytes
-    head = state["lm_head.weight"]
+    home, used, head = untied_resident(regen, 5, "late")
     before = regen.status()["counters"].get("reshared", 0)
     assert regen.add_regenerators({"late/lm_head": Tied(source="late/model.embed_tokens")}) == 1
     wait_until(  # by the next step
@@ -159,11 +164,7 @@ def test_a_tie_declared_later_replaces_the_own_copy_by_the_shared_one(regen):
 
 
 def test_a_tie_declared_while_the_own_copy_is_leased_is_shared_once_the_lease_ends(regen):
-    state = tiny_model(seed=8, tie=True).state_dict()
-    home = regen.load_state_dict(state, "held", tie=False)  # two copies of one tensor
-    wait_until(lambda: all_premium(regen, "held"), what="every block premium")
-    used = ray.get(regen.tier(home).report.remote()).used_bytes
-    head = state["lm_head.weight"]
+    home, used, head = untied_resident(regen, 8, "held")
     before = regen.status()["counters"].get("reshared", 0)
     before_deferred = regen.status()["counters"].get("drops_deferred_leased", 0)
     with PoolClient(namespace=NAMESPACE) as client:
@@ -190,11 +191,7 @@ def test_a_tie_declared_while_the_own_copy_is_leased_is_shared_once_the_lease_en
 
 
 def test_a_kept_lease_on_the_own_copy_is_recalled_for_the_re_share(regen):
-    state = tiny_model(seed=9, tie=True).state_dict()
-    home = regen.load_state_dict(state, "kept", tie=False)
-    wait_until(lambda: all_premium(regen, "kept"), what="every block premium")
-    used = ray.get(regen.tier(home).report.remote()).used_bytes
-    head = state["lm_head.weight"]
+    home, used, head = untied_resident(regen, 9, "kept")
     before = regen.status()["counters"]
     with PoolClient(namespace=NAMESPACE) as client:
         assert torch.equal(client.get("kept/lm_head", recallable=True)["weight"], head)
