@@ -23,9 +23,9 @@ import numpy as np
 from policy._kernels import stable_argsort
 from policy._veto_budget import (
     all_candidates,
-    budget_round,
     choose_fixes,
     compact_candidates,
+    fix_round,
     sort_keys,
 )
 from policy._veto_kernels import fit_rows, quality_costs, veto_entry
@@ -37,6 +37,8 @@ from policy.snapshot import NONE, Snapshot
 
 _NO_KEY = np.zeros(0)
 _NO_MASK = np.zeros(0, dtype=bool)
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+_NO_RECORDS = (_NO_ROWS, _NO_ROWS, _NO_ROWS, _NO_KEY)
 
 
 def _column(values: np.ndarray | float, n: int, dtype: type) -> np.ndarray:
@@ -190,6 +192,7 @@ def veto(
     # PERF: the candidates come from the entry's pass and are carried from round to round
     # (policy._veto_budget), instead of a pass over every block per round.
     compacted = True
+    records, used = _NO_RECORDS, 0
     quality: float | None = None  # the cost's sum where the loop ended on it, unchanged since
     for _ in range(len(bits) + 1):
         total_cost = float(cost.sum())
@@ -211,35 +214,35 @@ def veto(
             chosen = np.zeros(len(order_key), dtype=bool)
             chosen[order[:count]] = True
         # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
-        fixed, before, placed, cost_before, price, candidates, total, valid, compacted = (
-            budget_round(
-                contributors,
-                current,
-                fallback,
-                saving,
-                order_key,
-                old_bytes,
-                new_bytes,
-                chosen,
-                cost,
-                p,
-                b.sensitivity,
-                scores.static.budget_fallback,
-                b.nbytes,
-                hbm,
-                b.hbm_tier,
-                targets.chosen_density,
-                scores.hbm_budget_bytes,
-                tier_bytes,
-                targets.vetoed_out,
-                targets.quality_bound,
-                b.hbm_encoding,
-                sticky,
-            )
+        records, used, price, candidates, total, valid, compacted = fix_round(
+            contributors,
+            current,
+            fallback,
+            saving,
+            order_key,
+            old_bytes,
+            new_bytes,
+            chosen,
+            cost,
+            p,
+            b.sensitivity,
+            scores.static.budget_fallback,
+            b.nbytes,
+            hbm,
+            b.hbm_tier,
+            targets.chosen_density,
+            scores.hbm_budget_bytes,
+            tier_bytes,
+            targets.vetoed_out,
+            targets.quality_bound,
+            b.hbm_encoding,
+            sticky,
+            records,
+            used,
         )
-        rejections.add(
-            Rule.QUALITY_BUDGET, fixed, before, placed, cost_before, config.quality_budget
-        )
+    # The rounds' records, one batch (each round's in block order).
+    fixed, before, placed, cost_before = (column[:used] for column in records)
+    rejections.add(Rule.QUALITY_BUDGET, fixed, before, placed, cost_before, config.quality_budget)
 
     # 4. Capacity guard.
     # PERF: else the sum the loop ended on (0.5 ms at a million), and the step's too.
