@@ -384,6 +384,7 @@ def fix_round(
             first[tier], first_count[tier], least_grow[tier], total_old[tier], fits,
         )  # fmt: skip
         pivot_key, pivot_then = (keys[pivot], second[pivot]) if pivot >= 0 else (0, 0)
+        held_bytes = tier_bytes[tier]  # PERF: in a register through the loop, stored after
         # The records, the targets, and the chosen candidates rewritten as their blocks now
         # are. PERF: when every candidate is chosen (``whole``: items are candidates, in
         # order) they are also moved up in place, written at ``kept`` <= ``j``, never over one
@@ -398,9 +399,9 @@ def fix_round(
             fixed[o] = r
             before[o] = current[k]
             cost_before[o] = cost[r]
-            tier_bytes[tier] -= old_size[j]
+            held_bytes -= old_size[j]
             if fits_after(fits[j], keys[j], second[j], j, pivot_key, pivot_then, pivot):
-                tier_bytes[tier] += new_size[j]
+                held_bytes += new_size[j]
                 encoding = fallback[k]
                 quality_bound[r] = True
                 cost[r] = use_probability[r] * sensitivity[r, encoding]
@@ -430,6 +431,7 @@ def fix_round(
             next_valid &= np.isfinite(saved) and saved >= 0.0
             next_total += saved
             kept += 1
+        tier_bytes[tier] = held_bytes
     best_left = 0.0
     if least_key != _MAX:
         bits[0] = least_key ^ _MAX if least_key < 0 else least_key

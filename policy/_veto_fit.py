@@ -275,20 +275,25 @@ def whole_tier(
     tier = hbm_tier[rows[0]]
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
+    # PERF: the tier's sums in registers, stored once (a sum kept in the array is a chain of
+    # stores and loads, one an item): a million blocks' captured round, alternating with the
+    # array sums (load 2-3): 11.3 -> 6.7 ms.
+    least = _MAX
+    old_total = 0
     for k in range(m):
         if hbm_tier[rows[k]] != tier:
             first_count[tier] = 0
-            least_grow[tier] = _MAX
-            total_old[tier] = 0
             return False
         keys[k] = key_bits(-chosen_density[rows[k]], scratch, bits)
-        least_grow[tier] = min(least_grow[tier], max(new_bytes[k] - old_bytes[k], 0))
-        total_old[tier] += old_bytes[k]
+        least = min(least, max(new_bytes[k] - old_bytes[k], 0))
+        old_total += old_bytes[k]
         last = first[tier, FIRST - 1]
         if passes_last(
             first_count[tier], keys[k], order_key[k], k, keys[last], order_key[last], last
         ):
             track_first(tier, k, keys, order_key, True, first, first_count)
+    least_grow[tier] = least
+    total_old[tier] = old_total
     return True
 
 
@@ -325,8 +330,12 @@ def group_chosen(
         taken = chosen[k]
         picked[total] = k
         total += int(taken)
-        starts[hbm_tier[rows[k]] + 1] += int(taken)
         least_key = min(least_key, _MAX if taken else order_key[k])
+    # PERF: the tiers counted over the chosen only (in the pass above, the count kept in the
+    # array was a chain of stores and loads, one a candidate): captured inputs, alternating,
+    # 16,384 blocks 0.097 -> 0.076 ms, a million blocks' second round 2.8 -> 1.5 ms.
+    for count in range(total):
+        starts[hbm_tier[rows[picked[count]]] + 1] += 1
     starts = np.cumsum(starts)
     local = np.empty(total, np.int64)
     ordinal = np.empty(total, np.int64)

@@ -65,6 +65,9 @@ def veto_entry(
     candidates = 0
     total = 0.0
     valid = True
+    # PERF: a run of blocks of one tier summed in a register (a sum kept in the array is a
+    # chain of stores and loads, one a block).
+    run_tier, run_bytes = 0, 0
     for r in range(n):
         protected[r] = leased[r] and hbm_encoding[r] != NONE
         forbidden = False
@@ -78,7 +81,10 @@ def veto_entry(
             bad += 1
             forbidden = True
         if hbm[r] != NONE:
-            tier_bytes[hbm_tier[r]] += nbytes[r, hbm[r]]
+            if hbm_tier[r] != run_tier:
+                tier_bytes[run_tier] += run_bytes
+                run_tier, run_bytes = hbm_tier[r], 0
+            run_bytes += nbytes[r, hbm[r]]
             cost[r] = use_probability[r] * sensitivity[r, hbm[r]]
             if cost[r] > 0 and not protected[r] and not forbidden:
                 encoding, better, saved, key, old, new = candidate_values(
@@ -95,6 +101,7 @@ def veto_entry(
                 valid &= np.isfinite(saved) and saved >= 0.0
                 total += saved
                 candidates += 1
+    tier_bytes[run_tier] += run_bytes
     rows = rows[:touched].copy()
     proposed = proposed[:touched].copy()
     bad_rows = bad_rows[:bad].copy()
