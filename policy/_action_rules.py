@@ -123,8 +123,7 @@ def _fields(
         if kind == DROP_WARM:
             return fc, NONE, NONE, DEMOTION, np.inf, 0, False, False, held
         dst = ft if kind == WARM_COPY else CXL
-        cls = PREFETCH if kind == WARM_COPY else DEMOTION
-        return fc, dst, 0, cls, np.inf, full_bytes, False, False, held
+        return fc, dst, 0, _fallback_class(kind), np.inf, full_bytes, False, False, held
     shrink = c != NONE and target_bytes < current_bytes
     required_up = c != NONE and not shrink and quality_bound
     if kind == TRANSCODE:
@@ -136,23 +135,78 @@ def _fields(
         return HBM, HBM, t, cls, deadline, target_bytes, shrink, required_up, False
     if kind == REGENERATE:
         src = HBM
-        move_s = target_bytes / (regenerate_gbps * 1e9)
+        move_s = _decoded(target_bytes / (regenerate_gbps * 1e9), full_bytes, decode_rate)
     else:
         src = fc
-        seconds = target_bytes / (gbps * 1e9) if gbps > 0 else np.inf
-        move_s = latency_s + seconds
-    # policy.static.Static.decode_s, row by row
-    move_s = move_s + (float(full_bytes) / decode_rate if decode_rate > 0 else 0.0)
-    if demand:
-        cls = DEMAND
-    elif refetch:
-        cls = DEMOTION
-    elif c == NONE and t_next < imminent_horizon_s:
-        cls = IMMINENT
-    else:
-        cls = PREFETCH  # an upgrade of a usable copy is never urgent
-    deadline = now_s + t_next - move_s - safety_margin_s
+        move_s = _fetch_s(target_bytes, full_bytes, decode_rate, gbps, latency_s)
+    cls = _transfer_class(demand, refetch, c, t_next, imminent_horizon_s)
+    deadline = _deadline(now_s, t_next, move_s, safety_margin_s)
     return src, HBM, t, cls, deadline, target_bytes, shrink, required_up, False
+
+
+@_inline
+def _fallback_class(kind: int) -> int:
+    """The class of a copy into the warm tier or a spill (their deadline: none, infinite)."""
+    return PREFETCH if kind == WARM_COPY else DEMOTION
+
+
+@_inline
+def _decoded(move_s: float, full_bytes: int, decode_rate: float) -> float:
+    """``move_s`` and the decoding (``policy.static.Static.decode_s``, row by row)."""
+    return move_s + (float(full_bytes) / decode_rate if decode_rate > 0 else 0.0)
+
+
+@_inline
+def _fetch_s(
+    target_bytes: int, full_bytes: int, decode_rate: float, gbps: float, latency_s: float
+) -> float:
+    """How long a fetch takes: latency, transfer and decoding (never less with more bytes or a
+    slower decoder: each operation rounds monotonically)."""
+    seconds = target_bytes / (gbps * 1e9) if gbps > 0 else np.inf
+    return _decoded(latency_s + seconds, full_bytes, decode_rate)
+
+
+@_inline
+def _longest_fetch_s(
+    bounds: np.ndarray, decode_rate: np.ndarray, link_gbps: np.ndarray, latency_s: np.ndarray
+) -> np.ndarray:
+    """Per link code into HBM, a time no fetch on it exceeds (``_fetch_s`` of the most bytes
+    moved and decoded, at the slowest decoder that a transfer targets; ``bounds``: see
+    ``policy._action_kernels.classify``)."""
+    most_moved, most_full, targets = bounds
+    slowest_decoder = 0.0
+    for e in range(len(decode_rate)):
+        rate = decode_rate[e]
+        if (targets >> e) & 1 and rate > 0 and (slowest_decoder == 0 or rate < slowest_decoder):
+            slowest_decoder = rate
+    longest_s = np.zeros(16, np.float64)
+    for code in range(HBM, 16, 4):
+        level = code // 4
+        longest_s[code] = _fetch_s(
+            most_moved, most_full, slowest_decoder, link_gbps[level, HBM], latency_s[level, HBM]
+        )
+    return longest_s
+
+
+@_inline
+def _transfer_class(
+    demand: bool, refetch: bool, c: int, t_next: float, imminent_horizon_s: float
+) -> int:
+    """The class of a fetch or regeneration into HBM of a block whose HBM encoding is ``c``."""
+    if demand:
+        return DEMAND
+    if refetch:
+        return DEMOTION
+    if c == NONE and t_next < imminent_horizon_s:
+        return IMMINENT
+    return PREFETCH  # an upgrade of a usable copy is never urgent
+
+
+@_inline
+def _deadline(now_s: float, t_next: float, move_s: float, safety_margin_s: float) -> float:
+    """A transfer's deadline: the next use less its move and the margin (a later ``t_next`` or
+    a shorter ``move_s`` never gives an earlier one: each operation rounds monotonically)."""
+    return now_s + t_next - move_s - safety_margin_s
 
 
 @_inline

@@ -40,6 +40,21 @@ def _heap_greater(key: int, a: int, other_key: int, other_a: int) -> bool:
 
 
 @_inline
+def _refused(
+    heap_key: np.ndarray,
+    heap_item: np.ndarray,
+    base: int,
+    size: int,
+    capacity: int,
+    key: int,
+    item: int,
+) -> bool:
+    """Whether ``_keep_smallest`` refuses ``(key, item)``: the heap is full and ``(key, item)``
+    is not smaller than the largest kept (so it refuses any larger key of ``item`` too)."""
+    return size == capacity and not _heap_greater(heap_key[base], heap_item[base], key, item)
+
+
+@_inline
 def _keep_smallest(
     heap_key: np.ndarray,
     heap_item: np.ndarray,
@@ -52,8 +67,8 @@ def _keep_smallest(
     """Offer ``(key, item)`` to the max-heap ``[base, base + size)`` that keeps the
     ``capacity`` smallest; returns its new size."""
     if size == capacity:
-        if not _heap_greater(heap_key[base], heap_item[base], key, item):
-            return size  # not smaller than the largest kept
+        if _refused(heap_key, heap_item, base, size, capacity, key, item):
+            return size
         i = 0  # replace the root, sift down
         while True:
             child = 2 * i + 1

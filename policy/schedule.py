@@ -123,7 +123,7 @@ def _candidates(
         demand.price,
         demand.exhausted,
     )
-    hbm_kind, warm_kind, refetch, counts, on_links, smallest, must, cancels = first[:8]
+    hbm_kind, warm_kind, refetch, counts, on_links, smallest, bounds, must, cancels = first[:9]
     kept, heap_key, heap_item, heap_start, heap_size, capacity, groups, cancelled, occupancy = (
         stream(
             b.hbm_encoding,
@@ -154,6 +154,7 @@ def _candidates(
             counts,
             on_links,
             smallest,
+            bounds,
             must,
             cancels,
         )
@@ -188,7 +189,7 @@ def _candidates(
         capacity,
         groups,
     )
-    return (*table[:-1], cancelled, occupancy, table[-1], *first[8:])
+    return (*table[:-1], cancelled, occupancy, table[-1], *first[9:])
 
 
 def schedule(
