@@ -488,7 +488,10 @@ def _first_round(
     else one bucket pass (``range_boundary``'s buckets, no counts, no branches) and one pass
     that marks the lower buckets and gathers the chosen one. The passes before: the sum,
     ``range_boundary``'s two, ``boundary``'s on a bucket of 9,374 items (keys of both signs
-    spread over 4 of 2,048 buckets) and the marking.
+    spread over 4 of 2,048 buckets) and the marking. ``take_by_keys`` on captured inputs,
+    alternating with the passes before: 16,384 blocks ``choose_fallback`` 0.120 -> 0.040 ms,
+    ``choose_hbm`` 0.068 -> 0.065 ms; a million blocks ``choose_hbm`` 10.8 -> 7.2 ms,
+    ``choose_fallback`` 5.9 -> 5.4 ms, ``refine_precision`` 3.5 -> 2.2 ms.
     """
     n = len(keys)
     distinct, key_totals = _key_totals(keys, nbytes, 512 if n < 65536 else 8192)
