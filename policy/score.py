@@ -155,7 +155,7 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
     """Target placement before the veto (see the module docstring)."""
     b, tel, static = snapshot.blocks, snapshot.telemetry, scores.static
     per_byte = static.per_byte_to_hbm_s
-    hbm = choose_hbm(
+    hbm, hbm_nbytes = choose_hbm(
         b.hbm_tier,
         b.hbm_encoding,
         b.fallback_level,
@@ -174,12 +174,13 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
     )
     density = chosen_density(
         hbm,
+        hbm_nbytes,
+        static.full_nbytes,
         scores.used,
         scores.recovery_s,
         static.decode_rate,
         scores.use_probability,
         b.sensitivity,
-        b.nbytes,
         scores.quality_weight_s,
     )
     fallback = _choose_fallback(snapshot, scores, config)
