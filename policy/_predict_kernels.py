@@ -85,31 +85,42 @@ def shrunk_popularity(
     layer) and shrunk toward its layer's mean (``layer_sum`` over its experts, corrected
     likewise; see ``policy.predict.predict``).
 
-    PERF: the layers' weights and means here too (four numpy calls before)."""
+    PERF: the layers' weights and means here too (four numpy calls before). Each layer's
+    divisors and prior share and each model's exponent once, not once an expert: two divisions
+    an expert, four before (16,384 blocks, captured inputs, trees alternating: 0.119 -> 0.098
+    ms; policy_ab, step ratio x0.984 at 16,384 blocks, x0.979 at a million, machine loaded)."""
     visit_weight = 1.0 - unvisited_weight
-    layer_mean = np.empty(layer_sum.shape)
+    n_models, n_layers = layer_sum.shape
     n_experts = popularity.shape[2]
-    for i in range(layer_sum.shape[0]):
-        for k in range(layer_sum.shape[1]):
+    floor_of = np.empty((n_models, n_layers))
+    evidence_of = np.empty((n_models, n_layers))
+    prior_of = np.empty((n_models, n_layers))
+    total_of = np.empty((n_models, n_layers))
+    for i in range(n_models):
+        for k in range(n_layers):
             weight = visit_weight[i, k]
             floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12  # np.maximum
-            layer_mean[i, k] = layer_sum[i, k] / n_experts / floor
+            floor_of[i, k] = floor
+            evidence = weight / decay  # the effective number of visits behind the average
+            evidence_of[i, k] = evidence
+            prior_of[i, k] = prior_visits * (layer_sum[i, k] / n_experts / floor)  # its mean's
+            total_of[i, k] = evidence + prior_visits
+    inverse = np.empty(n_models)
+    for i in range(n_models):
+        inverse[i] = 1 / observed_concurrency[i]
     flat_popularity = popularity.reshape(-1)
     n = len(flat)
     base = np.empty(n)
     exponent = np.empty(n)
     for j in range(n):
         m, layer_j = model[j], layer[j]
-        weight = visit_weight[m, layer_j]
         pop = 0.0
         if layer_visits[m, layer_j] > 0:
-            floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12
-            pop = flat_popularity[flat[j]] / floor
-        evidence = weight / decay  # the effective number of visits behind the average
-        pop = (evidence * pop + prior_visits * layer_mean[m, layer_j]) / (evidence + prior_visits)
+            pop = flat_popularity[flat[j]] / floor_of[m, layer_j]
+        pop = (evidence_of[m, layer_j] * pop + prior_of[m, layer_j]) / total_of[m, layer_j]
         pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN
         base[j] = 1 - pop
-        exponent[j] = 1 / observed_concurrency[m]
+        exponent[j] = inverse[m]
     return base, exponent
 
 
