@@ -191,7 +191,9 @@ def predict(
         # PERF: compiled passes between numpy's powers and sums (which stay numpy's: see the
         # kernels' module); 16 numpy passes over every expert before. The layers' sums are
         # np.mean's, less its Python wrapper.
+        runs = static.expert_runs
         base, exponent = shrunk_popularity(
+            runs,
             model,
             layer,
             flat,
@@ -211,6 +213,7 @@ def predict(
         follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
         expert_probability(
             powered,
+            runs,
             rows,
             model,
             layer,

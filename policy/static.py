@@ -36,6 +36,10 @@ class Static:
     expert_layer: np.ndarray
     expert_index: np.ndarray
     expert_flat: np.ndarray  # (model, layer, expert) flattened in the state's [M, L, E] grid
+    # Where each run of experts of one (model, layer), consecutive in row and in flat index,
+    # starts (indices into the expert_ arrays), then their number. PERF: the predict kernels
+    # read per run, not per expert, what does not change along one.
+    expert_runs: np.ndarray
     in_tier_of_level: dict[int, np.ndarray]  # per level, the tier indices that exist
     hbm_tiers: tuple[int, ...]  # the HBM tiers' indices (PERF: the plan's metrics, per step)
     warm_tiers: tuple[int, ...]  # the host, then the CXL tiers' indices
@@ -48,6 +52,18 @@ class Static:
     per_byte_to_hbm_s: np.ndarray  # [4] seconds per byte from each level to HBM (inf: no link)
     latency_to_hbm_s: np.ndarray  # [4] latency from each level to HBM
     storage_tier: int  # the storage tier's index (NONE: none)
+
+
+def _runs(rows: np.ndarray, model: np.ndarray, layer: np.ndarray, flat: np.ndarray) -> np.ndarray:
+    """The starts of the runs of ``Static.expert_runs``, then the number of experts."""
+    starts = np.ones(len(flat), bool)
+    starts[1:] = (
+        (model[1:] != model[:-1])
+        | (layer[1:] != layer[:-1])
+        | (np.diff(flat) != 1)
+        | (np.diff(rows) != 1)
+    )
+    return np.append(np.flatnonzero(starts), len(flat)).astype(np.int64)
 
 
 def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -106,6 +122,7 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
     model = b.model[expert_rows].astype(np.int64)
     layer = (b.position[expert_rows] - 1).astype(np.int64)
     expert = b.expert[expert_rows].astype(np.int64)
+    flat = (model * n_layers + layer) * n_experts + expert
     # Recovery time from each level, and the densest encoding given it. With p * imminence a
     # common factor of every encoding's value, the densest encoding does not depend on it.
     links = snapshot.links
@@ -154,7 +171,8 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         expert_model=model,
         expert_layer=layer,
         expert_index=expert,
-        expert_flat=(model * n_layers + layer) * n_experts + expert,
+        expert_flat=flat,
+        expert_runs=_runs(expert_rows, model, layer, flat),
         in_tier_of_level=levels,
         hbm_tiers=tuple(levels[HBM].tolist()),
         warm_tiers=tuple(levels[HOST].tolist() + levels[CXL].tolist()),
