@@ -202,32 +202,43 @@ def persist(
     m = len(persistence)
     seen = np.zeros(m, np.int64)
     kept = np.zeros(m, np.int64)
-    # Layers visited now (sorted: ``current`` is).
+    # Layers visited now (sorted: ``current`` is). PERF: an integer division a layer, not five
+    # an entry of ``current`` and three of ``last`` (64-bit divisions, tens of cycles each):
+    # both are sorted, a layer's entries are below its next one's first flat index (a million
+    # blocks, captured inputs, trees alternating: 4.6 -> 2.6 ms, 16,384 blocks 0.058 -> 0.028
+    # ms; policy_ab: observe phase 12.9 -> 10.6 ms at a million, 0.43 -> 0.42 ms at 16,384).
+    layers = np.empty(len(current), np.int64)
     count = 0
+    following = 0  # the first flat index past the layer of the last entry seen
     for k in range(len(current)):
-        if k == 0 or current[k] // n_experts != current[k - 1] // n_experts:
+        if count == 0 or current[k] >= following:
+            ml = current[k] // n_experts
+            layers[count] = ml
             count += 1
-    layers = np.empty(count, np.int64)
-    count = 0
-    for k in range(len(current)):
-        if k == 0 or current[k] // n_experts != current[k - 1] // n_experts:
-            layers[count] = current[k] // n_experts
-            count += 1
+            following = (ml + 1) * n_experts
     stays = np.empty(len(last), np.bool_)
     j = 0
     c = 0
+    n_layers = per_model // n_experts
+    ml = -1
+    model = 0
+    revisited = False
+    following = 0
     for k in range(len(last)):
-        ml = last[k] // n_experts
-        while j < len(layers) and layers[j] < ml:  # both ascending: a merge walk
-            j += 1
-        revisited = j < len(layers) and layers[j] == ml
+        if ml < 0 or last[k] >= following:
+            ml = last[k] // n_experts
+            following = (ml + 1) * n_experts
+            model = ml // n_layers
+            while j < count and layers[j] < ml:  # both ascending: a merge walk
+                j += 1
+            revisited = j < count and layers[j] == ml
         stays[k] = not revisited
         if revisited:
-            seen[last[k] // per_model] += 1
+            seen[model] += 1
             while c < len(current) and current[c] < last[k]:
                 c += 1
             if c < len(current) and current[c] == last[k]:
-                kept[last[k] // per_model] += 1
+                kept[model] += 1
     for i in range(m):
         if seen[i] > 0:
             persistence[i] += decay * (kept[i] / seen[i] - persistence[i])
