@@ -1,5 +1,5 @@
 """Compiled kernels of the score phase (``policy.score``): one pass per block array instead of
-a dozen numpy temporaries, and greedy fills by selection (``policy._select``) instead of sorts.
+a dozen numpy temporaries, and greedy fills by selection (``policy._fill``) instead of sorts.
 
 Each kernel evaluates exactly the expressions of the numpy code it replaced, in the same order
 of operations, so results are identical bit for bit (no fused multiply-adds: numba compiles
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _jit, key_bits, take_by_keys
+from policy._fill import take_by_keys
+from policy._select import _jit, key_bits
 from policy.snapshot import CXL, HOST, NONE, STORAGE
 
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from policy._action_kernels import classify, describe, stream
+from policy._action_kernels import classify, stream
+from policy._action_table import describe
 from policy._admit_kernels import admit, transfer_rows, transitions
 from policy._link_kernels import link_budgets, resolve
 from policy.config import PolicyConfig

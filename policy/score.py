@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from policy._fill import take_by_density as take_by_density_kernel
 from policy._score_kernels import (
     choose_fallback,
     choose_hbm,
@@ -36,7 +37,6 @@ from policy._score_kernels import (
     score_rows,
     weighted_preference,
 )
-from policy._select import take_by_density as take_by_density_kernel
 from policy.config import PolicyConfig
 from policy.predict import Prediction
 from policy.snapshot import Snapshot
@@ -77,8 +77,9 @@ def take_by_density(
     it still go, in at most ``rounds`` rounds (each takes the longest run that fits, then skips
     the item that did not).
 
-    PERF: compiled, and by weighted selection instead of a sort (``policy._select``): 14 ms
-    against 150 ms for a million items (the numpy version sorted them all).
+    PERF: compiled, and by weighted selection instead of a sort (``policy._fill``,
+    ``policy._select``): 14 ms against 150 ms for a million items (the numpy version sorted
+    them all).
     """
     taken: np.ndarray = take_by_density_kernel(
         np.asarray(density, np.float64), np.asarray(nbytes, np.int64), float(budget), rounds
