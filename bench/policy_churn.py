@@ -15,25 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.policy_scale import pool_for
-from policy.builder import execute_instantly
+from bench.policy_scale import stepped_pool
 from policy.config import PolicyConfig
-from policy.state import initial_state
-from policy.step import step
-from policy.synthetic import (
-    Router,
-    RoutingKnobs,
-    drawn_layer_times,
-    routed_telemetry,
-    synthetic_pool,
-)
 
 FIELDS = (
     "use_probability",
@@ -48,20 +37,9 @@ FIELDS = (
 def churn(blocks: int, steps: int, settle: int) -> dict[str, list[float]]:
     """Per field (and ``targets``: either target; ``moved``: blocks with a transition), the
     share of blocks changed at each compared step."""
-    config = PolicyConfig()
-    layout, replicas = pool_for(blocks)
-    snapshot = synthetic_pool(layout, replicas, 0.25, total_blocks=blocks)
-    state = initial_state(snapshot, config)
-    router = Router(layout, replicas, RoutingKnobs(concurrency=4))
-    rng = np.random.default_rng(1)
     shares: dict[str, list[float]] = {name: [] for name in (*FIELDS, "targets", "moved")}
     previous: dict[str, np.ndarray] | None = None
-    now = 0.0
-    for tick in range(steps):
-        now += config.tick_s
-        telemetry = routed_telemetry(snapshot, router, tick, now, drawn_layer_times(snapshot, rng))
-        snapshot = replace(snapshot, telemetry=telemetry)
-        plan, state = step(snapshot, state, config)
+    for tick, snapshot, plan in stepped_pool(blocks, steps, PolicyConfig()):
         current = {name: np.array(getattr(plan, name), copy=True) for name in FIELDS}
         if previous is not None and tick >= settle:
             changed = {name: current[name] != previous[name] for name in FIELDS}
@@ -72,7 +50,6 @@ def churn(blocks: int, steps: int, settle: int) -> dict[str, list[float]]:
             moved = len(np.unique(plan.transition_rows.block))
             shares["moved"].append(moved / snapshot.blocks.count)
         previous = current
-        snapshot = execute_instantly(snapshot, plan, now)
     return shares
 
 

@@ -27,7 +27,6 @@ import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -38,17 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import policy.step as step_module  # noqa: E402
 from bench.policy_profile import MODULES  # noqa: E402
-from bench.policy_scale import pool_for  # noqa: E402
-from policy.builder import execute_instantly  # noqa: E402
+from bench.policy_scale import stepped_pool  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
-from policy.state import initial_state  # noqa: E402
-from policy.synthetic import (  # noqa: E402
-    Router,
-    RoutingKnobs,
-    drawn_layer_times,
-    routed_telemetry,
-    synthetic_pool,
-)
+from policy.plan import Plan  # noqa: E402
+from policy.snapshot import Snapshot  # noqa: E402
+from policy.state import PolicyState  # noqa: E402
 
 Captured = dict[str, tuple[Callable[..., object], tuple[Any, ...], dict[str, Any]]]
 
@@ -79,20 +72,18 @@ def step_pool(blocks: int, ticks: int, captured: Captured) -> None:
     """``ticks`` steps of the benchmark's pool, the last one's kernel inputs captured."""
     armed = [False]
     capture_kernels(captured, armed)
-    config = PolicyConfig()
-    layout, replicas = pool_for(blocks)
-    snapshot = synthetic_pool(layout, replicas, 0.25, total_blocks=blocks)
-    state = initial_state(snapshot, config)
-    router = Router(layout, replicas, RoutingKnobs(concurrency=4))
-    rng = np.random.default_rng(1)
-    now = 0.0
-    for tick in range(ticks):
-        armed[0] = tick == ticks - 1
-        now += config.tick_s
-        telemetry = routed_telemetry(snapshot, router, tick, now, drawn_layer_times(snapshot, rng))
-        snapshot = replace(snapshot, telemetry=telemetry)
-        plan, state = step_module.step(snapshot, state, config)
-        snapshot = execute_instantly(snapshot, plan, now)
+    calls = 0
+
+    def step_once(
+        snapshot: Snapshot, state: PolicyState, config: PolicyConfig
+    ) -> tuple[Plan, PolicyState]:
+        nonlocal calls
+        armed[0] = calls == ticks - 1
+        calls += 1
+        return step_module.step(snapshot, state, config)
+
+    for _ in stepped_pool(blocks, ticks, PolicyConfig(), step_once):
+        pass
 
 
 def time_kernels(captured: Captured, reps: int) -> list[dict[str, object]]:

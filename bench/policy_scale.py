@@ -27,6 +27,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections.abc import Callable, Iterator  # noqa: E402
 from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from policy.builder import execute_instantly  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
+from policy.plan import Plan  # noqa: E402
+from policy.snapshot import Snapshot  # noqa: E402
 from policy.state import PolicyState, initial_state  # noqa: E402
 from policy.step import step  # noqa: E402
 from policy.synthetic import (  # noqa: E402
@@ -54,6 +57,30 @@ SMALL = MoELayout(layers=24, experts=32, top_k=4, dense_per_layer=9)
 def pool_for(blocks: int) -> tuple[MoELayout, int]:
     layout = SMALL if blocks < DEEPSEEK.blocks else DEEPSEEK
     return layout, max(1, blocks // layout.blocks)
+
+
+StepFn = Callable[[Snapshot, PolicyState, PolicyConfig], tuple[Plan, PolicyState]]
+
+
+def stepped_pool(
+    blocks: int, steps: int, config: PolicyConfig, step_fn: StepFn = step
+) -> Iterator[tuple[int, Snapshot, Plan]]:
+    """This benchmark's pool of ``blocks`` stepped ``steps`` times by ``step_fn``, untimed: per
+    step, the tick, the snapshot the step saw and its plan (executed at once after the yield).
+    For the other policy benchmarks; ``run`` times its own loop."""
+    layout, replicas = pool_for(blocks)
+    snapshot = synthetic_pool(layout, replicas, 0.25, total_blocks=blocks)
+    state = initial_state(snapshot, config)
+    router = Router(layout, replicas, RoutingKnobs(concurrency=4))
+    rng = np.random.default_rng(1)
+    now = 0.0
+    for tick in range(steps):
+        now += config.tick_s
+        telemetry = routed_telemetry(snapshot, router, tick, now, drawn_layer_times(snapshot, rng))
+        snapshot = replace(snapshot, telemetry=telemetry)
+        plan, state = step_fn(snapshot, state, config)
+        yield tick, snapshot, plan
+        snapshot = execute_instantly(snapshot, plan, now)
 
 
 def run(blocks: int, steps: int, warmup: int, config: PolicyConfig) -> dict[str, float]:

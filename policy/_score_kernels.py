@@ -11,30 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from policy._fill import take_by_keys
-from policy._select import _MAX, _inline, _jit, key_bits
+from policy._select import _jit, key_bits, order_in_place
 from policy.snapshot import CXL, HOST, NONE, STORAGE
-
-
-@_inline
-def _order_in_place(keys: np.ndarray, count: int) -> None:
-    """The first ``count`` of ``keys``, which hold floats (``value + 0.0``), made ``key_bits``
-    of them in place.
-
-    PERF: the candidate passes of ``choose_hbm`` and ``choose_fallback`` store each value and
-    turn them into keys in one pass after (branch-free, it vectorizes), instead of ``key_bits``
-    through a one-element array each. Captured inputs, 16,384 blocks, alternating:
-    ``choose_hbm`` 0.349 -> 0.330 ms, ``choose_fallback`` 0.192 -> 0.175 ms. ``python
-    bench/policy_ab.py --base 306e4bf``: 16,384 blocks ratios 0.985 (200 steps), 0.967 (300);
-    a million 1.010 (8 steps), 0.983 (10). Keys made a chunk of 1,024 at a time (to stay in
-    L1 at a million) were slower at 16,384 blocks (1.10, 1.18 the kernels); ``refine_precision``
-    gained nothing (its candidates are few). Branch-free candidate passes (every block written,
-    counted when eligible: all but 76 of 16,384 are) were slower (1.03, 1.13).
-    """
-    values = keys.view(np.float64)
-    for k in range(count):
-        key = keys[k]
-        key ^= (key >> 63) & _MAX
-        keys[k] = _MAX if np.isnan(values[k]) else key
 
 
 @_jit
@@ -169,7 +147,7 @@ def choose_hbm(
             size[count] = nbytes[r, preferred[r]]
             full_total += nbytes[r, 0]
             count += 1
-        _order_in_place(keys, count)
+        order_in_place(keys, count)
         room = budget_bytes[tier] - float(pinned_bytes[tier])
         if full_total <= room:  # all fit at full precision: no trade-off
             for k in range(count):
@@ -277,7 +255,7 @@ def choose_fallback(
                 values[count] = -(imminence[r] * saved - cost) + 0.0
                 size[count] = full_bytes[r]
                 count += 1
-            _order_in_place(keys, count)
+            order_in_place(keys, count)
             room = usable_bytes[tier] - float(pinned_bytes)
             taken = take_by_keys(keys[:count], size[:count], room, rounds)
             for k in range(count):

@@ -3,7 +3,7 @@
 A round's candidates are the blocks with a quality cost that are not protected, in block order,
 each with what its fix (a move to its ``budget_fallback`` encoding) saves and costs in bytes.
 They are built once, in the pass of ``policy._veto_kernels.veto_entry`` that reads every block's
-tables, and carried from round to round: ``budget_round`` rewrites the candidates it moved, in
+tables, and carried from round to round: ``fix_round`` rewrites the candidates it moved, in
 place, from the table rows it reads anyway (a pass over every block's tables per round cost
 more than the round), and ``compact_candidates`` drops those it left without a cost when the
 round fixed only some and another round comes.
@@ -232,58 +232,6 @@ def record_buffers(
         grown[2][i] = records[2][i]
         grown[3][i] = records[3][i]
     return grown
-
-
-@_jit
-def budget_round(
-    rows: np.ndarray,
-    current: np.ndarray,
-    fallback: np.ndarray,
-    saving: np.ndarray,
-    order_key: np.ndarray,
-    old_bytes: np.ndarray,
-    new_bytes: np.ndarray,
-    chosen: np.ndarray,
-    cost: np.ndarray,
-    use_probability: np.ndarray,
-    sensitivity: np.ndarray,
-    budget_fallback: np.ndarray,
-    nbytes: np.ndarray,
-    hbm: np.ndarray,
-    hbm_tier: np.ndarray,
-    chosen_density: np.ndarray,
-    budget_bytes: np.ndarray,
-    tier_bytes: np.ndarray,
-    vetoed_out: np.ndarray,
-    quality_bound: np.ndarray,
-    held: np.ndarray,
-    sticky: float,
-) -> tuple[
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    np.ndarray,
-    float,
-    tuple[np.ndarray, ...],
-    float,
-    bool,
-    bool,
-]:
-    """Fix the ``chosen`` candidates of a quality-budget round (``fix_round``). Returns the
-    round's records (rows ascending, their encodings before, after, their costs before), its
-    next price, and the next round's candidates as ``fix_round`` does."""
-    empty = np.empty(0, np.int64)
-    records = (empty, empty, empty, np.empty(0, np.float64))
-    records, used, price, candidates, total, valid, compacted = fix_round(
-        rows, current, fallback, saving, order_key, old_bytes, new_bytes, chosen, cost,
-        use_probability, sensitivity, budget_fallback, nbytes, hbm, hbm_tier, chosen_density,
-        budget_bytes, tier_bytes, vetoed_out, quality_bound, held, sticky, records, 0,
-    )  # fmt: skip
-    fixed, before, placed, cost_before = records
-    return (
-        fixed[:used], before[:used], placed[:used], cost_before[:used], price, candidates,
-        total, valid, compacted,
-    )  # fmt: skip
 
 
 @_jit

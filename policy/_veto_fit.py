@@ -4,7 +4,7 @@ the moved blocks by tier that it starts from.
 A veto rule moves blocks to another encoding; in each HBM tier the moved blocks are taken most
 valuable first (``chosen_density`` descending, then a second key ascending when used, then
 position) in two greedy rounds (``fit_tier``). The callers (``fit_rows`` here, for
-rule 2, ``policy._veto_budget.budget_round`` for rule 3) group their items by tier, contiguous
+rule 2, ``policy._veto_budget.fix_round`` for rule 3) group their items by tier, contiguous
 and in position order within a tier, and track each tier's first few items in the order while
 they do (``track_first``), so that a full tier (the usual case: nothing, or one block, fits the
 first round) needs no selection pass for its first round.
@@ -264,7 +264,7 @@ def whole_tier(
     growth and old bytes, as ``group_chosen`` finds them for grouped items.
 
     PERF: this and ``group_chosen`` are kernels of their own; written inside
-    ``policy._veto_budget.budget_round``, the compiled round took 0.55 ms instead of 0.2 ms
+    ``policy._veto_budget.fix_round``, the compiled round took 0.55 ms instead of 0.2 ms
     at 16,384 blocks (where the whole case is not taken)."""
     m = len(rows)
     for k in range(m):
@@ -312,7 +312,7 @@ def group_chosen(
     least_grow: np.ndarray,
     total_old: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """The ``chosen`` candidates grouped by tier, as ``budget_round`` fits them: each tier's
+    """The ``chosen`` candidates grouped by tier, as ``fix_round`` fits them: each tier's
     start, then per grouped item its candidate, its record (its rank among the chosen), order
     key, and bytes at the fallback and current encodings; ``keys`` (minus the density) and each
     tier's first items, least growth and old bytes filled in; and the order key of the first

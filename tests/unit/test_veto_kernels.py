@@ -10,9 +10,9 @@ from policy._select import order_keys
 from policy._veto_budget import (
     all_candidates,
     budget_choice,
-    budget_round,
     choose_fixes,
     compact_candidates,
+    fix_round,
     sort_keys,
 )
 from policy._veto_fit import fit_rows
@@ -154,6 +154,8 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
     budget = tier_bytes * room
     mirror = {k: v.copy() for k, v in pool.items()}
     mirror_cost, mirror_bytes = cost.copy(), tier_bytes.copy()
+    empty = np.empty(0, np.int64)
+    records, used = (empty, empty, empty, np.empty(0)), 0  # carried over the rounds, as the veto
     for _ in range(3):
         if not len(candidates[0]):
             break
@@ -165,7 +167,7 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
         )
         vetoed = np.zeros(n, dtype=bool)
         bound = np.zeros(n, dtype=bool)
-        got = budget_round(
+        records, now_used, *rest = fix_round(
             *candidates,
             chosen,
             cost,
@@ -182,7 +184,11 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
             bound,
             pool["resident"],
             STICKY,
+            records,
+            used,
         )
+        got = (*(column[used:now_used] for column in records), *rest)  # this round's records
+        used = now_used
         for a, b in zip(got[:4], expected[:4], strict=True):
             np.testing.assert_array_equal(a, b)
         assert got[4] == expected[4]
