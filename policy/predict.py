@@ -26,10 +26,12 @@ from policy._observe_kernels import (
     update_popularity,
 )
 from policy._predict_kernels import (
+    NUMPY_POW8,
     block_times,
     coactivation_follow,
     expert_probability,
     shrunk_popularity,
+    use_probability,
     widened,
 )
 from policy.config import PolicyConfig
@@ -192,14 +194,46 @@ def predict(
         # kernels' module); 16 numpy passes over every expert before. The layers' sums are
         # np.mean's, less its Python wrapper.
         runs = static.expert_runs
+        unvisited_weight = (1.0 - decay) ** state.layer_visits
+        layer_sum = np.add.reduce(state.popularity, axis=2)
+        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
+        chosen_last[state.last_selected] = True
+        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
+        if NUMPY_POW8:  # PERF: the same in one kernel, numpy's powers called from it
+            use_probability(
+                runs,
+                rows,
+                model,
+                layer,
+                static.expert_index,
+                flat,
+                state.layer_visits,
+                unvisited_weight,
+                layer_sum,
+                state.popularity,
+                state.observed_concurrency,
+                tel.concurrency,
+                decay,
+                config.prior_visits,
+                chosen_last,
+                state.persistence,
+                follow_layer,
+                follow,
+                active,
+                config.idle_use_probability,
+                config.predicted_set_threshold,
+                probability,
+                state.predicted.reshape(-1),
+            )
+            return Prediction(time_to_next, probability, period)
         base, exponent = shrunk_popularity(
             runs,
             model,
             layer,
             flat,
             state.layer_visits,
-            (1.0 - decay) ** state.layer_visits,
-            np.add.reduce(state.popularity, axis=2),
+            unvisited_weight,
+            layer_sum,
             state.popularity,
             state.observed_concurrency,
             decay,
@@ -208,9 +242,6 @@ def predict(
         # One sequence's chance, then widened to the sequences running now.
         base, exponent = widened(base**exponent, model, tel.concurrency)
         powered = base**exponent
-        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
-        chosen_last[state.last_selected] = True
-        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
         expert_probability(
             powered,
             runs,
