@@ -28,8 +28,9 @@ from policy.snapshot import NONE
 def _numpy_pow8() -> bool:
     """Whether numpy evaluates float64 ``**`` with SVML's ``__svml_pow8_ha`` (its AVX-512
     dispatch, SVML linked in: its extension module exports the function) and compiled code can
-    call that function (numba targets this CPU, which has AVX-512); if so, registers the
-    function for ``_pow8``."""
+    call that function (numba targets this CPU, which has AVX-512, and passes 8-double vectors
+    in its registers): then registers the function for ``_pow8`` and checks one call of it
+    against numpy's ``**``."""
     try:
         umath = importlib.import_module("numpy._core._multiarray_umath")
         if not umath.__cpu_features__.get("AVX512_SKX"):
@@ -38,17 +39,15 @@ def _numpy_pow8() -> bool:
     except (ImportError, OSError, AttributeError):
         return False
     host = llvm.get_host_cpu_features()
-    config = cast(Any, numba).config  # a CPU named for numba's code: maybe not this one's
-    if not address or not host.get("avx512f") or config.CPU_NAME or config.CPU_FEATURES:
+    config = cast(Any, numba).config  # numba's code for another CPU, or without AVX: no zmm
+    if config.CPU_NAME or config.CPU_FEATURES or not config.ENABLE_AVX:
+        return False
+    if not address or not host.get("avx512f"):
         return False
     llvm.add_symbol("__svml_pow8_ha", address)
-    return True
-
-
-# PERF: numpy's own vector power (the same function, so the same bits: checked against numpy's
-# ``**`` in tests/unit/test_predict_pow8.py), called from a kernel: the powers' operands and
-# results stay in a run's scratch instead of six arrays over every expert between four calls.
-NUMPY_POW8 = _numpy_pow8()
+    base = np.linspace(0.0, 1.75, 8)
+    exponent = np.linspace(0.25, 4.0, 8)
+    return bool(np.array_equal(_pow8_of(base, exponent), base**exponent))  # the calls agree
 
 
 def _pow8_codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
@@ -75,6 +74,20 @@ def _pow8_typing(typing_context: Any, base: Any, exponent: Any, out: Any, at: An
 # ``out[at:at + 8] = base[at:at + 8] ** exponent[at:at + 8]`` as numpy computes it (float64 C
 # arrays, unchecked bounds); only where ``NUMPY_POW8``.
 _pow8 = cast(Callable[[np.ndarray, np.ndarray, np.ndarray, int], None], intrinsic(_pow8_typing))
+
+
+@_jit
+def _pow8_of(base: np.ndarray, exponent: np.ndarray) -> np.ndarray:
+    """``base ** exponent`` of eight values by ``_pow8``."""
+    out = np.empty(8)
+    _pow8(base, exponent, out, 0)
+    return out
+
+
+# PERF: numpy's own vector power (the same function, so the same bits: checked against numpy's
+# ``**`` in tests/unit/test_predict_pow8.py), called from a kernel: the powers' operands and
+# results stay in a run's scratch instead of six arrays over every expert between four calls.
+NUMPY_POW8 = _numpy_pow8()
 
 
 @_inline
