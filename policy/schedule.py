@@ -124,14 +124,12 @@ def _candidates(
         demand.price,
         demand.exhausted,
     )
-    hbm_kind, warm_kind, refetch, counts, on_links, smallest, bounds, must, cancels = first[:9]
+    hbm_kind, moves, refetch, counts, on_links, smallest, bounds, must, cancels = first[:9]
     kept, heap_key, heap_item, heap_start, heap_size, capacity, groups, cancelled, occupancy = (
         stream(
             b.hbm_encoding,
             targets.hbm_encoding,
             b.in_flight_encoding,
-            b.fallback_level,
-            targets.fallback_level,
             prediction.time_to_next_use_s,
             b.nbytes,
             scores.static.decode_rate,
@@ -150,7 +148,7 @@ def _candidates(
             reach_s,
             len(snapshot.tiers.tier_ids),
             hbm_kind,
-            warm_kind,
+            moves,
             refetch,
             counts,
             on_links,
