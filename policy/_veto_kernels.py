@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from policy._select import _jit
+from policy._select import _jit, order_in_place
 from policy._veto_budget import budget_choice, candidate_buffers, candidate_values
 from policy._veto_fit import fit_rows
 from policy.snapshot import NONE
@@ -50,7 +50,7 @@ def veto_entry(
     n = len(hbm)
     protected = np.empty(n, np.bool_)
     tier_bytes = np.zeros(n_tiers, np.int64)
-    cost = np.zeros(n)
+    cost = np.empty(n)  # PERF: written once a block, not zeroed first (8 MB at a million)
     # PERF: one pass, into buffers as long as the blocks (memory is only touched where
     # written); a counting pass first read every input twice (a million blocks' captured
     # inputs, alternating on the loaded 2-core machine: 28.0 -> 18.2 ms median).
@@ -58,8 +58,7 @@ def veto_entry(
     proposed = np.empty(n, np.int64)
     bad_rows = np.empty(n, np.int64)
     c_rows, c_current, c_fallback, c_saving, c_key, c_old, c_new = candidate_buffers(n)
-    scratch = np.empty(1)
-    bits = scratch.view(np.int64)
+    c_value = c_key.view(np.float64)  # each candidate's order value, made its key after
     touched = 0
     bad = 0
     candidates = 0
@@ -88,21 +87,27 @@ def veto_entry(
             run_bytes += nbytes[r, hbm[r]]
             cost[r] = use_probability[r] * sensitivity[r, hbm[r]]
             if cost[r] > 0 and not protected[r] and not forbidden:
-                encoding, better, saved, key, old, new = candidate_values(
+                encoding, better, saved, value, old, new = candidate_values(
                     r, cost, hbm, budget_fallback, use_probability, sensitivity, nbytes,
-                    hbm_encoding, sticky, scratch, bits,
+                    hbm_encoding, sticky,
                 )  # fmt: skip
                 c_rows[candidates] = r
                 c_current[candidates] = encoding
                 c_fallback[candidates] = better
                 c_saving[candidates] = saved
-                c_key[candidates] = key
+                c_value[candidates] = value + 0.0  # -0.0 + 0.0 is +0.0
                 c_old[candidates] = old
                 c_new[candidates] = new
                 valid &= np.isfinite(saved) and saved >= 0.0
                 total += saved
                 candidates += 1
+        else:
+            cost[r] = 0.0
     tier_bytes[run_tier] += run_bytes
+    # PERF: the order keys in one branch-free pass after (``key_bits`` through a one-element
+    # array each before): captured inputs, alternating, 16,384 blocks 0.190 -> 0.172 ms
+    # (median ratio 0.891), a million 14.9 -> 14.7 ms (0.979; with the cost not zeroed first).
+    order_in_place(c_key, candidates)
     rows = rows[:touched].copy()
     proposed = proposed[:touched].copy()
     bad_rows = bad_rows[:bad].copy()
