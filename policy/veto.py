@@ -201,7 +201,17 @@ def veto(
             quality = total_cost
             break
         if not compacted:  # the last round left its candidates to compact
-            candidates, total, valid = compact_candidates(*candidates)
+            candidates, total, valid = compact_candidates(
+                *candidates,
+                cost,
+                hbm,
+                scores.static.budget_fallback,
+                p,
+                b.sensitivity,
+                b.nbytes,
+                b.hbm_encoding,
+                sticky,
+            )
         contributors, current, fallback, saving, order_key, old_bytes, new_bytes = candidates
         if not len(contributors):
             break

@@ -201,7 +201,17 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
         candidates, total, valid, compacted = got[5:]
         assert chosen.all() or not compacted  # moved up only when every one was chosen
         if not compacted:
-            candidates, total, valid = compact_candidates(*candidates)
+            candidates, total, valid = compact_candidates(
+                *candidates,
+                cost,
+                pool["hbm"],
+                pool["budget_fallback"],
+                pool["p"],
+                pool["sensitivity"],
+                pool["nbytes"],
+                pool["resident"],
+                STICKY,
+            )
         recomputed = reference_candidates(pool, cost, protected)
         _assert_candidates(candidates, recomputed)
         assert total == sum(recomputed[3].tolist())
