@@ -311,26 +311,22 @@ def group_chosen(
     first_count: np.ndarray,
     least_grow: np.ndarray,
     total_old: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``chosen`` candidates grouped by tier, as ``fix_round`` fits them: each tier's
     start, then per grouped item its candidate, its record (its rank among the chosen), order
     key, and bytes at the fallback and current encodings; ``keys`` (minus the density) and each
-    tier's first items, least growth and old bytes filled in; and the order key of the first
-    candidate not chosen (``_MAX``: none)."""
+    tier's first items, least growth and old bytes filled in."""
     m = len(rows)
     n_tiers = len(first_count)
     scratch = np.empty(1)
     bits = scratch.view(np.int64)
     starts = np.zeros(n_tiers + 1, np.int64)
-    least_key = _MAX
     # PERF: branch-free (chosen candidates lie at random positions and mispredict).
     picked = np.empty(m, np.int64)
     total = 0
     for k in range(m):
-        taken = chosen[k]
         picked[total] = k
-        total += int(taken)
-        least_key = min(least_key, _MAX if taken else order_key[k])
+        total += int(chosen[k])
     # PERF: the tiers counted over the chosen only (in the pass above, the count kept in the
     # array was a chain of stores and loads, one a candidate): captured inputs, alternating,
     # 16,384 blocks 0.097 -> 0.076 ms, a million blocks' second round 2.8 -> 1.5 ms.
@@ -359,4 +355,4 @@ def group_chosen(
         last = first[tier, FIRST - 1]
         if passes_last(first_count[tier], keys[j], second[j], j, keys[last], second[last], last):
             track_first(tier, j, keys, second, True, first, first_count)
-    return starts, local, ordinal, second, new_size, old_size, least_key
+    return starts, local, ordinal, second, new_size, old_size

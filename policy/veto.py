@@ -35,6 +35,7 @@ from policy.predict import Prediction
 from policy.score import Scores, Targets
 from policy.snapshot import NONE, Snapshot
 
+_MAX = 0x7FFFFFFFFFFFFFFF  # no order key (``policy._select``)
 _NO_KEY = np.zeros(0)
 _NO_MASK = np.zeros(0, dtype=bool)
 _NO_ROWS = np.zeros(0, dtype=np.int64)
@@ -202,7 +203,6 @@ def veto(
             break
         if not compacted:  # the last round left its candidates to compact
             candidates, total, valid = compact_candidates(
-                *candidates,
                 cost,
                 hbm,
                 scores.static.budget_fallback,
@@ -211,18 +211,20 @@ def veto(
                 b.nbytes,
                 b.hbm_encoding,
                 sticky,
+                *candidates,
             )
         contributors, current, fallback, saving, order_key, old_bytes, new_bytes = candidates
         if not len(contributors):
             break
         # Most saved per extra byte first, until the excess is saved. PERF: by selection, not
         # a sort of every candidate (two sorts of 895,000 took 90 ms a round at a million).
-        chosen, certain = choose_fixes(order_key, saving, total, valid, excess - 1e-15)
+        chosen, certain, least_key = choose_fixes(order_key, saving, total, valid, excess - 1e-15)
         if not certain:  # the sum lies within rounding of the excess: as the sorting code did
             order = stable_argsort(sort_keys(order_key))
             count = int(np.searchsorted(np.cumsum(saving[order]), excess - 1e-15)) + 1
             chosen = np.zeros(len(order_key), dtype=bool)
             chosen[order[:count]] = True
+            least_key = int(order_key[order[count:]].min()) if count < len(order) else _MAX
         # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
         records, used, price, candidates, total, valid, compacted = fix_round(
             contributors,
@@ -233,6 +235,7 @@ def veto(
             old_bytes,
             new_bytes,
             chosen,
+            least_key,
             cost,
             p,
             b.sensitivity,

@@ -167,9 +167,11 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
         )
         vetoed = np.zeros(n, dtype=bool)
         bound = np.zeros(n, dtype=bool)
+        left = candidates[4][~chosen]
         records, now_used, *rest = fix_round(
             *candidates,
             chosen,
+            int(left.min()) if len(left) else 2**63 - 1,
             cost,
             pool["p"],
             pool["sensitivity"],
@@ -202,7 +204,6 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
         assert chosen.all() or not compacted  # moved up only when every one was chosen
         if not compacted:
             candidates, total, valid = compact_candidates(
-                *candidates,
                 cost,
                 pool["hbm"],
                 pool["budget_fallback"],
@@ -211,6 +212,7 @@ def test_budget_rounds_fix_and_carry_the_candidates_as_recomputed(
                 pool["nbytes"],
                 pool["resident"],
                 STICKY,
+                *candidates,
             )
         recomputed = reference_candidates(pool, cost, protected)
         _assert_candidates(candidates, recomputed)
@@ -228,13 +230,15 @@ def test_choose_fixes_is_the_sorted_running_sum_or_says_it_cannot_tell(
     saving = rng.integers(0, distinct, n) / 7.0 + rng.random(n) * 1e-3
     target = float(saving.sum() * share)
     total = sum(saving.tolist())
-    chosen, certain = choose_fixes(order_keys(key, False), saving, total, True, target)
+    keys = order_keys(key, False)
+    chosen, certain, least = choose_fixes(keys, saving, total, True, target)
     order = np.argsort(key, kind="stable")
     count = int(np.searchsorted(np.cumsum(saving[order]), target)) + 1
     expected = np.zeros(n, dtype=bool)
     expected[order[:count]] = True
     if certain:
         np.testing.assert_array_equal(chosen, expected)
+        assert least == (keys[~expected].min() if not expected.all() else 2**63 - 1)
     else:  # only where the target lies within rounding of a running sum, or past them all
         sums = np.concatenate([[0.0], np.cumsum(saving[order])])
         assert target >= total * (1 - 1e-9) or np.isclose(sums, target).any()
