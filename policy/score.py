@@ -50,6 +50,9 @@ class Scores:
     recovery_s: np.ndarray  # [N] from its current fallback copy
     preferred: np.ndarray  # [N] densest encoding in HBM
     preferred_density: np.ndarray  # [N] its value per byte
+    # Its bytes: [4, N] per fallback level (row by the block's level), or [1, N] with a quality
+    # weight (``choose_hbm``'s ``by_level``).
+    preferred_nbytes: np.ndarray
     imminence: np.ndarray  # [N]
     use_probability: np.ndarray  # [N]
     pinned: np.ndarray  # [N] keeps its current HBM copy (leased, or within its dwell time)
@@ -87,6 +90,25 @@ def take_by_density(
     return taken
 
 
+# The last ``Static``'s ``_preferred_nbytes_by_level``.
+_PREFERRED_NBYTES: list[tuple[Static, np.ndarray]] = []
+
+
+def _preferred_nbytes_by_level(static: Static, nbytes: np.ndarray) -> np.ndarray:
+    """[4, N] the bytes of ``static.preferred_by_level`` (``nbytes``: the snapshot's ``[N, E]``
+    sizes, which ``static`` was built from), cached for the last ``Static`` seen.
+
+    PERF: ``choose_hbm`` reads one contiguous row of it instead of the ``[N, E]`` table.
+    """
+    for cached, table in _PREFERRED_NBYTES:
+        if cached is static:
+            return table
+    index = static.preferred_by_level.T.astype(np.intp)
+    table = np.ascontiguousarray(np.take_along_axis(nbytes, index, axis=1).T)
+    _PREFERRED_NBYTES[:] = [(static, table)]
+    return table
+
+
 def score(
     snapshot: Snapshot, prediction: Prediction, static: Static, config: PolicyConfig
 ) -> Scores:
@@ -122,7 +144,9 @@ def score(
         imminence,
         pinned,
     )
+    preferred_nbytes = _preferred_nbytes_by_level(static, b.nbytes)
     if config.quality_weight_s:
+        preferred_nbytes = np.empty((1, n), np.int64)
         weighted_preference(
             used,
             recovery_s,
@@ -134,6 +158,7 @@ def score(
             config.quality_weight_s,
             preferred,
             preferred_density,
+            preferred_nbytes[0],
         )
     usable = snapshot.tiers.usable_bytes
     budget = usable * (1.0 - config.hbm_headroom_fraction)
@@ -143,6 +168,7 @@ def score(
         recovery_s,
         preferred,
         preferred_density,
+        preferred_nbytes,
         imminence,
         prediction.use_probability,
         pinned,
@@ -164,7 +190,10 @@ def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> 
         b.demand,
         scores.pinned,
         b.nbytes,
+        static.full_nbytes,
         scores.preferred,
+        scores.preferred_nbytes,
+        len(scores.preferred_nbytes) > 1,
         scores.preferred_density,
         config.hysteresis_multiple * per_byte,
         static.hbm_group_tiers,
