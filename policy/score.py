@@ -40,7 +40,7 @@ from policy._score_kernels import (
 from policy.config import PolicyConfig
 from policy.predict import Prediction
 from policy.snapshot import Snapshot
-from policy.static import Static
+from policy.static import Rows, Static
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,7 @@ class Scores:
     # Its bytes: [4, N] per fallback level (row by the block's level), or [1, N] with a quality
     # weight (``choose_hbm``'s ``by_level``).
     preferred_nbytes: np.ndarray
+    least_upgrade_nbytes: np.ndarray  # [E] the fewest bytes an upgrade from each adds, any block
     imminence: np.ndarray  # [N]
     use_probability: np.ndarray  # [N]
     pinned: np.ndarray  # [N] keeps its current HBM copy (leased, or within its dwell time)
@@ -90,23 +91,27 @@ def take_by_density(
     return taken
 
 
-# The last ``Static``'s ``_preferred_nbytes_by_level``.
-_PREFERRED_NBYTES: list[tuple[Static, np.ndarray]] = []
+# The last ``Static``'s ``_sizes``.
+_SIZES: list[tuple[Static, np.ndarray, np.ndarray]] = []
 
 
-def _preferred_nbytes_by_level(static: Static, nbytes: np.ndarray) -> np.ndarray:
-    """[4, N] the bytes of ``static.preferred_by_level`` (``nbytes``: the snapshot's ``[N, E]``
-    sizes, which ``static`` was built from), cached for the last ``Static`` seen.
+def _sizes(static: Static, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[4, N] the bytes of ``static.preferred_by_level``, and [E] the fewest bytes an upgrade
+    to full precision from each encoding adds to any block (``nbytes``: the snapshot's
+    ``[N, E]`` sizes, which ``static`` was built from), cached for the last ``Static`` seen.
 
-    PERF: ``choose_hbm`` reads one contiguous row of it instead of the ``[N, E]`` table.
+    PERF: ``choose_hbm`` reads one contiguous row of the first instead of the ``[N, E]``
+    table; ``refine_precision`` reads no sizes of blocks whose encoding's least upgrade cannot
+    fit.
     """
-    for cached, table in _PREFERRED_NBYTES:
+    for cached, preferred, least in _SIZES:
         if cached is static:
-            return table
+            return preferred, least
     index = static.preferred_by_level.T.astype(np.intp)
-    table = np.ascontiguousarray(np.take_along_axis(nbytes, index, axis=1).T)
-    _PREFERRED_NBYTES[:] = [(static, table)]
-    return table
+    preferred = np.ascontiguousarray(np.take_along_axis(nbytes, index, axis=1).T)
+    least = np.maximum(nbytes[:, :1] - nbytes, 0).min(axis=0, initial=np.iinfo(np.int64).max)
+    _SIZES[:] = [(static, preferred, least)]
+    return preferred, least
 
 
 def score(
@@ -144,7 +149,7 @@ def score(
         imminence,
         pinned,
     )
-    preferred_nbytes = _preferred_nbytes_by_level(static, b.nbytes)
+    preferred_nbytes, least_upgrade_nbytes = _sizes(static, b.nbytes)
     if config.quality_weight_s:
         preferred_nbytes = np.empty((1, n), np.int64)
         weighted_preference(
@@ -169,6 +174,7 @@ def score(
         preferred,
         preferred_density,
         preferred_nbytes,
+        least_upgrade_nbytes,
         imminence,
         prediction.use_probability,
         pinned,
@@ -176,6 +182,11 @@ def score(
         config.quality_weight_s,
         usable,
     )
+
+
+def _every_block(groups: tuple[tuple[int, Rows], ...]) -> bool:
+    """One tier holds every block (``Static``'s groups: its rows are ``slice(None)``)."""
+    return len(groups) == 1 and isinstance(groups[0][1], slice)
 
 
 def choose_targets(snapshot: Snapshot, scores: Scores, config: PolicyConfig) -> Targets:
@@ -278,6 +289,8 @@ def refine(
         prediction.use_probability,
         scores.imminence,
         scores.static.hbm_group_tiers,
+        _every_block(scores.static.hbm_groups),
+        scores.least_upgrade_nbytes,
         scores.hbm_budget_bytes,
         held_bytes,
         8,
