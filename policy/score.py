@@ -53,7 +53,6 @@ class Scores:
     # Its bytes: [4, N] per fallback level (row by the block's level), or [1, N] with a quality
     # weight (``choose_hbm``'s ``by_level``).
     preferred_nbytes: np.ndarray
-    least_upgrade_nbytes: np.ndarray  # [E] the fewest bytes an upgrade from each adds, any block
     imminence: np.ndarray  # [N]
     use_probability: np.ndarray  # [N]
     pinned: np.ndarray  # [N] keeps its current HBM copy (leased, or within its dwell time)
@@ -91,29 +90,6 @@ def take_by_density(
     return taken
 
 
-# The last ``Static``'s ``_sizes``.
-_SIZES: list[tuple[Static, np.ndarray, np.ndarray]] = []
-
-
-def _sizes(static: Static, nbytes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """[4, N] the bytes of ``static.preferred_by_level``, and [E] the fewest bytes an upgrade
-    to full precision from each encoding adds to any block (``nbytes``: the snapshot's
-    ``[N, E]`` sizes, which ``static`` was built from), cached for the last ``Static`` seen.
-
-    PERF: ``choose_hbm`` reads one contiguous row of the first instead of the ``[N, E]``
-    table; ``refine_precision`` reads no sizes of blocks whose encoding's least upgrade cannot
-    fit.
-    """
-    for cached, preferred, least in _SIZES:
-        if cached is static:
-            return preferred, least
-    index = static.preferred_by_level.T.astype(np.intp)
-    preferred = np.ascontiguousarray(np.take_along_axis(nbytes, index, axis=1).T)
-    least = np.maximum(nbytes[:, :1] - nbytes, 0).min(axis=0, initial=np.iinfo(np.int64).max)
-    _SIZES[:] = [(static, preferred, least)]
-    return preferred, least
-
-
 def score(
     snapshot: Snapshot, prediction: Prediction, static: Static, config: PolicyConfig
 ) -> Scores:
@@ -149,7 +125,7 @@ def score(
         imminence,
         pinned,
     )
-    preferred_nbytes, least_upgrade_nbytes = _sizes(static, b.nbytes)
+    preferred_nbytes = static.preferred_nbytes_by_level
     if config.quality_weight_s:
         preferred_nbytes = np.empty((1, n), np.int64)
         weighted_preference(
@@ -174,7 +150,6 @@ def score(
         preferred,
         preferred_density,
         preferred_nbytes,
-        least_upgrade_nbytes,
         imminence,
         prediction.use_probability,
         pinned,
@@ -293,7 +268,7 @@ def refine(
         scores.imminence,
         scores.static.hbm_group_tiers,
         _every_block(scores.static.hbm_groups),
-        scores.least_upgrade_nbytes,
+        scores.static.least_upgrade_nbytes,
         scores.hbm_budget_bytes,
         held_bytes,
         8,

@@ -46,6 +46,11 @@ class Static:
     recovery_by_level: np.ndarray  # [4, N] time to recover the block from a copy at each level
     preferred_by_level: np.ndarray  # [4, N] int8: densest allowed HBM encoding, fallback there
     unit_density_by_level: np.ndarray  # [4, N] its value per byte, per unit of p * imminence
+    # [4, N] its bytes. PERF: ``choose_hbm`` reads one contiguous row, not the [N, E] table.
+    preferred_nbytes_by_level: np.ndarray
+    # [E] the fewest bytes an upgrade to full precision from each encoding adds, over every
+    # block. PERF: ``refine_precision`` reads no row of a block whose upgrade cannot fit.
+    least_upgrade_nbytes: np.ndarray
     floor_fallback: np.ndarray  # [N] the smallest encoding the floor allows
     budget_fallback: np.ndarray  # [N, E] int8: the smallest allowed encoding less sensitive than e
     decode_rate: np.ndarray  # [E] bytes per second of decode (0: read as it is); see decode_s
@@ -64,6 +69,20 @@ def _runs(rows: np.ndarray, model: np.ndarray, layer: np.ndarray, flat: np.ndarr
         | (np.diff(rows) != 1)
     )
     return np.append(np.flatnonzero(starts), len(flat)).astype(np.int64)
+
+
+def preferred_nbytes(nbytes: np.ndarray, preferred_by_level: np.ndarray) -> np.ndarray:
+    """[L, N] the bytes of each block's encoding ``preferred_by_level[level, row]``."""
+    index = preferred_by_level.T.astype(np.intp)
+    return np.ascontiguousarray(np.take_along_axis(nbytes, index, axis=1).T)
+
+
+def least_upgrade_nbytes(nbytes: np.ndarray) -> np.ndarray:
+    """[E] the fewest bytes an upgrade to full precision from each encoding adds to any block
+    (at least 0; the int64 maximum for no block)."""
+    growth = np.maximum(nbytes[:, :1] - nbytes, 0)
+    least: np.ndarray = growth.min(axis=0, initial=np.iinfo(np.int64).max)
+    return least
 
 
 def cheapest(nbytes: np.ndarray, allowed: np.ndarray, sensitivity: np.ndarray) -> np.ndarray:
@@ -179,6 +198,8 @@ def static_for(snapshot: Snapshot, cached: Static | None, grid: tuple[int, int, 
         recovery_by_level=recovery,
         preferred_by_level=preferred,
         unit_density_by_level=unit,
+        preferred_nbytes_by_level=preferred_nbytes(b.nbytes, preferred),
+        least_upgrade_nbytes=least_upgrade_nbytes(b.nbytes),
         floor_fallback=cheapest(b.nbytes, allowed, b.sensitivity),
         budget_fallback=budget_fallback,
         decode_rate=np.where(needs_decode, enc.decode_gbps * 1e9, 0.0),

@@ -1,5 +1,5 @@
-"""The score phase's cached sizes (``policy.score._sizes``) and the precision refinement's
-shortcut on them: blocks whose least upgrade cannot fit are passed over unread, which must never
+"""The score phase's sizes cached in ``Static`` (``policy.static.preferred_nbytes`` and
+``least_upgrade_nbytes``) and the precision refinement's shortcut on them: blocks whose least upgrade cannot fit are passed over unread, which must never
 change which blocks are upgraded."""
 
 from __future__ import annotations
@@ -8,29 +8,20 @@ import numpy as np
 import pytest
 
 from policy._score_kernels import refine_precision
-from policy.score import _sizes
 from policy.snapshot import NONE
+from policy.static import least_upgrade_nbytes, preferred_nbytes
 
 
-class _Static:
-    """The one field of ``Static`` that ``_sizes`` reads."""
-
-    def __init__(self, preferred_by_level: np.ndarray) -> None:
-        self.preferred_by_level = preferred_by_level
-
-
-def test_sizes_are_the_preferred_bytes_and_the_least_upgrades_cached_by_identity() -> None:
+def test_sizes_are_the_preferred_bytes_and_the_least_upgrades() -> None:
     nbytes = np.array([[100, 60, 30], [80, 90, 20], [50, 25, 50]], np.int64)
     preferred_by_level = np.array([[0, 0, 0], [1, 2, 1], [2, 2, 2], [1, 1, 0]], np.int8)
-    static = _Static(preferred_by_level)
-    preferred, least = _sizes(static, nbytes)  # type: ignore[arg-type]
+    preferred = preferred_nbytes(nbytes, preferred_by_level)
     assert preferred.tolist() == [[100, 80, 50], [60, 20, 25], [30, 20, 50], [60, 90, 50]]
+    assert preferred.flags.c_contiguous
     # Full less each encoding's bytes, at least 0: [0, 40, 70], [0, 0, 60], [0, 25, 0].
-    assert least.tolist() == [0, 0, 0]
-    assert _sizes(static, nbytes)[0] is preferred  # cached for the same Static
-    other = _Static(preferred_by_level[:, :2].copy())
-    _, least = _sizes(other, nbytes[:2])  # type: ignore[arg-type]
-    assert least.tolist() == [0, 0, 60]
+    assert least_upgrade_nbytes(nbytes).tolist() == [0, 0, 0]
+    assert least_upgrade_nbytes(nbytes[:2]).tolist() == [0, 0, 60]
+    assert least_upgrade_nbytes(nbytes[:0]).tolist() == [np.iinfo(np.int64).max] * 3
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -49,7 +40,7 @@ def test_refine_upgrades_what_it_would_without_passing_over_any_block(
         held[hbm_tier[r]] += nbytes[r, hbm[r]]
     # Rooms around the upgrades' sizes: none fits, some fit, all fit.
     budget = held + rng.choice([5.0, 20.0, 36.0, 61.0, 80.0, 1e9], 3)
-    _, least = _sizes(_Static(np.zeros((4, n), np.int8)), nbytes)  # type: ignore[arg-type]
+    least = least_upgrade_nbytes(nbytes)
     args = (
         hbm_tier,
         rng.random(n) < 0.1,  # leased
