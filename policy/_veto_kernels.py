@@ -1,7 +1,8 @@
 """Compiled kernels of the veto (``policy.veto``): its entry pass and the blocks' quality costs.
 
-The budget rule's kernels are in ``policy._veto_budget``, the fit of moved blocks into their tier
-in ``policy._veto_fit``; ``fit_rows`` and ``budget_choice`` are re-exported here.
+The budget rule's kernels are in ``policy._veto_budget`` and ``policy._veto_candidates``, the
+fit of moved blocks into their tier in ``policy._veto_fit``; ``fit_rows`` and ``budget_choice``
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from policy._select import _jit, order_in_place
-from policy._veto_budget import budget_choice, candidate_buffers, candidate_values
+from policy._veto_budget import budget_choice
+from policy._veto_candidates import candidate_buffers, candidate_values
 from policy._veto_fit import fit_rows
 from policy.snapshot import NONE
 
@@ -44,7 +46,7 @@ def veto_entry(
     restored. Returns the rows restored and what was proposed for them, the mask of protected
     (leased, resident) blocks, the rows then proposed at an encoding their floor or unknown
     sensitivity forbids, each tier's bytes of proposed HBM copies, each block's quality cost
-    (``quality_costs``), and the quality budget's first candidates (``policy._veto_budget``)
+    (``quality_costs``), and the quality budget's first candidates (``policy._veto_candidates``)
     less the forbidden rows, with the sum of their savings and whether all are finite and
     >= 0: the caller merges the forbidden rows back once rule 2 has moved them."""
     n = len(hbm)

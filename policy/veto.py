@@ -21,13 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policy._kernels import stable_argsort
-from policy._veto_budget import (
-    all_candidates,
-    choose_fixes,
-    compact_candidates,
-    fix_round,
-    sort_keys,
-)
+from policy._veto_budget import choose_fixes, fix_round, sort_keys
+from policy._veto_candidates import all_candidates, compact_candidates
 from policy._veto_kernels import fit_rows, quality_costs, veto_entry
 from policy.config import PolicyConfig
 from policy.plan import RULE_CODES, Rule
@@ -191,7 +186,7 @@ def veto(
     # 3. The quality budget. Each round moves the blocks whose fix saves the most per extra
     # byte to a less sensitive encoding (or out of HBM); a block may need several rounds.
     # PERF: the candidates come from the entry's pass and are carried from round to round
-    # (policy._veto_budget), instead of a pass over every block per round.
+    # (policy._veto_candidates), instead of a pass over every block per round.
     compacted = True
     records, used = _NO_RECORDS, 0
     quality: float | None = None  # the cost's sum where the loop ended on it, unchanged since

@@ -7,14 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from policy._select import order_keys
-from policy._veto_budget import (
-    all_candidates,
-    budget_choice,
-    choose_fixes,
-    compact_candidates,
-    fix_round,
-    sort_keys,
-)
+from policy._veto_budget import budget_choice, choose_fixes, fix_round, sort_keys
+from policy._veto_candidates import all_candidates, compact_candidates
 from policy._veto_fit import fit_rows
 from policy._veto_kernels import veto_entry
 
