@@ -27,7 +27,6 @@ import sys  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numba  # noqa: E402
@@ -36,17 +35,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import policy.step as step_module  # noqa: E402
-from bench.policy_scale import pool_for  # noqa: E402
-from policy.builder import execute_instantly  # noqa: E402
+from bench.policy_scale import stepped_pool  # noqa: E402
 from policy.config import PolicyConfig  # noqa: E402
-from policy.state import initial_state  # noqa: E402
-from policy.synthetic import (  # noqa: E402
-    Router,
-    RoutingKnobs,
-    drawn_layer_times,
-    routed_telemetry,
-    synthetic_pool,
-)
+from policy.plan import Plan  # noqa: E402
+from policy.snapshot import Snapshot  # noqa: E402
+from policy.state import PolicyState  # noqa: E402
 
 MODULES = (
     "policy.predict",
@@ -108,26 +101,21 @@ def instrument(timers: Timers) -> None:
 
 
 def profile(blocks: int, steps: int, warmup: int, timers: Timers) -> dict[str, object]:
-    config = PolicyConfig()
-    layout, replicas = pool_for(blocks)
-    snapshot = synthetic_pool(layout, replicas, 0.25, total_blocks=blocks)
-    state = initial_state(snapshot, config)
-    router = Router(layout, replicas, RoutingKnobs(concurrency=4))
-    rng = np.random.default_rng(1)
-    now = 0.0
-    step_ms = []
-    for tick in range(warmup + steps):
-        if tick == warmup:
+    step_ms: list[float] = []
+
+    def timed(
+        snapshot: Snapshot, state: PolicyState, config: PolicyConfig
+    ) -> tuple[Plan, PolicyState]:
+        if len(step_ms) == warmup:
             timers.totals.clear()
-        now += config.tick_s
-        layer_times = drawn_layer_times(snapshot, rng)
-        telemetry = routed_telemetry(snapshot, router, tick, now, layer_times)
-        snapshot = replace(snapshot, telemetry=telemetry)
         start = time.perf_counter()
-        plan, state = step_module.step(snapshot, state, config)
-        if tick >= warmup:
-            step_ms.append((time.perf_counter() - start) * 1e3)
-        snapshot = execute_instantly(snapshot, plan, now)
+        result = step_module.step(snapshot, state, config)
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        return result
+
+    for _ in stepped_pool(blocks, warmup + steps, PolicyConfig(), timed):
+        pass
+    step_ms = step_ms[warmup:]
     rows = [
         {
             "name": name,

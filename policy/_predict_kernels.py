@@ -143,6 +143,83 @@ def block_times(
     return time_to_next, probability, active
 
 
+@_inline
+def _shrunk_run(
+    start: int,
+    end: int,
+    model: np.ndarray,
+    layer: np.ndarray,
+    flat: np.ndarray,
+    layer_visits: np.ndarray,
+    unvisited_weight: np.ndarray,
+    layer_sum: np.ndarray,
+    flat_popularity: np.ndarray,
+    n_experts: int,
+    observed_concurrency: np.ndarray,
+    decay: float,
+    prior_visits: float,
+    base: np.ndarray,
+    exponent: np.ndarray,
+    at: int,
+) -> None:
+    """``shrunk_popularity`` of the run of experts ``start:end``, written from ``at``."""
+    m, layer_r = model[start], layer[start]
+    weight = 1.0 - unvisited_weight[m, layer_r]
+    floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12  # np.maximum
+    prior = prior_visits * (layer_sum[m, layer_r] / n_experts / floor)  # of the layer's mean
+    evidence = weight / decay  # the effective number of visits behind the average
+    total = evidence + prior_visits
+    visited = layer_visits[m, layer_r] > 0
+    inverse = 1 / observed_concurrency[m]
+    offset = flat[start]
+    for k in range(end - start):
+        pop = flat_popularity[offset + k] / floor if visited else 0.0
+        pop = (evidence * pop + prior) / total
+        pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN
+        base[at + k] = 1 - pop
+        exponent[at + k] = inverse
+
+
+@_inline
+def _probability_run(
+    start: int,
+    end: int,
+    powered: np.ndarray,
+    at: int,
+    rows: np.ndarray,
+    model: np.ndarray,
+    layer: np.ndarray,
+    expert: np.ndarray,
+    flat: np.ndarray,
+    chosen_last: np.ndarray,
+    persistence: np.ndarray,
+    follow_layer: np.ndarray,
+    follow: np.ndarray,
+    active: np.ndarray,
+    idle_use_probability: float,
+    threshold: float,
+    probability: np.ndarray,
+    predicted: np.ndarray,
+) -> None:
+    """``expert_probability`` of the run of experts ``start:end``, ``powered`` read from
+    ``at``."""
+    m = model[start]
+    other = persistence[m]
+    follows = layer[start] == follow_layer[m]
+    running = active[m]
+    row, cell, index = rows[start], flat[start], expert[start]
+    for k in range(end - start):
+        p = 1 - powered[at + k]
+        if chosen_last[cell + k]:
+            p = p if p >= other or np.isnan(p) else other  # np.maximum
+        if follows:
+            after = follow[m, index + k]
+            p = p if p >= after or np.isnan(p) else after
+        value = p if running else idle_use_probability * p
+        probability[row + k] = value
+        predicted[cell + k] = value >= threshold
+
+
 @_jit
 def shrunk_popularity(
     runs: np.ndarray,
@@ -174,22 +251,11 @@ def shrunk_popularity(
     base = np.empty(n)
     exponent = np.empty(n)
     for r in range(len(runs) - 1):
-        start, end = runs[r], runs[r + 1]
-        m, layer_r = model[start], layer[start]
-        weight = 1.0 - unvisited_weight[m, layer_r]
-        floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12  # np.maximum
-        prior = prior_visits * (layer_sum[m, layer_r] / n_experts / floor)  # of the layer's mean
-        evidence = weight / decay  # the effective number of visits behind the average
-        total = evidence + prior_visits
-        visited = layer_visits[m, layer_r] > 0
-        inverse = 1 / observed_concurrency[m]
-        offset = flat[start] - start
-        for j in range(start, end):
-            pop = flat_popularity[offset + j] / floor if visited else 0.0
-            pop = (evidence * pop + prior) / total
-            pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN
-            base[j] = 1 - pop
-            exponent[j] = inverse
+        _shrunk_run(
+            runs[r], runs[r + 1], model, layer, flat, layer_visits, unvisited_weight, layer_sum,
+            flat_popularity, n_experts, observed_concurrency, decay, prior_visits, base,
+            exponent, runs[r],
+        )  # fmt: skip
     return base, exponent
 
 
@@ -238,22 +304,11 @@ def expert_probability(
     alternating: 0.074 -> 0.043 ms; see ``shrunk_popularity`` for the step). ``widened`` by run
     was slower (0.025 -> 0.029 ms)."""
     for r in range(len(runs) - 1):
-        start, end = runs[r], runs[r + 1]
-        m = model[start]
-        other = persistence[m]
-        follows = layer[start] == follow_layer[m]
-        running = active[m]
-        row, cell, index = rows[start] - start, flat[start] - start, expert[start] - start
-        for j in range(start, end):
-            p = 1 - powered[j]
-            if chosen_last[cell + j]:
-                p = p if p >= other or np.isnan(p) else other  # np.maximum
-            if follows:
-                after = follow[m, index + j]
-                p = p if p >= after or np.isnan(p) else after
-            value = p if running else idle_use_probability * p
-            probability[row + j] = value
-            predicted[cell + j] = value >= threshold
+        _probability_run(
+            runs[r], runs[r + 1], powered, runs[r], rows, model, layer, expert, flat,
+            chosen_last, persistence, follow_layer, follow, active, idle_use_probability,
+            threshold, probability, predicted,
+        )  # fmt: skip
 
 
 @_jit
@@ -336,21 +391,12 @@ def use_probability(
     for r in range(len(runs) - 1):
         start, end = runs[r], runs[r + 1]
         count = end - start
-        m, layer_r = model[start], layer[start]
-        weight = 1.0 - unvisited_weight[m, layer_r]
-        floor = weight if weight >= 1e-12 or np.isnan(weight) else 1e-12  # np.maximum
-        prior = prior_visits * (layer_sum[m, layer_r] / n_experts / floor)  # of the layer's mean
-        evidence = weight / decay  # the effective number of visits behind the average
-        total = evidence + prior_visits
-        visited = layer_visits[m, layer_r] > 0
-        inverse = 1 / observed_concurrency[m]
-        offset = flat[start]
-        for k in range(count):
-            pop = flat_popularity[offset + k] / floor if visited else 0.0
-            pop = (evidence * pop + prior) / total
-            pop = 1.0 if pop > 1.0 else pop  # np.minimum(pop, 1.0): NaN stays NaN
-            base[k] = 1 - pop
-            exponent[k] = inverse
+        m = model[start]
+        _shrunk_run(
+            start, end, model, layer, flat, layer_visits, unvisited_weight, layer_sum,
+            flat_popularity, n_experts, observed_concurrency, decay, prior_visits, base,
+            exponent, 0,
+        )  # fmt: skip
         for k in range(count, (count + 7) // 8 * 8):  # lanes past the run: any operands
             base[k] = 1.0
             exponent[k] = 1.0
@@ -363,17 +409,8 @@ def use_probability(
             exponent[k] = now
         for k in range(0, count, 8):
             _pow8(base, exponent, powered, k)
-        other = persistence[m]  # expert_probability
-        follows = layer_r == follow_layer[m]
-        running = active[m]
-        row, cell, index = rows[start], flat[start], expert[start]
-        for k in range(count):
-            p = 1 - powered[k]
-            if chosen_last[cell + k]:
-                p = p if p >= other or np.isnan(p) else other  # np.maximum
-            if follows:
-                after = follow[m, index + k]
-                p = p if p >= after or np.isnan(p) else after
-            value = p if running else idle_use_probability * p
-            probability[row + k] = value
-            predicted[cell + k] = value >= threshold
+        _probability_run(
+            start, end, powered, 0, rows, model, layer, expert, flat, chosen_last,
+            persistence, follow_layer, follow, active, idle_use_probability, threshold,
+            probability, predicted,
+        )  # fmt: skip

@@ -190,9 +190,9 @@ def predict(
         # it toward the layer's mean (the share of its experts chosen per visit), a prior worth
         # ``prior_visits`` visits, so that a few observations do not read as certainty.
         decay = config.popularity_decay
-        # PERF: compiled passes between numpy's powers and sums (which stay numpy's: see the
-        # kernels' module); 16 numpy passes over every expert before. The layers' sums are
-        # np.mean's, less its Python wrapper.
+        # PERF: compiled passes; the powers are numpy's (see the kernels' module), called from
+        # ``use_probability`` where numpy's is SVML's, else between the kernels; 16 numpy passes
+        # over every expert before. The layers' sums are np.mean's, less its Python wrapper.
         runs = static.expert_runs
         unvisited_weight = (1.0 - decay) ** state.layer_visits
         layer_sum = np.add.reduce(state.popularity, axis=2)
