@@ -227,6 +227,7 @@ def _digest(value: object) -> str:
 
 
 SEPARATE = ("demand_encoding",)  # plan fields hashed apart (``demand_hashes``)
+SKIPPED = ("demand",)  # what ``demand_encoding`` is computed from (``policy.demand``)
 
 
 def plan_hashes(plan: Plan) -> dict[str, str]:
@@ -235,7 +236,7 @@ def plan_hashes(plan: Plan) -> dict[str, str]:
     out: dict[str, str] = {}
     for f in fields(plan):
         value = getattr(plan, f.name)
-        if f.name in SEPARATE:
+        if f.name in SEPARATE or f.name in SKIPPED:
             continue
         if f.name in ("transition_rows", "transfer_rows"):
             for g in fields(value):

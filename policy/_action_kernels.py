@@ -38,12 +38,13 @@ from policy.snapshot import CXL, HBM, HOST, NONE, STORAGE
 
 # A block's ``moves`` byte (``classify``): its fallback level (bits 0-1), its target fallback
 # level (bits 2-3), and whether it has an HBM copy and a copy in flight. PERF: ``stream`` reads
-# it instead of four int64 columns (levels and copies) and the fallback actions. With the walk's
-# prefetched row below (``classify``), both kernels alone, thread CPU time, alternating with
-# b6b43fd, load 4: a million blocks 33.5 -> 31.7 ms (stream 12.5 -> 11.0), 16,384 blocks cold
-# 0.85 -> 0.79 ms; ``bench/policy_ab.py`` (load 3.5 to 4.1): step ratio 0.980 at 16,384 blocks
-# (schedule phase 0.711 -> 0.636 ms), 0.972 at a million (schedule 63.8 -> 57.9 ms). Packing
-# the encodings themselves (no reads of ``hbm_encoding`` and ``in_flight``) changed nothing.
+# it instead of four int64 columns (levels and copies) and the fallback actions. With the demand
+# walk's prefetched row (then in ``classify``, now ``policy.demand``), both kernels alone,
+# thread CPU time, alternating with b6b43fd, load 4: a million blocks 33.5 -> 31.7 ms (stream
+# 12.5 -> 11.0), 16,384 blocks cold 0.85 -> 0.79 ms; ``bench/policy_ab.py`` (load 3.5 to 4.1):
+# step ratio 0.980 at 16,384 blocks (schedule phase 0.711 -> 0.636 ms), 0.972 at a million
+# (schedule 63.8 -> 57.9 ms). Packing the encodings themselves (no reads of ``hbm_encoding``
+# and ``in_flight``) changed nothing.
 _RESIDENT = 16
 _IN_FLIGHT = 32
 
@@ -63,13 +64,6 @@ def classify(
     host_tier: np.ndarray,
     cxl_tier: np.ndarray,
     n_tiers: int,
-    preferred: np.ndarray,
-    sensitivity: np.ndarray,
-    allowed: np.ndarray,
-    budget_fallback: np.ndarray,
-    headroom: float,
-    price: float,
-    exhausted: bool,
 ) -> tuple[
     np.ndarray,
     np.ndarray,
@@ -82,7 +76,6 @@ def classify(
     int,
     np.ndarray,
     np.ndarray,
-    np.ndarray,
 ]:
     """First pass of the candidate actions: each block's HBM action (-1: none), its ``moves``
     byte (what ``stream`` reads of its levels and copies) and whether its HBM action fetches a
@@ -93,12 +86,8 @@ def classify(
     in flight are cancelled.
 
     From the same pass, the targets' placement: per tier, the bytes of the target HBM copies
-    and of the target warm (host or CXL) copies; and per block, the encoding a demand promotion
-    would take now (``policy.plan.Plan``'s ``demand_encoding``, defined there; int8): the target
-    where it has one; else, when ``exhausted``, the least sensitive allowed encoding (fewest
-    bytes, then lowest index, among equals); else ``preferred``, moved down
-    ``budget_fallback`` while its sensitivity passes ``headroom`` and the move saves at least
-    ``price`` per extra byte.
+    and of the target warm (host or CXL) copies. (The encoding a demand promotion would take,
+    computed here for every block before, is computed when asked: ``policy.demand``.)
 
     PERF: one pass for both (the targets and the rows of ``nbytes`` read once; a million
     blocks, thread CPU time, processes alternating, load 3: 11.9 + 13.3 and 10.7 + 12.5 ms
@@ -106,8 +95,6 @@ def classify(
     n = len(hbm_encoding)
     hbm_bytes = np.zeros(n_tiers, np.int64)
     warm_bytes = np.zeros(n_tiers, np.int64)
-    n_encodings = nbytes.shape[1]
-    demand_encoding = np.empty(n, np.int8)
     hbm_kind = np.full(n, -1, np.int8)
     moves = np.empty(n, np.uint8)
     refetch = np.zeros(n, np.bool_)
@@ -121,11 +108,6 @@ def classify(
         c, t, f = hbm_encoding[r], target_hbm[r], in_flight[r]
         fc, ft = fallback_level[r], target_fallback[r]
         regenerate = regenerable[r] and fc == STORAGE
-        # PERF: the row of ``sensitivity`` the demand walk starts from is read for every block,
-        # in order (the hardware prefetches it), not only for those without a target (one in
-        # seven at 16,384 blocks, where each was a cache miss of its own).
-        e_pref = preferred[r]
-        s_pref = sensitivity[r, e_pref]
         grows = nbytes[r, t] > nbytes[r, c]  # (an index of -1 reads a column left unused)
         same = precision[c] == precision[t]
         kind, again = _hbm_action(c, t, f, grows, same, full_precision[c], regenerate)
@@ -155,32 +137,9 @@ def classify(
                 smallest[code] = min(smallest[code], nbytes[r, 0])
         if f != NONE and f != t:  # noqa: PLR1714 (numba)
             cancels += 1
-        # The placement's sums and the encoding a demand would take.
-        e = t
-        if e != NONE:
-            hbm_bytes[hbm_tier[r]] += nbytes[r, e]
-        elif exhausted:
-            e = 0  # full precision: always allowed
-            for other in range(1, n_encodings):
-                if not allowed[r, other]:
-                    continue
-                s, least = sensitivity[r, other], sensitivity[r, e]
-                if s < least or (s == least and nbytes[r, other] < nbytes[r, e]):
-                    e = other
-        else:
-            e, s = e_pref, s_pref
-            for _ in range(n_encodings):
-                if s <= headroom:
-                    break
-                g = budget_fallback[r, e]
-                s_g = sensitivity[r, g]
-                saved = s - s_g
-                if not saved > 0.0:
-                    break
-                if saved / max(nbytes[r, g] - nbytes[r, e], 1) < price:
-                    break  # the veto would fix other blocks, at its price, before this one
-                e, s = g, s_g
-        demand_encoding[r] = e
+        # The placement's sums.
+        if t != NONE:
+            hbm_bytes[hbm_tier[r]] += nbytes[r, t]
         if ft == HOST:
             warm_bytes[host_tier[r]] += nbytes[r, 0]
         elif ft == CXL:
@@ -198,7 +157,6 @@ def classify(
         cancels,
         hbm_bytes,
         warm_bytes,
-        demand_encoding,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from policy.snapshot import LEVEL_KINDS, NONE
 from pool.encoding import Encoding
 from pool.states import BlockState
 from pool.tiers import TierKind
+
+if TYPE_CHECKING:
+    from policy.demand import DemandEncodings
 
 STATE_CODES: tuple[BlockState, ...] = tuple(BlockState)
 
@@ -180,7 +184,8 @@ class Plan:
 
     ``demand_encoding`` (one int8 encoding index per block, never ``NONE``) is the encoding at
     which to promote a block demanded before the next step (a lease miss), so that a miss needs
-    no step of its own. Each block is taken alone, its use certain (p(use) = 1):
+    no step of its own; ``demand_encoding_of(block)`` is one block's (computed when asked, see
+    ``policy.demand``). Each block is taken alone, its use certain (p(use) = 1):
 
     - a block the plan targets in HBM: its target encoding;
     - else, when the plan's quality cost is above the budget (the veto made every fix it
@@ -225,8 +230,17 @@ class Plan:
     use_probability: np.ndarray
     time_to_next_use_s: np.ndarray
     value_density: np.ndarray
-    demand_encoding: np.ndarray  # see above
+    demand: DemandEncodings  # ``demand_encoding``, see above
     metrics: Metrics
+
+    @cached_property
+    def demand_encoding(self) -> np.ndarray:
+        """Every block's demand encoding (int8; see the class docstring), computed once."""
+        return self.demand.all()
+
+    def demand_encoding_of(self, block: int) -> int:
+        """Block ``block``'s demand encoding (a row index; see the class docstring)."""
+        return self.demand.of(block)
 
     def _encoding(self, index: int) -> Encoding | None:
         return None if index == NONE else self.encodings[index]

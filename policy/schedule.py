@@ -57,16 +57,6 @@ _CODES = np.array(
 
 
 @dataclass(frozen=True)
-class DemandRule:
-    """The quality budget's terms for ``policy.plan.Plan.demand_encoding`` (defined there): its
-    headroom where it fixed no block, its price where it did, and whether it is exhausted."""
-
-    headroom: float
-    price: float
-    exhausted: bool
-
-
-@dataclass(frozen=True)
 class Schedule:
     transitions: TransitionArrays
     transfers: TransferArrays
@@ -76,7 +66,6 @@ class Schedule:
     # From the same pass over the blocks (PERF: see ``policy._action_kernels.classify``):
     hbm_bytes: np.ndarray  # [T] bytes of the target HBM copies per tier
     warm_bytes: np.ndarray  # [T] bytes of the target host and CXL copies per tier
-    demand_encoding: np.ndarray  # [N] int8, ``policy.plan.Plan.demand_encoding``
 
 
 def _candidates(
@@ -85,7 +74,6 @@ def _candidates(
     targets: Targets,
     prediction: Prediction,
     config: PolicyConfig,
-    demand: DemandRule,
 ) -> tuple[np.ndarray, ...]:
     """The candidate actions that can matter this tick, in the order of the full action table
     (``policy._action_kernels``): every drop, every shrink or upgrade of a resident copy, and
@@ -116,13 +104,6 @@ def _candidates(
         b.host_tier,
         b.cxl_tier,
         len(snapshot.tiers.tier_ids),
-        scores.preferred,
-        b.sensitivity,
-        scores.static.allowed,
-        scores.static.budget_fallback,
-        demand.headroom,
-        demand.price,
-        demand.exhausted,
     )
     hbm_kind, moves, refetch, counts, on_links, smallest, bounds, must, cancels = first[:9]
     kept, heap_key, heap_item, heap_start, heap_size, capacity, groups, cancelled, occupancy = (
@@ -197,10 +178,9 @@ def schedule(
     targets: Targets,
     prediction: Prediction,
     config: PolicyConfig,
-    demand: DemandRule,
 ) -> Schedule:
-    """Transfers and transitions for this tick (see the module docstring), and the sums and
-    demand encodings of the targets' placement (``demand``: the budget's terms)."""
+    """Transfers and transitions for this tick (see the module docstring), and the sums of the
+    targets' placement."""
     b, enc, links, tel = snapshot.blocks, snapshot.encodings, snapshot.links, snapshot.telemetry
     usable = enc.usable
     full_precision = enc.full_precision
@@ -225,8 +205,7 @@ def schedule(
         left_out,
         hbm_bytes,
         warm_bytes,
-        demand_encoding,
-    ) = _candidates(snapshot, scores, targets, prediction, config, demand)
+    ) = _candidates(snapshot, scores, targets, prediction, config)
 
     # Capacity first, over the candidate copies (most urgent first), so that a copy that can
     # never fit does not take a link's budget; then the link budgets over what fits.
@@ -317,5 +296,4 @@ def schedule(
         deferred=deferred,
         hbm_bytes=hbm_bytes,
         warm_bytes=warm_bytes,
-        demand_encoding=demand_encoding,
     )

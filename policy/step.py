@@ -13,10 +13,11 @@ import time
 
 from policy._memory import keep_freed_memory
 from policy.config import PolicyConfig
+from policy.demand import DemandEncodings, DemandRule
 from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.quality_feedback import budget_config, remember_plan
-from policy.schedule import DemandRule, schedule
+from policy.schedule import schedule
 from policy.score import choose_targets, refine, score
 from policy.snapshot import Snapshot
 from policy.state import PolicyState
@@ -60,8 +61,8 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         exhausted=excess > 1e-15,  # the budget exhausted, with the veto's tolerance
     )
     t4 = clock()
-    # PERF: the placement's sums and demand encodings come from the schedule's first pass.
-    scheduled = schedule(snapshot, scores, targets, prediction, config, demand)
+    # PERF: the placement's sums come from the schedule's first pass.
+    scheduled = schedule(snapshot, scores, targets, prediction, config)
     t5 = clock()
     phase_ms = {
         "observe": (t1 - t0) * 1e3,
@@ -71,11 +72,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         "schedule": (t5 - t4) * 1e3,
     }
 
-    hbm_bytes, warm_bytes, demand_encoding = (
-        scheduled.hbm_bytes,
-        scheduled.warm_bytes,
-        scheduled.demand_encoding,
-    )
+    hbm_bytes, warm_bytes = scheduled.hbm_bytes, scheduled.warm_bytes
     rejected = vetoed.rejections.arrays()
     hbm_bytes, warm_bytes = hbm_bytes.tolist(), warm_bytes.tolist()
     metrics = Metrics(
@@ -108,7 +105,16 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         use_probability=prediction.use_probability,
         time_to_next_use_s=prediction.time_to_next_use_s,
         value_density=targets.chosen_density,
-        demand_encoding=demand_encoding,
+        # PERF: computed when asked (policy.demand), not for every block every step.
+        demand=DemandEncodings(
+            demand,
+            hbm,
+            scores.preferred,
+            blocks.sensitivity,
+            static.allowed,
+            static.budget_fallback,
+            blocks.nbytes,
+        ),
         metrics=metrics,
     )
     return plan, state

@@ -298,7 +298,7 @@ class WeightpoolPolicy:
         if self.plan is None:
             return 0
         if not self.plan_misses:
-            encoding = int(self.plan.demand_encoding[block])
+            encoding = self.plan.demand_encoding_of(block)
             if self.plan.target_hbm_encoding[block] != NONE:
                 return encoding  # its cost is in the plan's
             assert self.snapshot is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -105,3 +106,21 @@ def test_without_a_budget_fix_the_headroom_decides() -> None:
     assert plan.rejections == ()
     assert plan.metrics.quality_cost == pytest.approx(0.22)
     assert plan.demand_encoding.tolist() == [INT4, FULL, INT4, INT4, INT8, FULL, INT4, INT4, INT8]
+
+
+def test_one_block_at_a_time_gives_the_same_encodings_and_a_pickled_plan_carries_them() -> None:
+    # The plan computes demand encodings when asked (policy.demand): one block (a lease miss)
+    # before the whole array, then the whole array, then each block again, all agree.
+    expected = [INT4, FULL, INT4, INT4, INT8, FULL, INT4, INT4, INT8]
+    plan = _plan(HOT + COLD)
+    assert [plan.demand_encoding_of(i) for i in range(len(expected))] == expected
+    with pytest.raises(IndexError, match="block rows"):
+        plan.demand_encoding_of(len(expected))
+    # Pickled, a plan ships the encodings (one byte a block), not the tables they come from.
+    fresh = _plan(HOT + COLD)
+    restored = pickle.loads(pickle.dumps(fresh.demand))
+    assert restored.all().tolist() == expected
+    assert restored.all().dtype == np.int8
+    assert len(pickle.dumps(fresh.demand)) < len(pickle.dumps(np.zeros((9, 5))))
+    assert plan.demand_encoding.tolist() == expected
+    assert [plan.demand_encoding_of(i) for i in range(len(expected))] == expected
