@@ -36,7 +36,7 @@ from policy.plan import STATE_CODES, TransferArrays, TransitionArrays
 from policy.predict import Prediction
 from policy.score import Scores, Targets
 from policy.snapshot import Snapshot
-from pool.states import BlockState, check_transition
+from pool.states import ALLOWED_TRANSITIONS, BlockState, check_transition
 
 # State codes in the order ``policy._admit_kernels.state_code`` takes them.
 _CODES = np.array(
@@ -54,6 +54,27 @@ _CODES = np.array(
     ],
     np.int64,
 )
+
+
+def _allowed_changes() -> np.ndarray:
+    """``[S, S, 2]``: whether a change from state code ``a`` to ``z`` (through PROMOTING when
+    the last index is 1) passes ``pool.states.check_transition``."""
+
+    def allowed(a: BlockState, z: BlockState) -> bool:
+        return a is z or (a, z) in ALLOWED_TRANSITIONS
+
+    table = np.zeros((len(STATE_CODES), len(STATE_CODES), 2), dtype=bool)
+    for i, a in enumerate(STATE_CODES):
+        for j, z in enumerate(STATE_CODES):
+            table[i, j, 0] = allowed(a, z)
+            table[i, j, 1] = allowed(a, BlockState.PROMOTING) and allowed(BlockState.PROMOTING, z)
+    return table
+
+
+# PERF: the step's state changes checked against this table in one numpy call; only a change it
+# refuses goes through ``check_transition`` (to raise its error). One call per distinct change
+# before: about 25 us a step (line profiler, 16,384 blocks).
+_ALLOWED_CHANGES = _allowed_changes()
 
 
 @dataclass(frozen=True)
@@ -266,7 +287,8 @@ def schedule(
         _CODES,
     )
     # Assert the table: every state change must be allowed (through PROMOTING where it goes).
-    for start, end, through in zip(*records[-1].nonzero(), strict=True):
+    refused = records[-1] & ~_ALLOWED_CHANGES
+    for start, end, through in zip(*refused.nonzero(), strict=True) if refused.any() else ():
         a, z = STATE_CODES[start], STATE_CODES[end]
         if through:
             check_transition("(step)", a, BlockState.PROMOTING)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -174,3 +176,32 @@ def test_unannounced_arrival_in_hbm_is_refused(encoding, regen, other) -> None:
     after = derive_state([*copies, hbm(encoding)], regenerable=regen, device=0)
     with pytest.raises(IllegalTransitionError):
         check_transition("m/b", before, after)
+
+
+def test_the_schedules_table_of_state_changes_agrees_with_check_transition() -> None:
+    # policy.schedule checks a step's state changes against a table made from
+    # ALLOWED_TRANSITIONS; every change it lets through must pass check_transition, every one it
+    # refuses must raise (directly, or through PROMOTING where the change goes through it).
+    from policy.plan import STATE_CODES
+    from policy.schedule import _ALLOWED_CHANGES
+
+    def passes(*path: BlockState) -> bool:
+        try:
+            for old, new in itertools.pairwise(path):
+                check_transition("b", old, new)
+        except IllegalTransitionError:
+            return False
+        return True
+
+    refused = 0
+    for i, a in enumerate(STATE_CODES):
+        for j, z in enumerate(STATE_CODES):
+            assert _ALLOWED_CHANGES[i, j, 0] == passes(a, z)
+            assert _ALLOWED_CHANGES[i, j, 1] == passes(a, BlockState.PROMOTING, z)
+            refused += int(not _ALLOWED_CHANGES[i, j, 0]) + int(not _ALLOWED_CHANGES[i, j, 1])
+    assert refused > 0  # the table refuses some changes (PREMIUM -> PROMOTING among them)
+    premium, promoting = (
+        STATE_CODES.index(BlockState.PREMIUM),
+        STATE_CODES.index(BlockState.PROMOTING),
+    )
+    assert not _ALLOWED_CHANGES[premium, promoting, 0]
