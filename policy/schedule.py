@@ -29,8 +29,7 @@ import numpy as np
 
 from policy._action_kernels import classify, stream
 from policy._action_table import describe
-from policy._admit_kernels import admit, transfer_rows, transitions
-from policy._link_kernels import link_budgets, resolve
+from policy._schedule_tail import finish
 from policy.config import PolicyConfig
 from policy.plan import STATE_CODES, TransferArrays, TransitionArrays
 from policy.predict import Prediction
@@ -229,50 +228,24 @@ def schedule(
     ) = _candidates(snapshot, scores, targets, prediction, config)
 
     # Capacity first, over the candidate copies (most urgent first), so that a copy that can
-    # never fit does not take a link's budget; then the link budgets over what fits.
-    fits, spilled = admit(
+    # never fit does not take a link's budget; then the link budgets over what fits; then what
+    # the tick does, its transitions and its transfers (``policy._schedule_tail``).
+    records, transfers, deferred = finish(
         block,
         kind,
+        src,
         dst,
         encoding,
         cls,
         deadline,
+        nbytes,
         shrink,
         required_up,
         held,
         within_reach,
+        cancelled,
         occupancy,
         scores.usable_bytes.astype(np.float64),
-        b.hbm_encoding,
-        b.hbm_tier,
-        b.host_tier,
-        b.cxl_tier,
-        b.nbytes,
-        config.max_transitions_per_step,
-    )
-    on_links = link_budgets(
-        src,
-        dst,
-        cls,
-        deadline,
-        nbytes,
-        kind,
-        fits,
-        links.gbps,
-        tel.link_busy_fraction,
-        config.tick_s,
-        config.demotion_link_busy_fraction,
-        now_s,
-    )
-    issued, kind, moving, deferred = resolve(kind, on_links, spilled, required_up, held)
-    deferred += int(left_out)
-
-    records = transitions(
-        block,
-        kind,
-        issued,
-        spilled,
-        cancelled,
         b.hbm_encoding,
         targets.hbm_encoding,
         b.in_flight_encoding,
@@ -281,11 +254,22 @@ def schedule(
         b.regenerable,
         b.demand,
         targets.vetoed_out,
+        b.hbm_tier,
+        b.host_tier,
+        b.cxl_tier,
+        scores.static.storage_tier,
         b.nbytes,
         usable,
         full_precision,
         _CODES,
+        links.gbps,
+        tel.link_busy_fraction,
+        config.tick_s,
+        config.demotion_link_busy_fraction,
+        now_s,
+        config.max_transitions_per_step,
     )
+    deferred += int(left_out)
     # Assert the table: every state change must be allowed (through PROMOTING where it goes).
     refused = records[-1] & ~_ALLOWED_CHANGES
     for start, end, through in zip(*refused.nonzero(), strict=True) if refused.any() else ():
@@ -297,22 +281,7 @@ def schedule(
             check_transition("(step)", a, z)
     return Schedule(
         TransitionArrays(*records[:-1]),
-        TransferArrays(
-            *transfer_rows(
-                moving,
-                block,
-                src,
-                dst,
-                encoding,
-                nbytes,
-                cls,
-                deadline,
-                b.hbm_tier,
-                b.host_tier,
-                b.cxl_tier,
-                scores.static.storage_tier,
-            )
-        ),
+        TransferArrays(*transfers),
         cancel_block=cancelled,
         cancel_encoding=b.in_flight_encoding[cancelled],
         deferred=deferred,
