@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from policy._fill import take_by_density as take_by_density_kernel
+from policy._score_chain import score_and_choose as score_and_choose_kernel
 from policy._score_kernels import (
     choose_fallback,
     choose_hbm,
@@ -160,6 +161,39 @@ def score(
         config.quality_weight_s,
         usable,
     )
+
+
+def score_and_choose(
+    snapshot: Snapshot, prediction: Prediction, static: Static, config: PolicyConfig
+) -> tuple[Scores, Targets]:
+    """``score`` then ``choose_targets``, the same results (bit for bit) from one compiled call.
+
+    PERF: the step's four or five kernels and their glue in one call
+    (``policy._score_chain``), not one by one from Python.
+    """
+    b, tel, tiers = snapshot.blocks, snapshot.telemetry, snapshot.tiers
+    (
+        used, preferred, preferred_density, preferred_nbytes, imminence, pinned, budget, usable,
+        hbm, fallback, density, vetoed_out, quality_bound,
+    ) = score_and_choose_kernel(
+        b.fallback_level, b.model, b.hbm_encoding, b.leased, b.placed_at_s, b.demand,
+        b.regenerable, b.nbytes, b.sensitivity, b.hbm_tier, b.host_tier, b.cxl_tier,
+        tiers.capacity_bytes, tiers.reserved_bytes, snapshot.links.gbps,
+        prediction.use_probability, prediction.time_to_next_use_s, prediction.period_s,
+        static.recovery_by_level, static.preferred_by_level, static.unit_density_by_level,
+        static.preferred_nbytes_by_level, static.decode_s, static.allowed, static.full_nbytes,
+        static.decode_rate, static.per_byte_to_hbm_s, static.latency_to_hbm_s,
+        static.hbm_group_tiers, static.host_group_tiers, static.cxl_group_tiers,
+        _every_block(static.hbm_groups), _every_block(static.host_groups),
+        _every_block(static.cxl_groups), 1.0 / config.imminence_s,
+        config.hysteresis_horizon_s, float(tel.now_s), config.min_dwell_s,
+        config.quality_weight_s, config.hysteresis_multiple, 1.0 - config.hbm_headroom_fraction,
+    )  # fmt: skip
+    scores = Scores(
+        static, used, preferred, preferred_density, preferred_nbytes, imminence,
+        prediction.use_probability, pinned, budget, config.quality_weight_s, usable,
+    )  # fmt: skip
+    return scores, Targets(hbm, fallback, density, vetoed_out, quality_bound)
 
 
 def _every_block(groups: tuple[tuple[int, Rows], ...]) -> bool:

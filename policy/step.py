@@ -18,7 +18,7 @@ from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.quality_feedback import budget_config, remember_plan
 from policy.schedule import schedule
-from policy.score import choose_targets, refine, score
+from policy.score import refine, score_and_choose
 from policy.snapshot import Snapshot
 from policy.state import PolicyState
 from policy.static import static_for
@@ -35,8 +35,7 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     config = budget_config(snapshot, state, static, config)  # the veto's budget, see there
     prediction = predict(snapshot, state, static, config)
     t2 = clock()
-    scores = score(snapshot, prediction, static, config)
-    targets = choose_targets(snapshot, scores, config)
+    scores, targets = score_and_choose(snapshot, prediction, static, config)
     t3 = clock()
     vetoed = veto(snapshot, scores, targets, prediction, config)
     upgraded = refine(snapshot, scores, targets, prediction, config, vetoed.tier_bytes)
