@@ -8,7 +8,7 @@ level. The kernels are unchanged; what they hand each other stays in compiled co
 expression of the glue is the numpy one's, element by element (results identical bit for bit).
 
 PERF: each return from a kernel to Python found the interpreter's data evicted by the kernel
-before (a 16,384-block pass evicts a 2 MB L2); see ``policy._schedule_tail``. ``python
+before (a 16,384-block pass evicts a 2 MB L2); see ``policy._schedule_chain``. ``python
 bench/policy_ab.py --base 1f8c9c1 --sizes 1000,16384 --steps 300`` (load 2.7 and 3.0): score
 phase at 16,384 blocks 0.915 -> 0.860 and 0.718 -> 0.678 ms (step ratios 0.986, 0.998), at
 1,000 blocks 0.103 -> 0.084 and 0.134 -> 0.117 ms (step ratios 0.970, 0.975).
