@@ -25,19 +25,27 @@ from policy._observe_kernels import (
     route_choices,
     update_popularity,
 )
+from policy._predict_chain import observe_chain, predict_chain, predict_one_model
 from policy._predict_kernels import (
     NUMPY_POW8,
     block_times,
     coactivation_follow,
     expert_probability,
     shrunk_popularity,
-    use_probability,
     widened,
 )
 from policy.config import PolicyConfig
 from policy.snapshot import Snapshot
 from policy.state import PolicyState, PredictionQuality
 from policy.static import Static
+
+# Placeholders of the compiled calls' arguments that are not read (no co-activation, no experts).
+_NO_PAIRS = np.zeros((0, 0, 0))
+_NO_GIVEN = np.zeros((0, 0))
+_NO_SUM = np.zeros((0, 0))
+_NO_MASK = np.zeros(0, bool)
+_NO_LAYER = np.zeros(0, np.int64)
+_NO_FOLLOW = np.zeros((0, 0))
 
 
 @dataclass(frozen=True)
@@ -50,6 +58,59 @@ class Prediction:
 def observe(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> PredictionQuality:
     """Fold this step's telemetry into ``state`` (in place); return this step's prediction
     quality (the previous step's predicted set against the experts then chosen)."""
+    if not NUMPY_POW8:
+        return _observe_by_kernels(snapshot, state, config)
+    # PERF: the kernels and the power in one compiled call (policy._predict_chain); with one
+    # model (most pools), its co-activation too.
+    tel = snapshot.telemetry
+    m, n_layers, n_experts = state.shape
+    coact = state.coactivation[0] if m == 1 else None
+    learn = coact is not None
+    state.steps += 1
+    flat, bounds, last, tp, fp, fn, scale, learned = observe_chain(
+        state.layer_time_s,
+        tel.layer_time_s,
+        config.layer_time_decay,
+        state.observed_concurrency,
+        tel.concurrency,
+        config.popularity_decay,
+        tel.route_step,
+        tel.route_model,
+        tel.route_layer,
+        tel.route_expert,
+        state.popularity,
+        state.layer_visits,
+        state.predicted,
+        state.last_selected,
+        state.persistence,
+        config.persistence_decay,
+        learn,
+        coact.pairs if coact is not None else _NO_PAIRS,
+        coact.given if coact is not None else _NO_GIVEN,
+        coact.scale if coact is not None else 1.0,
+        config.coactivation_decay,
+        config.coactivation_pairs_per_step,
+        state.steps,
+    )
+    if len(tel.route_step) == 0:
+        return PredictionQuality()
+    if coact is not None:
+        coact.scale = scale
+    state.last_selected = last
+    total = state.quality_total
+    total.true_positive += tp
+    total.false_positive += fp
+    total.false_negative += fn
+    if learned <= len(bounds):  # steps left to learn (several models, or a rare case)
+        for current in (np.split(flat, bounds) if len(bounds) else [flat])[learned:]:
+            _learn_coactivation(state, current, n_layers, n_experts, config)
+    return PredictionQuality(tp, fp, fn)
+
+
+def _observe_by_kernels(
+    snapshot: Snapshot, state: PolicyState, config: PolicyConfig
+) -> PredictionQuality:
+    """``observe``: its kernels one by one, numpy's power between them."""
     tel = snapshot.telemetry
     # PERF: one kernel for 11 small numpy calls, each costly with numpy's code cold (lockstep
     # with the base tree: observe phase x0.78 at 1,000 blocks, x0.89 at 16,384).
@@ -167,6 +228,69 @@ def predict(
     snapshot: Snapshot, state: PolicyState, static: Static, config: PolicyConfig
 ) -> Prediction:
     """Time to next use and probability of use per block; records the predicted expert set."""
+    if not NUMPY_POW8:
+        return _predict_by_kernels(snapshot, state, static, config)
+    # PERF: the kernels and the power in one compiled call (policy._predict_chain); numpy's
+    # sums (pairwise) before it. With one model, its co-activation's part too.
+    tel, blocks = snapshot.telemetry, snapshot.blocks
+    rows = static.expert_rows
+    layer_sum = np.add.reduce(state.popularity, axis=2) if len(rows) else _NO_SUM
+    common = (
+        state.layer_time_s,
+        state.layer_time_s.sum(axis=1),
+        tel.current_position,
+        tel.concurrency,
+        blocks.model,
+        blocks.position,
+        static.expert_runs,
+        rows,
+        static.expert_model,
+        static.expert_layer,
+        static.expert_index,
+        static.expert_flat,
+        state.layer_visits,
+        layer_sum,
+        state.popularity,
+        state.observed_concurrency,
+        config.popularity_decay,
+        config.prior_visits,
+    )
+    if len(state.coactivation) == 1:
+        coact = state.coactivation[0]
+        time_to_next, probability, period = predict_one_model(
+            *common,
+            state.last_selected,
+            state.persistence,
+            coact.pairs if coact is not None else _NO_PAIRS,
+            coact.given if coact is not None else _NO_GIVEN,
+            config.idle_use_probability,
+            config.predicted_set_threshold,
+            state.predicted,
+        )
+        return Prediction(time_to_next, probability, period)
+    chosen_last, follow_layer, follow = _NO_MASK, _NO_LAYER, _NO_FOLLOW
+    if len(rows):
+        m, n_layers, n_experts = state.shape
+        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
+        chosen_last[state.last_selected] = True
+        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
+    time_to_next, probability, period = predict_chain(
+        *common,
+        chosen_last,
+        state.persistence,
+        follow_layer,
+        follow,
+        config.idle_use_probability,
+        config.predicted_set_threshold,
+        state.predicted,
+    )
+    return Prediction(time_to_next, probability, period)
+
+
+def _predict_by_kernels(
+    snapshot: Snapshot, state: PolicyState, static: Static, config: PolicyConfig
+) -> Prediction:
+    """``predict``: its kernels one by one, numpy's powers between them."""
     tel, blocks = snapshot.telemetry, snapshot.blocks
     lt = state.layer_time_s
     period = np.maximum(lt.sum(axis=1), 1e-12)
@@ -190,42 +314,15 @@ def predict(
         # it toward the layer's mean (the share of its experts chosen per visit), a prior worth
         # ``prior_visits`` visits, so that a few observations do not read as certainty.
         decay = config.popularity_decay
-        # PERF: compiled passes; the powers are numpy's (see the kernels' module), called from
-        # ``use_probability`` where numpy's is SVML's, else between the kernels; 16 numpy passes
-        # over every expert before. The layers' sums are np.mean's, less its Python wrapper.
+        # PERF: compiled passes; the powers are numpy's (see the kernels' module), here between
+        # the kernels (in ``use_probability`` where numpy's is SVML's: ``predict``); 16 numpy
+        # passes over every expert before. The layers' sums are np.mean's, less its wrapper.
         runs = static.expert_runs
         unvisited_weight = (1.0 - decay) ** state.layer_visits
         layer_sum = np.add.reduce(state.popularity, axis=2)
         chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
         chosen_last[state.last_selected] = True
         follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
-        if NUMPY_POW8:  # PERF: the same in one kernel, numpy's powers called from it
-            use_probability(
-                runs,
-                rows,
-                model,
-                layer,
-                static.expert_index,
-                flat,
-                state.layer_visits,
-                unvisited_weight,
-                layer_sum,
-                state.popularity,
-                state.observed_concurrency,
-                tel.concurrency,
-                decay,
-                config.prior_visits,
-                chosen_last,
-                state.persistence,
-                follow_layer,
-                follow,
-                active,
-                config.idle_use_probability,
-                config.predicted_set_threshold,
-                probability,
-                state.predicted.reshape(-1),
-            )
-            return Prediction(time_to_next, probability, period)
         base, exponent = shrunk_popularity(
             runs,
             model,
