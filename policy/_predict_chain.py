@@ -10,9 +10,12 @@ function numpy calls, so the same bits); numpy's sums (pairwise) stay numpy, bef
 PERF: each return from a kernel to Python found the interpreter's data evicted by the kernel
 before; at 16,384 blocks the two phases spent about 110 us a step outside their kernels (glue
 and dispatch), for 7 kernel calls and 5 numpy calls. ``policy_ab --base 1f8c9c1 --sizes
-1000,16384 --steps 300`` (load 3.1): 16,384 blocks step x0.955, observe 0.313 -> 0.262 ms,
-predict 0.291 -> 0.246 ms; 1,000 blocks step x0.930, observe 0.094 -> 0.071, predict 0.071 ->
-0.055 ms.
+1000,16384 --steps 300`` (with ``policy.step``'s order and predict's positional sums), and the
+other way round (the old files in this tree, the new as base: policy_ab favours this tree by
+about 3 % with identical code): 16,384 blocks x0.955 and x1/1.014 (x0.970 unbiased), observe
++ predict 0.566 -> 0.483 ms and 0.586 -> 0.504 ms; 1,000 blocks x0.918 and x1/1.035 (x0.942),
+0.138 -> 0.096 ms and 0.133 -> 0.103 ms. A million blocks (6 steps): x0.962, observe 9.2 ->
+8.7 ms, predict 14.2 -> 13.8 ms.
 """
 
 from __future__ import annotations

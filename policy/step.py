@@ -30,9 +30,9 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     clock = time.perf_counter
     t0 = clock()
     # PERF: what predict needs of the snapshot first, while the interpreter's data is warm,
-    # not after observe's kernel evicted it (neither reads what observe folds in); policy_ab
-    # against f356594: observe + predict 0.518 -> 0.500 ms at 16,384 blocks (step x0.976),
-    # 0.106 -> 0.100 ms at 1,000 (x0.965).
+    # not after observe's kernel evicted it (neither reads what observe folds in). With
+    # predict's positional sums, policy_ab against f356594 both ways (its bias, a null run's,
+    # taken out): observe + predict about 5 us less at 16,384 blocks, 2 us at 1,000.
     static = state.static = static_for(snapshot, state.static, state.shape)
     config = budget_config(snapshot, state, static, config)  # the veto's budget, see there
     quality = observe(snapshot, state, config)
