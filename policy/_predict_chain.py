@@ -2,8 +2,8 @@
 
 ``observe_chain`` runs ``fold_times``, ``route_choices``, ``update_popularity``, ``persist`` and
 ``learn_coactivation`` (``policy._observe_kernels``) as ``policy.predict.observe`` calls them;
-``predict_chain`` runs ``block_times`` and ``use_probability`` (``policy._predict_kernels``),
-``predict_one_model`` ``coactivation_follow`` before them. The kernels are unchanged. Only where
+``predict_chain`` runs ``block_times``, ``coactivation_follow`` (for a state of one model) and
+``use_probability`` (``policy._predict_kernels``). The kernels are unchanged. Only where
 ``NUMPY_POW8``: numpy's powers between the kernels are computed here by ``_pow8`` (the same
 function numpy calls, so the same bits); numpy's sums (pairwise) stay numpy, before the calls.
 
@@ -154,8 +154,12 @@ def predict_chain(
     observed_concurrency: np.ndarray,
     decay: float,
     prior_visits: float,
-    chosen_last: np.ndarray,
     persistence: np.ndarray,
+    one_model: bool,
+    last_selected: np.ndarray,
+    pairs: np.ndarray,
+    given: np.ndarray,
+    chosen_last: np.ndarray,
     follow_layer: np.ndarray,
     follow: np.ndarray,
     idle_use_probability: float,
@@ -165,8 +169,13 @@ def predict_chain(
     """``policy.predict.predict``'s kernels and numpy power: per block the time to next use and
     p(use), per model the period (``layer_time_sum_s``, numpy's ``lt.sum(axis=1)``, at least
     1e-12); ``predicted`` rewritten. ``layer_sum``: numpy's ``np.add.reduce(popularity,
-    axis=2)``; it, ``chosen_last`` and ``follow_*`` are read only where there are experts
-    (``rows``)."""
+    axis=2)``. The last choices as a mask (``chosen_last``) and the co-activation's follow
+    probabilities (``follow_layer``, ``follow``: ``policy.predict._coactivation``) are the
+    caller's, or made here (from ``last_selected`` and the model's ``pairs`` and ``given``,
+    empty for a model without co-activation) for a state of ``one_model``. What depends on
+    experts is read only where there are some (``rows``).
+
+    PERF: one function for one model or several (``policy.warmup`` compiles it with two)."""
     period = np.empty(len(layer_time_sum_s))
     for i in range(len(period)):
         total = layer_time_sum_s[i]
@@ -178,6 +187,17 @@ def predict_chain(
     flat_predicted = predicted.reshape(-1)
     flat_predicted[:] = False
     if len(rows) > 0:
+        if one_model:
+            n_experts = popularity.shape[2]
+            chosen_last = np.zeros(len(flat_predicted), np.bool_)
+            chosen_last[last_selected] = True
+            follow_layer = np.full(1, -1, np.int64)
+            follow = np.zeros((1, n_experts))
+            now_layer = int(current_position[0]) - 1
+            if 0 <= now_layer < given.shape[0] and coactivation_follow(
+                chosen_last, now_layer * n_experts, pairs, given, now_layer, follow[0]
+            ):
+                follow_layer[0] = now_layer + 1
         # ``(1.0 - decay) ** layer_visits``
         unvisited_weight = _powers(1.0 - decay, layer_visits.reshape(-1)).reshape(
             layer_visits.shape
@@ -189,53 +209,3 @@ def predict_chain(
             probability, flat_predicted,
         )  # fmt: skip
     return time_to_next, probability, period
-
-
-@_jit
-def predict_one_model(
-    layer_time_s: np.ndarray,
-    layer_time_sum_s: np.ndarray,
-    current_position: np.ndarray,
-    concurrency: np.ndarray,
-    block_model: np.ndarray,
-    block_position: np.ndarray,
-    runs: np.ndarray,
-    rows: np.ndarray,
-    model: np.ndarray,
-    layer: np.ndarray,
-    expert: np.ndarray,
-    flat: np.ndarray,
-    layer_visits: np.ndarray,
-    layer_sum: np.ndarray,
-    popularity: np.ndarray,
-    observed_concurrency: np.ndarray,
-    decay: float,
-    prior_visits: float,
-    last_selected: np.ndarray,
-    persistence: np.ndarray,
-    pairs: np.ndarray,
-    given: np.ndarray,
-    idle_use_probability: float,
-    threshold: float,
-    predicted: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``predict_chain`` for a state of one model, its last choices as a mask and its
-    co-activation's follow probabilities (``policy.predict._coactivation``; ``pairs`` and
-    ``given`` empty for a model without co-activation) made here."""
-    n_experts = popularity.shape[2]
-    chosen_last = np.zeros(predicted.size if len(rows) > 0 else 0, np.bool_)
-    follow_layer = np.full(1, -1, np.int64)
-    follow = np.zeros((1, n_experts))
-    if len(rows) > 0:
-        chosen_last[last_selected] = True
-        now_layer = int(current_position[0]) - 1
-        if 0 <= now_layer < given.shape[0] and coactivation_follow(
-            chosen_last, now_layer * n_experts, pairs, given, now_layer, follow[0]
-        ):
-            follow_layer[0] = now_layer + 1
-    return predict_chain(
-        layer_time_s, layer_time_sum_s, current_position, concurrency, block_model,
-        block_position, runs, rows, model, layer, expert, flat, layer_visits, layer_sum,
-        popularity, observed_concurrency, decay, prior_visits, chosen_last, persistence,
-        follow_layer, follow, idle_use_probability, threshold, predicted,
-    )  # fmt: skip

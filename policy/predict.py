@@ -25,7 +25,7 @@ from policy._observe_kernels import (
     route_choices,
     update_popularity,
 )
-from policy._predict_chain import observe_chain, predict_chain, predict_one_model
+from policy._predict_chain import observe_chain, predict_chain
 from policy._predict_kernels import (
     NUMPY_POW8,
     block_times,
@@ -258,15 +258,19 @@ def predict(
         state.observed_concurrency,
         config.popularity_decay,
         config.prior_visits,
+        state.persistence,
     )
-    if len(state.coactivation) == 1:
+    if len(state.coactivation) == 1:  # its co-activation's part made in the call
         coact = state.coactivation[0]
-        time_to_next, probability, period = predict_one_model(
+        time_to_next, probability, period = predict_chain(
             *common,
+            True,
             state.last_selected,
-            state.persistence,
             coact.pairs if coact is not None else _NO_PAIRS,
             coact.given if coact is not None else _NO_GIVEN,
+            _NO_MASK,
+            _NO_LAYER,
+            _NO_FOLLOW,
             config.idle_use_probability,
             config.predicted_set_threshold,
             state.predicted,
@@ -280,8 +284,11 @@ def predict(
         follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
     time_to_next, probability, period = predict_chain(
         *common,
+        False,
+        state.last_selected,
+        _NO_PAIRS,
+        _NO_GIVEN,
         chosen_last,
-        state.persistence,
         follow_layer,
         follow,
         config.idle_use_probability,
