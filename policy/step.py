@@ -18,11 +18,11 @@ from policy.plan import Metrics, Plan
 from policy.predict import observe, predict
 from policy.quality_feedback import budget_config, remember_plan
 from policy.schedule import schedule
-from policy.score import refine, score_and_choose
+from policy.score import score_and_choose
 from policy.snapshot import Snapshot
 from policy.state import PolicyState
 from policy.static import static_for
-from policy.veto import veto
+from policy.veto import veto_and_refine
 
 
 def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[Plan, PolicyState]:
@@ -41,16 +41,13 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     t2 = clock()
     scores, targets = score_and_choose(snapshot, prediction, static, config)
     t3 = clock()
-    vetoed = veto(snapshot, scores, targets, prediction, config)
-    upgraded = refine(snapshot, scores, targets, prediction, config, vetoed.tier_bytes)
+    # The veto, then HBM left spent on precision; its cost and quality cost are the final
+    # targets' (the upgrades' at full precision).
+    vetoed, _ = veto_and_refine(snapshot, scores, targets, prediction, config)
     blocks, tiers = snapshot.blocks, snapshot.tiers
     hbm = targets.hbm_encoding
-    # The quality cost of the final targets: the veto's, with the upgrades' (at full precision).
     cost = vetoed.cost
     quality_cost = vetoed.quality_cost
-    if len(upgraded):  # PERF: most steps upgrade none (five numpy calls and a sum before)
-        cost[upgraded] = prediction.use_probability[upgraded] * blocks.sensitivity[upgraded, 0]
-        quality_cost = float(cost.sum())
     remember_plan(state, static, cost, hbm, config)
     excess = quality_cost - config.quality_budget
     # demand_encoding (policy.plan.Plan): the budget rule's price where it fixed blocks (what

@@ -20,21 +20,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from policy._kernels import stable_argsort
-from policy._veto_budget import choose_fixes, fix_round, sort_keys
-from policy._veto_candidates import all_candidates, compact_candidates
-from policy._veto_kernels import fit_rows, quality_costs, veto_entry
+from policy._veto_chain import DONE, veto_rules
+from policy._veto_kernels import quality_costs
+from policy._veto_resume import resume
 from policy.config import PolicyConfig
 from policy.plan import RULE_CODES, Rule
 from policy.predict import Prediction
-from policy.score import Scores, Targets
-from policy.snapshot import NONE, Snapshot
+from policy.score import Scores, Targets, _every_block
+from policy.snapshot import Snapshot
 
-_MAX = 0x7FFFFFFFFFFFFFFF  # no order key (``policy._select``)
-_NO_KEY = np.zeros(0)
-_NO_MASK = np.zeros(0, dtype=bool)
-_NO_ROWS = np.zeros(0, dtype=np.int64)
-_NO_RECORDS = (_NO_ROWS, _NO_ROWS, _NO_ROWS, _NO_KEY)
+_LEASED_CODE = RULE_CODES.index(Rule.LEASED)
+_BUDGET_CODE = RULE_CODES.index(Rule.QUALITY_BUDGET)
 
 
 def _column(values: np.ndarray | float, n: int, dtype: type) -> np.ndarray:
@@ -61,6 +57,9 @@ class Rejections:
     proposed and fell back to, the rule's number and its limit (an array, or one for all)."""
 
     batches: list[_Batch] = field(default_factory=list)
+    # Rejections recorded before ``batches``, as the six columns ``arrays`` returns (made in
+    # compiled code: ``policy._veto_chain.veto_rules``); None: none.
+    columns: tuple[np.ndarray, ...] | None = None
 
     def add(
         self,
@@ -81,7 +80,9 @@ class Rejections:
         PERF: the columns are made here, once (one batch, most steps: six numpy calls, where
         the batch's columns and then their concatenation took twelve); a single batch is not
         copied (a million budget rejections at a million blocks)."""
-        columns = [
+        if self.columns is not None and not self.batches:
+            return self.columns
+        columns: list[tuple[np.ndarray, ...]] = [
             (
                 np.ascontiguousarray(block, np.int64),
                 np.full(len(block), RULE_CODES.index(rule), np.int8),
@@ -92,6 +93,8 @@ class Rejections:
             )
             for rule, block, proposed, fallback, value, limit in self.batches
         ]
+        if self.columns is not None:
+            columns.insert(0, self.columns)
         if len(columns) == 1:
             return columns[0]
         dtypes = (np.int64, np.int8, np.int64, np.int64, np.float64, np.float64)
@@ -130,199 +133,67 @@ def veto(
     Rejections are recorded rule by rule (the budget round by round), each batch in block
     order.
     """
-    b = snapshot.blocks
-    bits = snapshot.encodings.bits
-    hbm = targets.hbm_encoding
-    p = prediction.use_probability
-    rejections = Rejections()
-    price = np.inf
+    return veto_and_refine(snapshot, scores, targets, prediction, config, upgrade=False)[0]
 
+
+def veto_and_refine(
+    snapshot: Snapshot,
+    scores: Scores,
+    targets: Targets,
+    prediction: Prediction,
+    config: PolicyConfig,
+    upgrade: bool = True,
+) -> tuple[VetoResult, np.ndarray]:
+    """``veto``, then, where ``upgrade``, ``policy.score.refine`` on the targets it leaves
+    (with its ``tier_bytes``): the result's ``cost`` and ``quality_cost`` are the final
+    targets' (the blocks upgraded at full precision). Returns also the blocks upgraded.
+
+    PERF: the rules in one compiled call (``policy._veto_chain.veto_rules``; Python goes on
+    where a rare case stops it, ``policy._veto_resume``), where the veto's kernels and
+    ``refine``'s were called one by one from Python."""
+    b = snapshot.blocks
+    static = scores.static
     # With ``budget_hysteresis``, a fix to the encoding a block holds already counts a
     # 1 / (1 + hysteresis_multiple) share of its extra bytes; 1.0 leaves the order as it was.
     sticky = 1.0 / (1.0 + config.hysteresis_multiple) if config.budget_hysteresis else 1.0
-
-    # 1. Leases (and, in the same pass, what rules 2 and 3 start from).
-    rows, proposed, protected, bad, tier_bytes, cost, candidates, total, valid = veto_entry(
+    status, quality, price, over, tier_bytes, cost, upgraded, columns, stopped = veto_rules(
         b.leased,
         b.hbm_encoding,
-        hbm,
-        scores.static.allowed,
+        targets.hbm_encoding,
+        static.allowed,
         b.hbm_tier,
         b.nbytes,
-        p,
+        prediction.use_probability,
         b.sensitivity,
-        scores.static.budget_fallback,
-        len(scores.hbm_budget_bytes),
+        static.budget_fallback,
         sticky,
-    )
-    rejections.add(Rule.LEASED, rows, proposed, b.hbm_encoding[rows], 1.0, 0.0)
-
-    # 2. Floors and unknown sensitivities.
-    if len(bad):
-        below_floor = bits[hbm[bad]] < b.floor_bits[bad]
-        fallback = scores.static.floor_fallback[bad]
-        proposed = hbm[bad].copy()
-        placed = _fit(snapshot, scores, targets, bad, fallback, tier_bytes)
-        kept = placed != NONE
-        cost[bad] = 0.0
-        cost[bad[kept]] = p[bad[kept]] * b.sensitivity[bad[kept], placed[kept]]
-        for rule, mask in ((Rule.FLOOR, below_floor), (Rule.UNKNOWN_SENSITIVITY, ~below_floor)):
-            rows = bad[mask]
-            rejections.add(
-                rule, rows, proposed[mask], placed[mask], bits[proposed[mask]], b.floor_bits[rows]
-            )
-        candidates, total, valid = all_candidates(  # the entry's less the forbidden rows
-            cost,
-            protected,
-            hbm,
-            scores.static.budget_fallback,
-            p,
-            b.sensitivity,
-            b.nbytes,
-            b.hbm_encoding,
-            sticky,
-        )
-
-    # 3. The quality budget. Each round moves the blocks whose fix saves the most per extra
-    # byte to a less sensitive encoding (or out of HBM); a block may need several rounds.
-    # PERF: the candidates come from the entry's pass and are carried from round to round
-    # (policy._veto_candidates), instead of a pass over every block per round.
-    compacted = True
-    records, used = _NO_RECORDS, 0
-    quality: float | None = None  # the cost's sum where the loop ended on it, unchanged since
-    for _ in range(len(bits) + 1):
-        total_cost = float(cost.sum())
-        excess = total_cost - config.quality_budget
-        if excess <= 1e-15:
-            quality = total_cost
-            break
-        if not compacted:  # the last round left its candidates to compact
-            candidates, total, valid = compact_candidates(
-                cost,
-                hbm,
-                scores.static.budget_fallback,
-                p,
-                b.sensitivity,
-                b.nbytes,
-                b.hbm_encoding,
-                sticky,
-                *candidates,
-            )
-        contributors, current, fallback, saving, order_key, old_bytes, new_bytes = candidates
-        if not len(contributors):
-            break
-        # Most saved per extra byte first, until the excess is saved. PERF: by selection, not
-        # a sort of every candidate (two sorts of 895,000 took 90 ms a round at a million).
-        chosen, certain, least_key = choose_fixes(order_key, saving, total, valid, excess - 1e-15)
-        if not certain:  # the sum lies within rounding of the excess: as the sorting code did
-            order = stable_argsort(sort_keys(order_key))
-            count = int(np.searchsorted(np.cumsum(saving[order]), excess - 1e-15)) + 1
-            chosen = np.zeros(len(order_key), dtype=bool)
-            chosen[order[:count]] = True
-            least_key = int(order_key[order[count:]].min()) if count < len(order) else _MAX
-        # PERF: the round's bookkeeping compiled too (a dozen numpy calls before).
-        records, used, price, candidates, total, valid, compacted = fix_round(
-            contributors,
-            current,
-            fallback,
-            saving,
-            order_key,
-            old_bytes,
-            new_bytes,
-            chosen,
-            least_key,
-            cost,
-            p,
-            b.sensitivity,
-            scores.static.budget_fallback,
-            b.nbytes,
-            hbm,
-            b.hbm_tier,
-            targets.chosen_density,
-            scores.hbm_budget_bytes,
-            tier_bytes,
-            targets.vetoed_out,
-            targets.quality_bound,
-            b.hbm_encoding,
-            sticky,
-            records,
-            used,
-        )
-    # The rounds' records, one batch (each round's in block order).
-    fixed, before, placed, cost_before = (column[:used] for column in records)
-    rejections.add(Rule.QUALITY_BUDGET, fixed, before, placed, cost_before, config.quality_budget)
-
-    # 4. Capacity guard.
-    # PERF: else the sum the loop ended on (0.5 ms at a million), and the step's too.
-    if _enforce_capacity(snapshot, scores, targets, protected, tier_bytes, rejections, cost):
-        quality = None
-    if quality is None:
-        quality = float(cost.sum())
-    return VetoResult(rejections, quality, cost, price, tier_bytes)
-
-
-def _fit(
-    snapshot: Snapshot,
-    scores: Scores,
-    targets: Targets,
-    rows: np.ndarray,
-    fallback: np.ndarray,
-    tier_bytes: np.ndarray,
-) -> np.ndarray:
-    """Move ``rows`` to ``fallback`` encodings where their tier has room (most valuable first;
-    ``tier_bytes`` holds each tier's HBM bytes and is kept up to date), else out of HBM.
-    Returns the encoding each row ended at (``NONE``: out of HBM)."""
-    b = snapshot.blocks
-    hbm = targets.hbm_encoding
-    placed: np.ndarray = fit_rows(
-        rows,
-        fallback,
-        _NO_KEY,
-        False,
-        hbm,
-        b.hbm_tier,
-        b.nbytes,
         targets.chosen_density,
         scores.hbm_budget_bytes,
-        tier_bytes,
-        _NO_MASK,
-        False,
+        targets.vetoed_out,
+        targets.quality_bound,
+        config.quality_budget,
+        len(snapshot.encodings.bits) + 1,
+        upgrade,
+        static.decode_rate,
+        scores.imminence,
+        static.hbm_group_tiers,
+        _every_block(static.hbm_groups),
+        static.least_upgrade_nbytes,
+        config.precision_hysteresis,
+        scores.used,
+        scores.pinned,
+        b.fallback_level,
+        config.hysteresis_multiple,
+        static.per_byte_to_hbm_s,
+        _LEASED_CODE,
+        _BUDGET_CODE,
     )
-    targets.vetoed_out[rows[placed == NONE]] = True
-    targets.quality_bound[rows[placed != NONE]] = True
-    hbm[rows] = placed
-    return placed
-
-
-def _enforce_capacity(
-    snapshot: Snapshot,
-    scores: Scores,
-    targets: Targets,
-    protected: np.ndarray,
-    tier_bytes: np.ndarray,
-    rejections: Rejections,
-    cost: np.ndarray,
-) -> bool:
-    """Take the least valuable unprotected blocks out of any HBM tier above its budget
-    (their quality ``cost`` becomes 0; ``tier_bytes`` kept up to date). Returns whether any
-    tier was."""
-    b = snapshot.blocks
-    hbm = targets.hbm_encoding
-    over = [t for t, _ in scores.static.hbm_groups if tier_bytes[t] > scores.hbm_budget_bytes[t]]
-    for tier in over:  # rare: rules 2 and 3 only add bytes that fit
-        mine = np.flatnonzero(b.hbm_tier == tier)
-        rows = mine[hbm[mine] != NONE]
-        sizes = b.nbytes[rows, hbm[rows]]
-        total = int(sizes.sum())
-        budget = scores.hbm_budget_bytes[tier]
-        movable = ~protected[rows]
-        order = stable_argsort(targets.chosen_density[rows[movable]])
-        freed = np.cumsum(sizes[movable][order])
-        count = int(np.searchsorted(freed, total - budget)) + 1
-        out = rows[movable][order[:count]]
-        rejections.add(Rule.CAPACITY, out, hbm[out], NONE, total, budget)
-        tier_bytes[tier] -= int(b.nbytes[out, hbm[out]].sum())
-        targets.vetoed_out[out] = True
-        hbm[out] = NONE
-        cost[out] = 0.0
-    return bool(over)
+    if status == DONE and not over:
+        rejections = Rejections(columns=columns)
+    else:  # rare: Python goes on where the chain stopped
+        rejections = Rejections()
+        quality, price, upgraded = resume(
+            snapshot, scores, targets, prediction, config, upgrade, sticky, status, price,
+            tier_bytes, cost, stopped, rejections,
+        )  # fmt: skip
+    return VetoResult(rejections, quality, cost, price, tier_bytes), upgraded

@@ -16,11 +16,18 @@ from dataclasses import replace
 
 import numpy as np
 
-from policy.builder import execute_instantly
+from policy.builder import BlockRow, PoolShape, build_snapshot, execute_instantly, idle_telemetry
 from policy.config import PolicyConfig
+from policy.predict import predict
+from policy.score import score_and_choose
 from policy.state import initial_state
+from policy.static import static_for
 from policy.step import step
 from policy.synthetic import MoELayout, Router, RoutingKnobs, routed_telemetry, synthetic_pool
+from policy.veto import veto_and_refine
+from pool.encoding import Precision
+
+_MB = 1 << 20
 
 
 def warm_up(steps: int = 6) -> float:
@@ -39,7 +46,28 @@ def warm_up(steps: int = 6) -> float:
         snapshot = replace(snapshot, telemetry=telemetry)
         plan, state = step(snapshot, state, config)
         snapshot = execute_instantly(snapshot, plan, now_s)
+    _warm_up_rare_vetoes()
     return time.perf_counter() - started
+
+
+def _warm_up_rare_vetoes() -> None:
+    """The veto's rare cases, which its compiled call hands back to Python
+    (``policy._veto_resume``): a proposal below a block's floor (rule 2) and a tier proposed
+    over its budget (the capacity guard), each on a two-block pool."""
+    shape = PoolShape(hbm_bytes=(12 * _MB,), layers=(4,))
+    rows = [
+        BlockRow("m/a", 10 * _MB, layer=1, floor=Precision.INT8),
+        BlockRow("m/b", 10 * _MB, layer=3),
+    ]
+    snapshot = build_snapshot(rows, shape, idle_telemetry(shape, 1.0))
+    config = PolicyConfig.model_validate({"hbm_headroom_fraction": 0, "quality_budget": 1.0})
+    for proposal in ([4, 4], [0, 0]):  # INT4 below "m/a"'s floor; both at full precision
+        state = initial_state(snapshot, config)
+        static = static_for(snapshot, None, state.shape)
+        prediction = predict(snapshot, state, static, config)
+        scores, targets = score_and_choose(snapshot, prediction, static, config)
+        targets.hbm_encoding[:] = proposal
+        veto_and_refine(snapshot, scores, targets, prediction, config)
 
 
 if __name__ == "__main__":
