@@ -46,6 +46,7 @@ def warm_up(steps: int = 6) -> float:
         snapshot = replace(snapshot, telemetry=telemetry)
         plan, state = step(snapshot, state, config)
         snapshot = execute_instantly(snapshot, plan, now_s)
+    plan.demand_encoding_of(0)  # computed when asked (policy.demand): a lease miss's first
     _warm_up_rare_vetoes()
     return time.perf_counter() - started
 
