@@ -120,9 +120,6 @@ class DemandEncodings:
         out._all = values
         return out
 
-    def __len__(self) -> int:
-        return len(self.all()) if self._inputs is None else len(self._inputs[0])
-
     def rows(self, rows: np.ndarray) -> np.ndarray:
         """The encodings of the blocks ``rows`` (int8)."""
         rows = np.asarray(rows, dtype=np.int64)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from policy._veto_chain import DONE, veto_rules
-from policy._veto_kernels import quality_costs
 from policy._veto_resume import resume
 from policy.config import PolicyConfig
 from policy.plan import RULE_CODES, Rule
@@ -57,8 +56,8 @@ class Rejections:
     proposed and fell back to, the rule's number and its limit (an array, or one for all)."""
 
     batches: list[_Batch] = field(default_factory=list)
-    # Rejections recorded before ``batches``, as the six columns ``arrays`` returns (made in
-    # compiled code: ``policy._veto_chain.veto_rules``); None: none.
+    # Or all of them at once, as the six columns ``arrays`` returns, made in compiled code
+    # where the veto ran there whole (``policy._veto_chain.veto_rules``); never both.
     columns: tuple[np.ndarray, ...] | None = None
 
     def add(
@@ -70,6 +69,7 @@ class Rejections:
         value: np.ndarray | float,
         limit: np.ndarray | float,
     ) -> None:
+        assert self.columns is None, "rejections made whole take no batch"
         if len(block):
             self.batches.append((rule, block, proposed, fallback, value, limit))
 
@@ -80,7 +80,7 @@ class Rejections:
         PERF: the columns are made here, once (one batch, most steps: six numpy calls, where
         the batch's columns and then their concatenation took twelve); a single batch is not
         copied (a million budget rejections at a million blocks)."""
-        if self.columns is not None and not self.batches:
+        if self.columns is not None:
             return self.columns
         columns: list[tuple[np.ndarray, ...]] = [
             (
@@ -93,8 +93,6 @@ class Rejections:
             )
             for rule, block, proposed, fallback, value, limit in self.batches
         ]
-        if self.columns is not None:
-            columns.insert(0, self.columns)
         if len(columns) == 1:
             return columns[0]
         dtypes = (np.int64, np.int8, np.int64, np.int64, np.float64, np.float64)
@@ -113,12 +111,6 @@ class VetoResult:
     quality_price: float = np.inf
     # Per tier, the bytes of the HBM copies the targets hold after the veto.
     tier_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-
-
-def quality_cost(snapshot: Snapshot, hbm: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Per block: ``p(use) * sensitivity`` at its HBM encoding (0 when not in HBM)."""
-    cost: np.ndarray = quality_costs(hbm, p, snapshot.blocks.sensitivity)
-    return cost
 
 
 def veto(
