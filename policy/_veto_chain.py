@@ -5,8 +5,8 @@
 and, where the choice is certain, ``fix_round``); ``guard_and_refine`` the capacity guard's
 test and, where no tier is above its budget, the precision upgrades (``refine_precision``, as
 ``policy.score.refine`` calls it) and their quality costs. ``veto_rules`` calls them in turn,
-the sums of the cost between the rounds called back (numpy's, in object mode), and makes the
-rejection columns; it stops where a rare case needs Python (``policy._veto_resume``). The
+with the sums of the cost between the rounds (numpy's pairwise sum: ``policy._sum``), and makes
+the rejection columns; it stops where a rare case needs Python (``policy._veto_resume``). The
 kernels are unchanged; what they hand each other stays in compiled code.
 
 PERF: each return from a kernel to Python found the interpreter's data evicted by the kernel
@@ -20,17 +20,15 @@ with three compiled calls and the sums in Python (``enter``, ``budget_round``,
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
-import numba
 import numpy as np
 from numba.core import types
-from numba.core.errors import NumbaWarning
 from numba.experimental import structref
 
 from policy._score_kernels import refine_precision
-from policy._select import _ERRORS, _jit
+from policy._select import _jit
+from policy._sum import pairwise_sum
 from policy._veto_budget import choose_fixes, fix_round
 from policy._veto_candidates import compact_candidates
 from policy._veto_kernels import veto_entry
@@ -222,26 +220,6 @@ def rejection_columns(
     return block, rule, was, now, value, limit
 
 
-_ADD_REDUCE = np.add.reduce
-
-# Compiling ``veto_rules`` (nogil), numba warns that ``numpy_sum``'s object-mode block runs under
-# the GIL: that block alone takes it, as meant (numpy's sum); the rest of the veto releases it.
-warnings.filterwarnings(
-    "ignore",
-    message="Code running in object mode won't allow parallel execution despite nogil",
-    category=NumbaWarning,
-)
-
-
-@numba.njit(cache=True, nogil=True, error_model=_ERRORS)  # the GIL taken for the sum only
-def numpy_sum(values: np.ndarray) -> float:
-    """``float(values.sum())``: numpy's sum (pairwise), called back in object mode. PERF: the
-    ufunc's reduce itself, not ``ndarray.sum``, which calls it through a Python function."""
-    with numba.objmode(total="float64"):
-        total = float(_ADD_REDUCE(values))
-    return total
-
-
 @structref.register
 class _StoppedType(types.StructRef):
     def preprocess_fields(self, fields: tuple) -> tuple:  # type: ignore[type-arg]
@@ -252,7 +230,7 @@ class Stopped(structref.StructRefProxy):
     """Where ``veto_rules`` stopped, for Python to go on from (``policy._veto_resume``): read
     through ``stopped_state``. PERF: one object to box, where the 16 arrays it holds took 0.4
     to 0.65 us each to box (``veto_rules`` returned them at every step; timeit, warm). With
-    the sum through ``_ADD_REDUCE``: ``python bench/policy_ab.py --base 74c16be --sizes
+    the sum then called back to numpy in object mode: ``python bench/policy_ab.py --base 74c16be --sizes
     1000,16384 --steps 200`` (load 1.9), 16,384 blocks 0.965 (veto 0.575 -> 0.544 ms), 1,000
     blocks 0.968 (0.108 -> 0.098)."""
 
@@ -306,7 +284,7 @@ def stopped_state(
     )
 
 
-@_jit  # (nogil: only ``numpy_sum``'s object-mode block takes the GIL)
+@_jit
 def veto_rules(
     leased: np.ndarray,
     hbm_encoding: np.ndarray,
@@ -341,7 +319,7 @@ def veto_rules(
 ) -> tuple:  # type: ignore[type-arg]
     """The veto's rules in one call, as ``policy.veto`` applies them one by one: ``enter``,
     the quality budget's rounds (``budget_round``, at most ``max_rounds``, each after the sum
-    of the cost that decides it: numpy's, called back), ``guard_and_refine``. Stops where
+    of the cost that decides it: ``pairwise_sum``), ``guard_and_refine``. Stops where
     Python goes on (``policy._veto_resume``): ``FORBIDDEN`` after the entry when a proposal
     breaks rule 2, ``UNCERTAIN`` at a round whose choice is not certain (before it), or
     ``DONE`` with a tier over its budget (before the upgrades).
@@ -364,7 +342,7 @@ def veto_rules(
     rounds = 0
     compacted = True
     while not len(bad) and rounds < max_rounds:
-        total_cost = numpy_sum(cost)
+        total_cost = pairwise_sum(cost)
         excess = total_cost - quality_budget
         if excess <= 1e-15:
             quality = total_cost
@@ -401,7 +379,7 @@ def veto_rules(
         if over:
             quality = np.nan
         elif np.isnan(quality) or len(upgraded):
-            quality = numpy_sum(cost)
+            quality = pairwise_sum(cost)
     stopped = Stopped(  # type: ignore[no-untyped-call]
         rounds, (rows, proposed, restored), protected, bad, candidates, total, valid, records,
         n_records,

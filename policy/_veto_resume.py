@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from policy._kernels import stable_argsort
+from policy._sum import pairwise_sum
 from policy._veto_budget import fix_round, sort_keys
 from policy._veto_candidates import all_candidates
 from policy._veto_chain import (
@@ -103,7 +104,7 @@ def resume(
     compacted = True
     quality: float | None = None  # the cost's sum where the loop ended on it, unchanged since
     for _ in range(rounds, len(bits) + 1) if status != DONE else ():
-        total_cost = float(cost.sum())
+        total_cost = pairwise_sum(cost)
         excess = total_cost - config.quality_budget
         if excess <= 1e-15:
             quality = total_cost
@@ -178,7 +179,7 @@ def resume(
             upgraded = refine(snapshot, scores, targets, prediction, config, tier_bytes)
             cost[upgraded] = p[upgraded] * b.sensitivity[upgraded, 0]
     if quality is None or len(upgraded):
-        quality = float(cost.sum())
+        quality = pairwise_sum(cost)
     return quality, price, upgraded
 
 
