@@ -5,7 +5,8 @@
 ``predict_chain`` runs ``block_times``, ``coactivation_follow`` (for a state of one model) and
 ``use_probability`` (``policy._predict_kernels``). The kernels are unchanged. Only where
 ``NUMPY_POW8``: numpy's powers between the kernels are computed here by ``_pow8`` (the same
-function numpy calls, so the same bits); numpy's sums (pairwise) stay numpy, before the calls.
+function numpy calls, so the same bits), and numpy's sums by ``policy._sum.pairwise_sum`` (numpy's
+algorithm, the same bits).
 
 PERF: each return from a kernel to Python found the interpreter's data evicted by the kernel
 before; at 16,384 blocks the two phases spent about 110 us a step outside their kernels (glue
@@ -32,6 +33,7 @@ from policy._observe_kernels import (
 )
 from policy._predict_kernels import _pow8, block_times, coactivation_follow, use_probability
 from policy._select import _inline, _jit
+from policy._sum import pairwise_sum
 
 
 @_inline
@@ -137,7 +139,6 @@ def observe_chain(
 @_jit
 def predict_chain(
     layer_time_s: np.ndarray,
-    layer_time_sum_s: np.ndarray,
     current_position: np.ndarray,
     concurrency: np.ndarray,
     block_model: np.ndarray,
@@ -149,7 +150,6 @@ def predict_chain(
     expert: np.ndarray,
     flat: np.ndarray,
     layer_visits: np.ndarray,
-    layer_sum: np.ndarray,
     popularity: np.ndarray,
     observed_concurrency: np.ndarray,
     decay: float,
@@ -167,18 +167,21 @@ def predict_chain(
     predicted: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``policy.predict.predict``'s kernels and numpy power: per block the time to next use and
-    p(use), per model the period (``layer_time_sum_s``, numpy's ``lt.sum(axis=1)``, at least
-    1e-12); ``predicted`` rewritten. ``layer_sum``: numpy's ``np.add.reduce(popularity,
-    axis=2)``. The last choices as a mask (``chosen_last``) and the co-activation's follow
-    probabilities (``follow_layer``, ``follow``: ``policy.predict._coactivation``) are the
-    caller's, or made here (from ``last_selected`` and the model's ``pairs`` and ``given``,
-    empty for a model without co-activation) for a state of ``one_model``. What depends on
-    experts is read only where there are some (``rows``).
+    p(use), per model the period (numpy's ``lt.sum(axis=1)``, at least 1e-12, by
+    ``pairwise_sum``); ``predicted`` rewritten. The last choices as a mask (``chosen_last``)
+    and the co-activation's follow probabilities (``follow_layer``, ``follow``:
+    ``policy.predict._coactivation``) are the caller's, or made here (from ``last_selected``
+    and the model's ``pairs`` and ``given``, empty for a model without co-activation) for a
+    state of ``one_model``. What depends on experts is read only where there are some
+    (``rows``), with each layer's sum of popularity over its experts (numpy's
+    ``np.add.reduce(popularity, axis=2)``, by ``pairwise_sum``).
 
-    PERF: one function for one model or several (``policy.warmup`` compiles it with two)."""
-    period = np.empty(len(layer_time_sum_s))
+    PERF: one function for one model or several (``policy.warmup`` compiles it with two). The
+    sums in here, not numpy's called before it (two calls from Python, about 27 us at 16,384
+    blocks with the caches evicted)."""
+    period = np.empty(layer_time_s.shape[0])
     for i in range(len(period)):
-        total = layer_time_sum_s[i]
+        total = pairwise_sum(layer_time_s[i])
         period[i] = total if total >= 1e-12 or np.isnan(total) else 1e-12  # np.maximum
     time_to_next, probability, active = block_times(
         layer_time_s, period, current_position, concurrency, block_model, block_position,
@@ -198,6 +201,10 @@ def predict_chain(
                 chosen_last, now_layer * n_experts, pairs, given, now_layer, follow[0]
             ):
                 follow_layer[0] = now_layer + 1
+        layer_sum = np.empty(popularity.shape[:2])
+        for i in range(popularity.shape[0]):
+            for j in range(popularity.shape[1]):
+                layer_sum[i, j] = pairwise_sum(popularity[i, j])
         # ``(1.0 - decay) ** layer_visits``
         unvisited_weight = _powers(1.0 - decay, layer_visits.reshape(-1)).reshape(
             layer_visits.shape

@@ -230,9 +230,9 @@ class Stopped(structref.StructRefProxy):
     """Where ``veto_rules`` stopped, for Python to go on from (``policy._veto_resume``): read
     through ``stopped_state``. PERF: one object to box, where the 16 arrays it holds took 0.4
     to 0.65 us each to box (``veto_rules`` returned them at every step; timeit, warm). With
-    the sum then called back to numpy in object mode: ``python bench/policy_ab.py --base 74c16be --sizes
-    1000,16384 --steps 200`` (load 1.9), 16,384 blocks 0.965 (veto 0.575 -> 0.544 ms), 1,000
-    blocks 0.968 (0.108 -> 0.098)."""
+    the sum then called back to numpy in object mode: ``python bench/policy_ab.py --base
+    74c16be --sizes 1000,16384 --steps 200`` (load 1.9), 16,384 blocks 0.965 (veto 0.575 ->
+    0.544 ms), 1,000 blocks 0.968 (0.108 -> 0.098)."""
 
 
 structref.define_proxy(  # type: ignore[no-untyped-call]

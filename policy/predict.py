@@ -42,11 +42,9 @@ from policy.static import Static
 # Placeholders of the compiled calls' arguments that are not read (no co-activation, no experts).
 _NO_PAIRS = np.zeros((0, 0, 0))
 _NO_GIVEN = np.zeros((0, 0))
-_NO_SUM = np.zeros((0, 0))
 _NO_MASK = np.zeros(0, bool)
 _NO_LAYER = np.zeros(0, np.int64)
 _NO_FOLLOW = np.zeros((0, 0))
-_SUM = np.add.reduce
 
 
 @dataclass(frozen=True)
@@ -231,17 +229,12 @@ def predict(
     """Time to next use and probability of use per block; records the predicted expert set."""
     if not NUMPY_POW8:
         return _predict_by_kernels(snapshot, state, static, config)
-    # PERF: the kernels and the power in one compiled call (policy._predict_chain); numpy's
-    # sums (pairwise) before it. With one model, its co-activation's part too.
+    # PERF: the kernels, the power and numpy's sums in one compiled call
+    # (policy._predict_chain). With one model, its co-activation's part too.
     tel, blocks = snapshot.telemetry, snapshot.blocks
     rows = static.expert_rows
-    # numpy's sums (``lt.sum(axis=1)``, ``np.mean``'s); PERF: ``add.reduce`` with positional
-    # arguments (no keywords to parse; evicted caches, timeit-like loop: 20.6 -> 17.2 us and
-    # 11.4 -> 9.7 us).
-    layer_sum = _SUM(state.popularity, 2) if len(rows) else _NO_SUM
     common = (
         state.layer_time_s,
-        _SUM(state.layer_time_s, 1),
         tel.current_position,
         tel.concurrency,
         blocks.model,
@@ -253,7 +246,6 @@ def predict(
         static.expert_index,
         static.expert_flat,
         state.layer_visits,
-        layer_sum,
         state.popularity,
         state.observed_concurrency,
         config.popularity_decay,
