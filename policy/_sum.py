@@ -42,10 +42,10 @@ def _block_sum(values: np.ndarray, start: int, count: int) -> float:
         r5 += values[i + 5]
         r6 += values[i + 6]
         r7 += values[i + 7]
-    total: float = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
     for i in range(end, start + count):
         total += values[i]
-    return total
+    return float(total)  # (mypy: the array is untyped)
 
 
 @_jit
