@@ -21,7 +21,6 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -61,17 +60,11 @@ class TierReport:
 OVERLAP_MIN_BYTES = 4 << 20
 
 
-def on_cpus(cpus: set[int], fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` with the calling thread (and the threads it starts) on ``cpus``; the
-    thread's CPU set is restored after. Runs ``fn`` as it is where affinity is not supported."""
-    if not cpus or not hasattr(os, "sched_setaffinity"):
-        return fn(*args)
-    before = os.sched_getaffinity(0)  # Linux: 0 is the calling thread
-    os.sched_setaffinity(0, cpus)
-    try:
-        return fn(*args)
-    finally:
-        os.sched_setaffinity(0, before)
+def _cpus() -> int:
+    """The CPUs this process may run on (all of the machine's where that is not known)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class TierActor(PeerEndpoint):
@@ -178,17 +171,20 @@ class TierActor(PeerEndpoint):
         with self.lock:
             self.backend.reserve(block_id, encoding, encoded.nbytes)
         try:
-            cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
             held = None
-            if not content and encoded.nbytes >= OVERLAP_MIN_BYTES and len(cpus) > 1:
-                # PERF: the checksum and the copy read the same (immutable) bytes at once, the
-                # checksum on one CPU, the copy (Ray's put: six memcpy threads) on the others, so
-                # that the seven threads do not take turns on the same cores. 256 MiB on the
-                # loaded 2-core machine, 16 interleaved runs, median: checksum then copy 91.5 ms,
-                # overlapped 96.3 (other run: 84.7 -> 77.7), overlapped on separate CPUs 83.7
-                # against 104.8 overlapped freely.
-                pending = self.checksummer.submit(on_cpus, {cpus[-1]}, encoded.content_checksum)
-                held = on_cpus(set(cpus[:-1]), self.backend.materialize, encoded)
+            if not content and encoded.nbytes >= OVERLAP_MIN_BYTES and _cpus() > 1:
+                # PERF: the checksum and the copy (Ray's put: six memcpy threads) read the same
+                # (immutable) bytes at once, scheduled by the OS on every CPU this actor may use.
+                # Pinning the checksum to one CPU and the copy to the others (as before) left
+                # the copy on one CPU, 6.7 GB/s against 11 on two, and on a CPU another process
+                # may be busy on. 256 MiB on the 2-core machine of 2026-11-27, 10 interleaved
+                # rounds each, median: pinned 42.4 / 41.2 ms, free 38.6 / 37.8; beside a
+                # busy-loop process, pinned 105.4 / 103.7, free 64.8 / 64.9. ``bench/movement.py
+                # --quick``, three alternating runs each: intra-node 0.487, 0.519, 0.501 x memcpy
+                # pinned, 0.510, 0.575, 0.537 free. (On the machine of an earlier session, under
+                # load, pinning measured better: 83.7 against 104.8 ms.)
+                pending = self.checksummer.submit(encoded.content_checksum)
+                held = self.backend.materialize(encoded)
                 content = pending.result()
             elif not content:
                 content = encoded.content_checksum()
