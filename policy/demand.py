@@ -8,8 +8,9 @@ is asked, one block (a lease miss) or all of them (``Plan.demand_encoding``).
 PERF: the walk below was part of the schedule's first pass over every block (``classify``), a
 third of that pass: ``python bench/policy_ab.py --base 673b50e --sizes 16384 --steps 300``
 (load 1): step ratio 0.958 (schedule phase 0.647 -> 0.557 ms). A caller asks for the blocks
-of a lease miss (``bench/replay`` does; the controller does not read them yet); the plan is
-never pickled with the tables (``__reduce__`` ships the computed encodings).
+of a lease miss (``bench/replay`` does; the controller need not: a miss wakes its loop, whose
+next step plans the promotion); the plan is never pickled with the tables (``__reduce__``
+ships the computed encodings).
 
 The tables are the snapshot's and the step's arrays, kept by reference: as everywhere in the
 policy (``policy.static.static_for`` keys its cache by them), a snapshot's arrays are never

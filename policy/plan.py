@@ -233,9 +233,10 @@ class Plan:
     demand: DemandEncodings  # ``demand_encoding``, see above
     metrics: Metrics
 
-    @cached_property
+    @property
     def demand_encoding(self) -> np.ndarray:
-        """Every block's demand encoding (int8; see the class docstring), computed once."""
+        """Every block's demand encoding (int8; see the class docstring), computed once (by
+        ``policy.demand.DemandEncodings.all``, which keeps it)."""
         return self.demand.all()
 
     def demand_encoding_of(self, block: int) -> int:

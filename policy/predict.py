@@ -233,7 +233,19 @@ def predict(
     # (policy._predict_chain). With one model, its co-activation's part too.
     tel, blocks = snapshot.telemetry, snapshot.blocks
     rows = static.expert_rows
-    common = (
+    one_model = len(state.coactivation) == 1  # its co-activation's part made in the call
+    pairs, given = _NO_PAIRS, _NO_GIVEN
+    chosen_last, follow_layer, follow = _NO_MASK, _NO_LAYER, _NO_FOLLOW
+    if one_model:
+        coact = state.coactivation[0]
+        if coact is not None:
+            pairs, given = coact.pairs, coact.given
+    elif len(rows):
+        m, n_layers, n_experts = state.shape
+        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
+        chosen_last[state.last_selected] = True
+        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
+    time_to_next, probability, period = predict_chain(
         state.layer_time_s,
         tel.current_position,
         tel.concurrency,
@@ -251,35 +263,10 @@ def predict(
         config.popularity_decay,
         config.prior_visits,
         state.persistence,
-    )
-    if len(state.coactivation) == 1:  # its co-activation's part made in the call
-        coact = state.coactivation[0]
-        time_to_next, probability, period = predict_chain(
-            *common,
-            True,
-            state.last_selected,
-            coact.pairs if coact is not None else _NO_PAIRS,
-            coact.given if coact is not None else _NO_GIVEN,
-            _NO_MASK,
-            _NO_LAYER,
-            _NO_FOLLOW,
-            config.idle_use_probability,
-            config.predicted_set_threshold,
-            state.predicted,
-        )
-        return Prediction(time_to_next, probability, period)
-    chosen_last, follow_layer, follow = _NO_MASK, _NO_LAYER, _NO_FOLLOW
-    if len(rows):
-        m, n_layers, n_experts = state.shape
-        chosen_last = np.zeros(m * n_layers * n_experts, dtype=bool)
-        chosen_last[state.last_selected] = True
-        follow_layer, follow = _coactivation(state, tel.current_position, chosen_last)
-    time_to_next, probability, period = predict_chain(
-        *common,
-        False,
+        one_model,
         state.last_selected,
-        _NO_PAIRS,
-        _NO_GIVEN,
+        pairs,
+        given,
         chosen_last,
         follow_layer,
         follow,

@@ -30,9 +30,9 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
     clock = time.perf_counter
     t0 = clock()
     # PERF: what predict needs of the snapshot first, while the interpreter's data is warm,
-    # not after observe's kernel evicted it (neither reads what observe folds in). With
-    # predict's positional sums, policy_ab against f356594 both ways (its bias, a null run's,
-    # taken out): observe + predict about 5 us less at 16,384 blocks, 2 us at 1,000.
+    # not after observe's kernel evicted it (neither reads what observe folds in). policy_ab
+    # against f356594 both ways (its bias, a null run's, taken out): observe + predict about
+    # 5 us less at 16,384 blocks, 2 us at 1,000.
     static = state.static = static_for(snapshot, state.static, state.shape)
     config = budget_config(snapshot, state, static, config)  # the veto's budget, see there
     quality = observe(snapshot, state, config)
@@ -72,9 +72,8 @@ def step(snapshot: Snapshot, state: PolicyState, config: PolicyConfig) -> tuple[
         "schedule": (t5 - t4) * 1e3,
     }
 
-    hbm_bytes, warm_bytes = scheduled.hbm_bytes, scheduled.warm_bytes
     rejected = vetoed.rejections.arrays()
-    hbm_bytes, warm_bytes = hbm_bytes.tolist(), warm_bytes.tolist()
+    hbm_bytes, warm_bytes = scheduled.hbm_bytes.tolist(), scheduled.warm_bytes.tolist()
     metrics = Metrics(
         quality_cost=quality_cost,
         quality_budget=config.quality_budget,
